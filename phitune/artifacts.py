@@ -1,0 +1,332 @@
+"""The artifact-directory convention: manifests, keys, input resolution, atomic publish.
+
+Every step reads a path and writes a self-describing directory with a `phitune.json`
+manifest, so steps chain by path in shell sequences and Makefiles:
+
+- inputs resolve by kind: `-m D` and `-m D/model` both work, a path that exists is never
+  taken for a hub id, and a directory of the wrong kind is refused with what was found;
+- outputs are atomic: work goes into a hidden sibling directory that is swapped into place
+  only when complete, so a failed or killed step never leaves an output that looks done;
+- a step whose output already carries the same key is up to date and costs nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from phitune import __version__
+from phitune.errors import InputError, OutputError
+
+MANIFEST = "phitune.json"
+EMBEDDED_MODELS = {"tiny-phi3": "tiny-phi3"}
+# Artifact kinds whose payload lives in a `model/` subdirectory (design.md layout).
+NESTED_PAYLOAD = {"finetuned", "onnx-genai"}
+_TMP_MARK = ".phitune-tmp-"
+_OLD_MARK = ".phitune-old-"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FULL_HASH_LIMIT = 4 * 2**20  # files up to this size are hashed whole
+_SAMPLE = 2**20  # larger files: size plus first and last MiB
+
+
+def data_dir() -> Path:
+    """Where the shipped data lives: the repo's `data/`, or $PHITUNE_DATA."""
+    env = os.environ.get("PHITUNE_DATA")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+
+
+# ---------------------------------------------------------------- manifests and keys
+
+def read_manifest(directory: Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def make_key(step: str, inputs: dict, params: dict) -> str:
+    """sha256 over everything that shapes an output (and the tool version that made it)."""
+    blob = json.dumps({"step": step, "version": __version__, "inputs": inputs, "params": params},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def content_digest(path: Path) -> str:
+    """A digest of a directory's files, cheap on multi-GB checkpoints.
+
+    Small files are hashed whole; large ones by size plus their first and last MiB
+    (a safetensors header names every tensor, so edits show up there or in the size).
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                 and p.name != MANIFEST)
+    h = hashlib.sha256()
+    for file in files:
+        h.update(str(file.relative_to(path) if file != path else file.name).encode())
+        size = file.stat().st_size
+        h.update(str(size).encode())
+        with open(file, "rb") as fh:
+            if size <= _FULL_HASH_LIMIT:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(_SAMPLE))
+                fh.seek(size - _SAMPLE)
+                h.update(fh.read(_SAMPLE))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- resolving inputs
+
+@dataclass
+class ResolvedModel:
+    """What `-m` named: a local directory holding the payload, and its kind."""
+
+    spec: str
+    path: Path
+    kind: str  # hf-model | awq-model | finetuned | onnx-genai | ...
+    manifest: dict | None = None
+    hub_id: str | None = None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        if self.manifest and self.manifest.get("key"):
+            return self.manifest["key"]
+        return content_digest(self.path)
+
+
+def resolve_model(spec: str, accept: tuple[str, ...], step: str) -> ResolvedModel:
+    """Turn `-m SPEC` into a local model directory of one of the `accept`ed kinds."""
+    if spec in EMBEDDED_MODELS:
+        path = data_dir() / EMBEDDED_MODELS[spec]
+        if not (path / "config.json").is_file():
+            raise InputError(f"the embedded model '{spec}' is missing", str(path),
+                             "reinstall phitune from a full checkout")
+        return _check_kind(_local(spec, path), accept, step)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _check_kind(_local(spec, path), accept, step)
+    if _looks_like_hub_id(spec):
+        return _check_kind(_from_hub(spec), accept, step)
+    near = _nearest_existing_parent(path)
+    raise InputError(f"no such model directory: {spec}", f"-m of phitune {step}",
+                     f"check the path ({near} exists)" if near else
+                     "pass a model directory, a hub id such as microsoft/Phi-3.5-mini-instruct, "
+                     "or the embedded model 'tiny-phi3'")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    if not _HUB_ID.match(spec):
+        return False
+    return not Path(spec.split("/")[0]).exists()  # `models/x` with models/ present is a path typo
+
+
+def _nearest_existing_parent(path: Path) -> Path | None:
+    for parent in path.parents:
+        if str(parent) not in ("", ".") and parent.exists():
+            return parent
+    return None
+
+
+def _local(spec: str, path: Path) -> ResolvedModel:
+    if path.is_file():
+        raise InputError(f"{spec} is a file, not a model directory", "-m",
+                         "pass the directory that holds config.json")
+    manifest = read_manifest(path)
+    if manifest and manifest.get("artifact") in NESTED_PAYLOAD:
+        payload = path / "model"
+        return ResolvedModel(spec, payload, manifest["artifact"], manifest, config=_config(payload))
+    parent_manifest = read_manifest(path.parent)
+    if path.name == "model" and parent_manifest and parent_manifest.get("artifact") in NESTED_PAYLOAD:
+        return ResolvedModel(spec, path, parent_manifest["artifact"], parent_manifest,
+                             config=_config(path))
+    config = _config(path)
+    if not config:
+        found = sorted(p.name for p in path.iterdir())[:6]
+        raise InputError(f"{spec} is not a model directory (no config.json; found: "
+                         f"{', '.join(found) or 'nothing'})", "-m",
+                         "pass a Hugging Face model directory or a phitune output directory")
+    return ResolvedModel(spec, path, _hf_kind(config), manifest, config=config)
+
+
+def _config(path: Path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"config.json is not valid JSON ({exc.msg}, line {exc.lineno})",
+                         str(file), "repair or re-download the model") from None
+
+
+def _hf_kind(config: dict) -> str:
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") == "awq":
+        return "awq-model"
+    return f"{quant['quant_method']}-model" if quant.get("quant_method") else "hf-model"
+
+
+def _from_hub(repo_id: str) -> ResolvedModel:
+    """Fetch (or find in the local cache) a hub checkpoint."""
+    try:
+        from huggingface_hub import snapshot_download
+        local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                           "*.txt", "*.py", "*.jinja"])
+    except Exception as exc:  # offline, unknown repo, gated: all user-fixable
+        reason = str(exc).splitlines()[0][:160]
+        raise InputError(f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason})", "-m",
+                         "check the id and the network, or pass a local model directory "
+                         "or the embedded model 'tiny-phi3'") from None
+    path = Path(local)
+    return ResolvedModel(repo_id, path, _hf_kind(_config(path)), hub_id=repo_id,
+                         config=_config(path))
+
+
+_KIND_NAMES = {"hf-model": "a Hugging Face model", "awq-model": "an AWQ-quantized model",
+               "finetuned": "a phitune finetune output", "onnx-genai": "an onnxruntime-genai model"}
+
+
+def _check_kind(model: ResolvedModel, accept: tuple[str, ...], step: str) -> ResolvedModel:
+    if model.kind not in accept:
+        wanted = " or ".join(_KIND_NAMES.get(k, k) for k in accept)
+        raise InputError(f"{model.spec} is {_KIND_NAMES.get(model.kind, model.kind)}; "
+                         f"phitune {step} needs {wanted}", "-m",
+                         "pass a model of the expected kind")
+    return model
+
+
+# ---------------------------------------------------------------- atomic outputs
+
+class Output:
+    """One step's output directory: its key, up-to-date check and atomic publish."""
+
+    def __init__(self, path: str | Path, artifact: str, step: str, inputs: dict, params: dict):
+        self.path = Path(path).expanduser()
+        self.artifact = artifact
+        self.step = step
+        self.inputs = inputs
+        self.params = params
+        self.key = make_key(step, inputs, params)
+
+    def existing(self) -> dict | None:
+        return read_manifest(self.path)
+
+    def up_to_date(self) -> bool:
+        manifest = self.existing()
+        return bool(manifest and manifest.get("key") == self.key)
+
+    def check_writable(self, force: bool = False) -> None:
+        """Refuse, before any work, an output that would destroy something not ours."""
+        out = self.path
+        if out.is_file() or out.is_symlink() and not out.is_dir():
+            raise OutputError(f"output path {out} is an existing file", "-o",
+                              "choose a directory path")
+        if out.is_dir():
+            manifest = self.existing()
+            if manifest is None and any(out.iterdir()):
+                raise OutputError(f"output directory {out} exists and is not a phitune output",
+                                  "-o", "choose a new path or empty that directory")
+            if manifest and manifest.get("artifact") != self.artifact and not force:
+                raise OutputError(f"output directory {out} holds a {manifest.get('artifact')} "
+                                  f"artifact, not {self.artifact}", "-o",
+                                  "choose another path, or pass --force to replace it")
+        for parent in out.parents:
+            if parent.exists():
+                if not os.access(parent, os.W_OK):
+                    raise OutputError(f"cannot write under {parent}", "-o",
+                                      "choose a writable location")
+                break
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A hidden sibling directory to write into; removed if the step fails."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _recover(self.path)
+        work = self.path.parent / f".{self.path.name}{_TMP_MARK}{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def publish(self, work: Path, metrics: dict) -> dict:
+        """Write the manifest last, then swap the finished directory into place."""
+        manifest = {
+            "artifact": self.artifact,
+            "created_by": f"phitune {self.step} {__version__}",
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "inputs": self.inputs,
+            "params": self.params,
+            "key": self.key,
+            "metrics": metrics,
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        _swap_into_place(work, self.path)
+        return manifest
+
+
+def _recover(out: Path) -> None:
+    """Undo what a killed run left: stale temp dirs, or an old output moved aside mid-swap."""
+    for stale in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    old = out.parent / f".{out.name}{_OLD_MARK}"
+    if old.exists():
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, out)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _swap_into_place(work: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(work, out)
+        return
+    if _exchange(work, out):  # work now holds the old output; staging() removes it
+        return
+    old = out.parent / f".{out.name}{_OLD_MARK}"
+    os.rename(out, old)  # a kill between these two renames is undone by _recover()
+    os.rename(work, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,81 @@
+"""The `phitune` command group.
+
+Subcommands load lazily so that `phitune --help` never imports torch or transformers;
+errors a user can fix print one line and exit 2, bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from phitune import __version__
+
+COMMANDS = {
+    "quantize": ("phitune.cli.quantize", "quantize"),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="phitune")
+@click.option("-v", "--verbose", is_flag=True, help="Show debug output and library warnings.")
+@click.option("--json", "json_output", is_flag=True,
+              help="Print a machine-readable summary on stdout.")
+def cli(verbose: bool, json_output: bool) -> None:
+    """phitune: quantize, fine-tune, export and run small language models.
+
+    \b
+    Each step reads a path and writes a self-describing directory, so steps chain:
+      phitune quantize -m tiny-phi3 --algorithm awq -o models/tiny/awq
+    """
+    from phitune import ui
+    ui.configure(verbose=verbose, json_output=json_output)
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import os
+    import warnings
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    # transformers, and torchao/torch when an optional AWQ kernel library pulled them in.
+    for name in ("transformers", "torchao", "torch.utils._pytree", "gptqmodel"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from phitune.errors import PhituneError
+    try:
+        code = cli.main(args=argv, prog_name="phitune", standalone_mode=False)
+    except PhituneError as exc:
+        _fail(exc.line(), exc.exit_code)
+    except click.ClickException as exc:  # bad flags, missing options, bad values
+        where = f"phitune {exc.ctx.command_path.split(' ', 1)[-1]}" if getattr(exc, "ctx", None) \
+            else "phitune"
+        _fail(f"error: {exc.format_message()} — {where} — see '{where} --help'", exc.exit_code)
+    except (KeyboardInterrupt, click.Abort):
+        _fail("error: interrupted — no output was published", 130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(line: str, code: int) -> None:
+    from phitune import ui
+    ui.error_line(line)
+    sys.exit(code)

@@ -1,0 +1,48 @@
+"""The errors a user can meet.
+
+A user mistake raises a `PhituneError`; the CLI turns it into one line,
+`error: <what> — <where> — <what to do>`, and exit code 2. Anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PhituneError(Exception):
+    """A problem the user can fix; never a bug."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, where: str | None = None, fix: str | None = None):
+        super().__init__(what)
+        self.what = what
+        self.where = where
+        self.fix = fix
+
+    def line(self) -> str:
+        parts = [self.what] + [p for p in (self.where, self.fix) if p]
+        return "error: " + " — ".join(parts)
+
+
+class InputError(PhituneError):
+    """An input path or model id that cannot be used."""
+
+
+class OutputError(PhituneError):
+    """An output path that cannot be written without losing data."""
+
+
+class OptionError(PhituneError):
+    """Options that are invalid alone or together."""
+
+
+class DataError(PhituneError):
+    """A dataset or calibration file that cannot be used."""
+
+
+class UnsupportedModelError(PhituneError):
+    """A model architecture this step does not handle."""
+
+
+class DeviceError(PhituneError):
+    """A device that was asked for but is not there."""

@@ -1,0 +1,44 @@
+"""Time and peak memory of a step: every command reports them in its manifest."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def cuda_peak_mb() -> float | None:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def dir_size_mb(path) -> float:
+    from pathlib import Path
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+@dataclass
+class Stopwatch:
+    """Wall time since creation plus peak memory, as manifest metrics."""
+
+    start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def metrics(self) -> dict:
+        out = {"seconds": round(self.seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        gpu = cuda_peak_mb()
+        if gpu is not None:
+            out["peak_cuda_mb"] = round(gpu, 1)
+        return out

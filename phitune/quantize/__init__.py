@@ -1,0 +1,1 @@
+"""Weight quantization: AWQ (activation-aware scale search + clipping) and plain RTN."""

@@ -1,0 +1,84 @@
+"""Where AWQ may move scale inside a decoder layer, per architecture family.
+
+A scale group is an op that produces some channels (an RMSNorm, or rows of a linear) and
+the linears that consume them. Dividing the producer by s and multiplying the consumers'
+input columns by s leaves the layer's function unchanged, and lets salient input channels
+keep more precision after rounding (AWQ, arXiv 2306.00978, section 3.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ScaleGroup:
+    name: str
+    prev: nn.Module                   # RMSNorm or Linear whose output channels are scaled by 1/s
+    linears: list[nn.Linear]          # consumers whose input columns are scaled by s
+    inspect: Callable[[torch.Tensor], torch.Tensor]  # forward whose output error is minimised
+    prev_rows: slice | None = None    # when prev is a fused linear, the rows feeding `linears`
+    kv_repeat: int = 1                # GQA: one scale per value channel, shared by kv_repeat heads
+    head_dim: int = 1
+
+    @property
+    def in_features(self) -> int:
+        return self.linears[0].in_features
+
+    def expand(self, s: torch.Tensor) -> torch.Tensor:
+        """Scales over the producer's channels → scales over the consumers' input columns."""
+        if self.kv_repeat == 1:
+            return s
+        return s.view(-1, 1, self.head_dim).expand(-1, self.kv_repeat, -1).reshape(-1)
+
+    def reduce(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-input-column statistics → per-producer-channel (mean over heads sharing a kv head)."""
+        if self.kv_repeat == 1:
+            return v
+        return v.view(-1, self.kv_repeat, self.head_dim).mean(1).reshape(-1)
+
+
+# Linears whose clipping AutoAWQ avoids: query/key errors are amplified by the softmax.
+NO_CLIP = ("qkv_proj", "q_proj", "k_proj")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def _attn_call(attn: nn.Module, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: attn(hidden_states=x, **kwargs)[0]
+
+
+def scale_groups(arch: str, layer: nn.Module, config, attn_kwargs: dict) -> list[ScaleGroup]:
+    attn, mlp = layer.self_attn, layer.mlp
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_repeat = config.num_attention_heads // n_kv
+    if arch == "Phi3ForCausalLM":
+        q_and_k = (config.num_attention_heads + n_kv) * head_dim
+        return [
+            ScaleGroup("attn_in", layer.input_layernorm, [attn.qkv_proj], _attn_call(attn, attn_kwargs)),
+            ScaleGroup("attn_out", attn.qkv_proj, [attn.o_proj], attn.o_proj,
+                       prev_rows=slice(q_and_k, None), kv_repeat=kv_repeat, head_dim=head_dim),
+            ScaleGroup("mlp_in", layer.post_attention_layernorm, [mlp.gate_up_proj], mlp),
+            ScaleGroup("mlp_out", mlp.gate_up_proj, [mlp.down_proj], mlp.down_proj,
+                       prev_rows=slice(config.intermediate_size, None)),  # the `up` half
+        ]
+    # Llama, Mistral, Qwen2: separate projections.
+    return [
+        ScaleGroup("attn_in", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj],
+                   _attn_call(attn, attn_kwargs)),
+        ScaleGroup("attn_out", attn.v_proj, [attn.o_proj], attn.o_proj,
+                   kv_repeat=kv_repeat, head_dim=head_dim),
+        ScaleGroup("mlp_in", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], mlp),
+        ScaleGroup("mlp_out", mlp.up_proj, [mlp.down_proj], mlp.down_proj),
+    ]
+
+
+def linear_names(layer: nn.Module) -> dict[nn.Module, str]:
+    return {module: name for name, module in layer.named_modules() if isinstance(module, nn.Linear)}

@@ -1,0 +1,259 @@
+"""Activation-aware weight quantization (AWQ, arXiv 2306.00978) in plain torch.
+
+Calibration text runs through the model one decoder layer at a time, so memory holds one
+layer's activations, never all of them. Per layer:
+
+1. capture the inputs of each scale group and the float layer's output (next layer's input);
+2. per group, grid-search alpha in s = mean|x|^alpha / mean|w|^(1-alpha), minimising the
+   error of the group's output with quantized weights; fold the best s into the producer;
+3. per linear, grid-search a weight clipping range minimising the output error;
+4. round to group-wise int4 and pack in the AutoAWQ GEMM layout.
+
+Weights are always restored from a copy between grid steps, never an alias (on CPU
+`tensor.cpu()` is the same tensor: AutoAWQ's CPU path compounds the scaling that way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from phitune.quantize.arch import NO_CLIP, ScaleGroup, decoder_layers, linear_names, scale_groups
+from phitune.quantize.pack import fake_quantize, pack_gemm, quantize_weight
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    scale_grid: int = 20
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_tokens: int = 512          # tokens sampled for the clipping search
+    chunk_tokens: int = 8192        # tokens per forward chunk (bounds activation memory)
+
+
+Packed = dict[str, dict[str, torch.Tensor]]  # full linear name -> qweight/qzeros/scales
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_layer0_inputs(model: nn.Module, samples: torch.Tensor, dtype: torch.dtype,
+                          device: str) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering the first decoder layer and the kwargs the model passes it
+    (rotary embeddings, mask), caught by stopping the forward at that layer."""
+    caught: dict = {}
+
+    def catch(_module, args, kwargs):
+        caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        caught["kwargs"] = kwargs
+        raise _Stop
+
+    layers = decoder_layers(model)
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    model.model.embed_tokens.to(device)
+    model.model.rotary_emb.to(device)
+    try:
+        with torch.no_grad():
+            model(samples.to(device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+        model.model.embed_tokens.to("cpu")
+    kwargs = {k: _to(v, dtype, device) for k, v in caught["kwargs"].items()
+              if k not in ("past_key_values", "past_key_value", "use_cache")}
+    kwargs["use_cache"] = False
+    return caught["hidden"].to(device=device, dtype=dtype), kwargs
+
+
+def _to(value, dtype, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, dtype, device) for v in value)
+    return value
+
+
+def _chunks(x: torch.Tensor, chunk_tokens: int) -> Iterator[torch.Tensor]:
+    per_chunk = max(1, chunk_tokens // x.shape[1])
+    for start in range(0, x.shape[0], per_chunk):
+        yield x[start:start + per_chunk]
+
+
+@torch.no_grad()
+def _run(fn: Callable, x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    return torch.cat([fn(c) for c in _chunks(x, chunk_tokens)])
+
+
+@torch.no_grad()
+def _mse(fn: Callable, x: torch.Tensor, ref: torch.Tensor, chunk_tokens: int) -> float:
+    total, count, start = 0.0, 0, 0
+    for c in _chunks(x, chunk_tokens):
+        out = fn(c).float()
+        total += (out - ref[start:start + len(c)].float()).pow(2).sum().item()
+        count += out.numel()
+        start += len(c)
+    return total / count
+
+
+@torch.no_grad()
+def search_scale(group: ScaleGroup, x: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, float]:
+    """Best per-channel scale for a group (over the producer's channels) and its alpha."""
+    x_mean = group.reduce(x.abs().float().reshape(-1, x.shape[-1]).mean(0))
+    weight = torch.cat([fc.weight.float() for fc in group.linears])
+    w_abs = weight.view(-1, cfg.group_size).abs()
+    w_norm = (w_abs / (w_abs.amax(dim=1, keepdim=True) + 1e-6)).view(weight.shape)
+    w_mean = group.reduce(w_norm.mean(0))
+
+    reference = _run(group.inspect, x, cfg.chunk_tokens)
+    originals = [fc.weight.detach().clone() for fc in group.linears]
+    best = (float("inf"), None, 0.0)
+    try:
+        for step in range(cfg.scale_grid):
+            alpha = step / cfg.scale_grid
+            s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            s_in = group.expand(s)
+            for fc, original in zip(group.linears, originals):
+                scaled = original.float() * s_in
+                fc.weight.data = (fake_quantize(scaled, cfg.bits, cfg.group_size, cfg.zero_point)
+                                  / s_in).to(original.dtype)
+            loss = _mse(group.inspect, x, reference, cfg.chunk_tokens)
+            if loss < best[0]:
+                best = (loss, s.clone(), alpha)
+    finally:
+        for fc, original in zip(group.linears, originals):
+            fc.weight.data = original
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def apply_scale(group: ScaleGroup, s: torch.Tensor, x: torch.Tensor) -> None:
+    """Fold s into the producer (÷) and consumers (×); the captured input is ÷ s too."""
+    prev = group.prev
+    s = s.to(prev.weight.device)
+    if isinstance(prev, nn.Linear):
+        rows = group.prev_rows or slice(None)
+        prev.weight.data[rows] = (prev.weight.data[rows].float() / s.view(-1, 1)).to(prev.weight.dtype)
+        if prev.bias is not None:
+            prev.bias.data[rows] = (prev.bias.data[rows].float() / s).to(prev.bias.dtype)
+    else:  # RMSNorm: y = w * x / rms(x)
+        prev.weight.data = (prev.weight.data.float() / s).to(prev.weight.dtype)
+    s_in = group.expand(s)
+    for fc in group.linears:
+        fc.weight.data = (fc.weight.data.float() * s_in).to(fc.weight.dtype)
+    x.div_(s_in.to(x.dtype))
+
+
+@torch.no_grad()
+def search_clip(weight: torch.Tensor, x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Per-group max |w| that minimises the linear's output error, as batched matmuls
+    (groups × out-rows × tokens) rather than elementwise broadcasts."""
+    g = cfg.group_size
+    out_f, in_f = weight.shape
+    n_groups = in_f // g
+    tokens = x.reshape(-1, in_f)
+    step = max(1, tokens.shape[0] // cfg.clip_tokens)
+    tokens = tokens[::step][:cfg.clip_tokens].float()
+    xg = tokens.view(-1, n_groups, g).permute(1, 2, 0)           # [groups, g, tokens]
+    best_max = torch.empty(out_f, n_groups)
+    rows_per_batch = 256 if out_f % 256 == 0 else 64
+    for r0 in range(0, out_f, rows_per_batch):
+        wb = weight[r0:r0 + rows_per_batch].float()
+        rows = wb.shape[0]
+        wb = wb.view(rows, n_groups, g).permute(1, 0, 2)         # [groups, rows, g]
+        reference = torch.bmm(wb, xg)
+        org_max = wb.abs().amax(dim=-1, keepdim=True)
+        best = org_max.clone()
+        min_err = torch.full_like(org_max, float("inf"))
+        for i in range(int(cfg.clip_max_shrink * cfg.clip_grid)):
+            max_val = org_max * (1 - i / cfg.clip_grid)
+            clipped = torch.clamp(wb, -max_val, max_val)
+            q = fake_quantize(clipped.reshape(-1, g), cfg.bits, g, cfg.zero_point).view_as(wb)
+            err = (torch.bmm(q, xg) - reference).pow(2).mean(dim=-1, keepdim=True)
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best = torch.where(better, max_val, best)
+        best_max[r0:r0 + rows] = best.squeeze(-1).t()
+    return best_max
+
+
+@torch.no_grad()
+def _capture_group_inputs(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tensor,
+                          kwargs: dict, chunk_tokens: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Run the float layer once: each group's input (the first consumer's input) and the output."""
+    captured: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
+    hooks = [g.linears[0].register_forward_hook(
+        lambda _m, args, _out, name=g.name: captured[name].append(args[0].detach()))
+        for g in groups]
+    try:
+        outs = _run(lambda c: layer(c, **kwargs), inps, chunk_tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: torch.cat(parts) for name, parts in captured.items()}, outs
+
+
+def quantize_layer(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tensor, kwargs: dict,
+                   cfg: QuantConfig, awq: bool = True) -> tuple[torch.Tensor | None, dict]:
+    """Quantize one decoder layer in place (weights become their dequantized values).
+
+    Returns the float layer's output (the next layer's input) and the packed tensors
+    by linear name within the layer.
+    """
+    names = linear_names(layer)
+    outs = None
+    alphas = {}
+    if awq:
+        feats, outs = _capture_group_inputs(layer, groups, inps, kwargs, cfg.chunk_tokens)
+        best = [(g, *search_scale(g, feats[g.name], cfg)) for g in groups]
+        for group, s, alpha in best:
+            apply_scale(group, s, feats[group.name])
+            alphas[group.name] = alpha
+        for group in groups:
+            for fc in group.linears:
+                if names[fc].rsplit(".", 1)[-1] in NO_CLIP:
+                    continue
+                max_val = search_clip(fc.weight, feats[group.name], cfg)
+                w = fc.weight.data.float().view(fc.out_features, -1, cfg.group_size)
+                w = torch.clamp(w, -max_val.unsqueeze(-1), max_val.unsqueeze(-1))
+                fc.weight.data = w.view(fc.out_features, fc.in_features).to(fc.weight.dtype)
+        del feats
+    packed = {}
+    for fc, name in names.items():
+        qw = quantize_weight(fc.weight.data, cfg.bits, cfg.group_size, cfg.zero_point)
+        packed[name] = pack_gemm(qw)
+        fc.weight.data = qw.dequantize(fc.weight.dtype)
+    return outs, {"packed": packed, "alphas": alphas}
+
+
+def quantize_model(model: nn.Module, arch: str, cfg: QuantConfig, samples: torch.Tensor | None,
+                   device: str, compute_dtype: torch.dtype, awq: bool = True,
+                   on_layer: Callable[[int, dict], None] | None = None) -> Packed:
+    """Quantize every decoder layer (AWQ when `awq`, else round-to-nearest); returns packed
+    tensors by full module name. Layers move to `device` one at a time."""
+    layers = decoder_layers(model)
+    inps, kwargs = (None, {})
+    if awq:
+        inps, kwargs = capture_layer0_inputs(model, samples, compute_dtype, device)
+    packed: Packed = {}
+    for index, layer in enumerate(layers):
+        storage_dtype = next(layer.parameters()).dtype
+        layer.to(device=device, dtype=compute_dtype)
+        groups = scale_groups(arch, layer, model.config, kwargs) if awq else []
+        outs, result = quantize_layer(layer, groups, inps, kwargs, cfg, awq=awq)
+        layer.to(device="cpu", dtype=storage_dtype)
+        prefix = f"model.layers.{index}."
+        packed.update({prefix + name: {k: v.cpu() for k, v in t.items()}
+                       for name, t in result["packed"].items()})
+        inps = outs
+        if on_layer:
+            on_layer(index, result["alphas"])
+    return packed

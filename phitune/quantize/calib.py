@@ -1,0 +1,53 @@
+"""Calibration text: read, validate and cut into equal-length token blocks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from phitune.errors import DataError
+
+
+def read_texts(path: Path) -> list[str]:
+    """Documents from a .txt (blank-line separated) or .jsonl/.json file with a `text` field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"calibration file not found: {path}", "--calib_data",
+                        "pass an existing .txt or .jsonl file")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix in (".jsonl", ".json"):
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"line {number} is not a JSON object with a 'text' field",
+                                f"{path}:{number}", "fix that line or pass a .txt file") from None
+    else:
+        texts = [t.strip() for t in raw.split("\n\n")]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"calibration file {path} has no text", "--calib_data",
+                        "pass a file with some text in it")
+    return texts
+
+
+def token_blocks(texts: list[str], tokenizer, n_samples: int, seq_len: int):
+    """`n_samples` blocks of `seq_len` tokens from the concatenated documents, spread over
+    the whole file so that calibration sees its variety, not only its start."""
+    import torch
+    ids: list[int] = []
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + sep)
+    available = len(ids) // seq_len
+    if available == 0:
+        raise DataError(f"calibration text has {len(ids)} tokens, fewer than one block of "
+                        f"{seq_len}", "--calib_data", "pass more text or a smaller --calib_seq_len")
+    blocks = torch.tensor(ids[:available * seq_len]).view(available, seq_len)
+    if available > n_samples:
+        index = torch.linspace(0, available - 1, n_samples).round().long()
+        blocks = blocks[index]
+    return blocks

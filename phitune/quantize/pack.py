@@ -1,0 +1,108 @@
+"""Group-wise int4 quantization and the AutoAWQ "GEMM" packed layout.
+
+The layout is what transformers (through gptqmodel) and onnxruntime-genai's model builder
+read, so checkpoints need no phitune code:
+
+    qweight [in, out/8]   int32, 8 nibbles per int in AWQ order 0,2,4,6,1,3,5,7
+    qzeros  [in/g, out/8] int32, same packing
+    scales  [in/g, out]   fp16
+
+Symmetric quantization (no zero point) is stored in the same layout with a constant zero
+of 2**(bits-1), so every reader dequantizes it as (q - z) * scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed int holds column AWQ_ORDER[i]
+PACK = 8  # 32 bits / 4 bits
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight as integers plus per-group scales and zeros, all [out, ...] row-major."""
+
+    intweight: torch.Tensor  # [out, in] uint8 in [0, 2**bits)
+    scales: torch.Tensor     # [out, in/g] fp16
+    zeros: torch.Tensor      # [out, in/g] uint8
+    group_size: int
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        out_f, in_f = self.intweight.shape
+        g = self.group_size
+        q = self.intweight.view(out_f, in_f // g, g).to(torch.float32)
+        w = (q - self.zeros.to(torch.float32).unsqueeze(-1)) * self.scales.to(torch.float32).unsqueeze(-1)
+        return w.view(out_f, in_f).to(dtype)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int, zero_point: bool) -> QuantizedWeight:
+    """Round-to-nearest group quantization of `w` [out, in]; scales rounded to fp16 first so the
+    stored checkpoint dequantizes to exactly what was measured."""
+    out_f, in_f = w.shape
+    wg = w.detach().to(torch.float32).reshape(-1, group_size)
+    max_int = 2**bits - 1
+    if zero_point:
+        max_val, min_val = wg.amax(dim=1, keepdim=True), wg.amin(dim=1, keepdim=True)
+        scales = ((max_val - min_val).clamp(min=1e-5) / max_int).half().float()
+        zeros = (-torch.round(min_val / scales)).clamp(0, max_int)
+    else:
+        half = 2 ** (bits - 1)
+        scales = (wg.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / (half - 1)).half().float()
+        zeros = torch.full_like(scales, float(half))
+    q = (torch.round(wg / scales) + zeros).clamp(0, max_int)
+    groups = in_f // group_size
+    return QuantizedWeight(q.to(torch.uint8).view(out_f, in_f), scales.view(out_f, groups).half(),
+                           zeros.to(torch.uint8).view(out_f, groups), group_size)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, zero_point: bool) -> torch.Tensor:
+    """Quantize then dequantize, in `w`'s dtype: what the layer computes after quantization."""
+    return quantize_weight(w, bits, group_size, zero_point).dequantize(w.dtype)
+
+
+def _pack_columns(values: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] ints in [0, 16) → [rows, cols/8] int32 in AWQ nibble order."""
+    rows, cols = values.shape
+    v = values.to(torch.int64).view(rows, cols // PACK, PACK)
+    packed = torch.zeros(rows, cols // PACK, dtype=torch.int64)
+    for i, col in enumerate(AWQ_ORDER):
+        packed |= v[:, :, col] << (4 * i)
+    return _to_int32(packed)
+
+
+def _unpack_columns(packed: torch.Tensor) -> torch.Tensor:
+    rows, cols = packed.shape
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty(rows, cols, PACK, dtype=torch.uint8)
+    for i, col in enumerate(AWQ_ORDER):
+        out[:, :, col] = ((p >> (4 * i)) & 0xF).to(torch.uint8)
+    return out.view(rows, cols * PACK)
+
+
+def _to_int32(x: torch.Tensor) -> torch.Tensor:
+    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def pack_gemm(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The three tensors of an AutoAWQ GEMM linear."""
+    return {
+        "qweight": _pack_columns(qw.intweight.t().contiguous()),
+        "qzeros": _pack_columns(qw.zeros.t().contiguous()),
+        "scales": qw.scales.t().contiguous().half(),
+    }
+
+
+def unpack_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
+    """Inverse of `pack_gemm`: phitune's own reader of AWQ checkpoints."""
+    in_f = qweight.shape[0]
+    groups = scales.shape[0]
+    return QuantizedWeight(
+        intweight=_unpack_columns(qweight).t().contiguous(),
+        scales=scales.t().contiguous().half(),
+        zeros=_unpack_columns(qzeros).t().contiguous(),
+        group_size=in_f // groups,
+    )

@@ -1,0 +1,173 @@
+"""`phitune quantize` as a library call: validate, load, quantize, save, measure, publish."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from phitune import ui
+from phitune.artifacts import Output, content_digest, data_dir, resolve_model
+from phitune.errors import OptionError
+from phitune.measure import Stopwatch, dir_size_mb
+from phitune.models import architecture
+
+SMALL_MODEL_PARAMS = 1_000_000_000  # below this, --eval defaults to on and compute to fp32
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class QuantizeOptions:
+    model: str
+    output: str
+    algorithm: str = "awq"
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    calib_data: str | None = None
+    calib_samples: int = 64
+    calib_seq_len: int = 512
+    device: str = "auto"
+    dtype: str = "auto"
+    eval: bool | None = None
+    eval_data: str | None = None
+    force: bool = False
+
+
+def default_calib_data() -> Path:
+    return data_dir() / "calibration.txt"
+
+
+def default_eval_data() -> Path:
+    return data_dir() / "heldout.txt"
+
+
+def _validate(opts: QuantizeOptions, config: dict, where: str) -> None:
+    if opts.bits != 4:
+        raise OptionError(f"--bits {opts.bits} is not supported", "--bits",
+                          "the AWQ GEMM layout is 4-bit: use --bits 4")
+    if opts.group_size not in GROUP_SIZES:
+        raise OptionError(f"--group_size {opts.group_size} is not supported", "--group_size",
+                          f"use one of {', '.join(map(str, GROUP_SIZES))}")
+    widths = {"hidden_size": config.get("hidden_size"),
+              "intermediate_size": config.get("intermediate_size")}
+    for name, width in widths.items():
+        if width and width % opts.group_size:
+            raise OptionError(f"--group_size {opts.group_size} does not divide the model's "
+                              f"{name} ({width})", f"{where}/config.json",
+                              "pick a group size that divides it, e.g. 32")
+    if opts.calib_samples < 1 or opts.calib_seq_len < 8:
+        raise OptionError("--calib_samples must be ≥ 1 and --calib_seq_len ≥ 8", "quantize options",
+                          "raise them")
+
+
+def run(opts: QuantizeOptions) -> tuple[dict, bool]:
+    """Quantize `opts.model` into `opts.output`. Returns (manifest, was_up_to_date)."""
+    import torch
+
+    from phitune.models import load_causal_lm, load_tokenizer, resolve_device
+    from phitune.quantize import awq, calib, checkpoint
+    from phitune.quantize.awq import QuantConfig
+
+    model_ref = resolve_model(opts.model, accept=("hf-model",), step="quantize")
+    arch = architecture(model_ref.config, model_ref.path)
+    _validate(opts, model_ref.config, str(model_ref.path))
+    use_awq = opts.algorithm == "awq"
+    calib_path = Path(opts.calib_data) if opts.calib_data else default_calib_data()
+    texts = calib.read_texts(calib_path) if use_awq else None
+    eval_path = Path(opts.eval_data) if opts.eval_data else default_eval_data()
+    if opts.eval and opts.eval_data and not eval_path.is_file():
+        raise OptionError(f"evaluation file not found: {eval_path}", "--eval_data",
+                          "pass an existing text file")
+
+    params = {k: v for k, v in asdict(opts).items()
+              if k not in ("model", "output", "force", "device", "calib_data", "eval_data")}
+    if not use_awq:
+        for k in ("calib_samples", "calib_seq_len", "dtype"):
+            params.pop(k)
+    inputs = {"model": opts.model, "model_digest": model_ref.digest}
+    if use_awq:
+        inputs["calib_digest"] = content_digest(calib_path)
+    out = Output(opts.output, "awq-model", "quantize", inputs, params)
+    out.check_writable(force=opts.force)
+    if out.up_to_date() and not opts.force:
+        return out.existing(), True
+
+    device = resolve_device(opts.device)
+    watch = Stopwatch()
+    size_before = _weights_mb(model_ref.path)
+    load_dtype = torch.float32 if size_before < 4 * SMALL_MODEL_PARAMS / 2**20 else None
+    with out.staging() as work:
+        ui.info(f"loading {opts.model} ({arch}, {size_before:.0f} MB)")
+        model = load_causal_lm(model_ref.path, dtype=load_dtype or _config_dtype(model_ref.config))
+        tokenizer = load_tokenizer(model_ref.path)
+        n_params = sum(p.numel() for p in model.parameters())
+        do_eval = opts.eval if opts.eval is not None else n_params < SMALL_MODEL_PARAMS
+        eval_texts = calib.read_texts(eval_path) if do_eval else None
+        metrics: dict = {"params_m": round(n_params / 1e6, 2)}
+        if do_eval:
+            ui.info("measuring held-out perplexity of the float model")
+            metrics["ppl_before"] = _ppl(model, tokenizer, eval_texts, "cpu")
+        compute_dtype = _compute_dtype(opts.dtype, n_params, device, model.dtype)
+        samples = calib.token_blocks(texts, tokenizer, opts.calib_samples, opts.calib_seq_len) \
+            if use_awq else None
+        cfg = QuantConfig(bits=opts.bits, group_size=opts.group_size, zero_point=opts.zero_point)
+        n_layers = model.config.num_hidden_layers
+        alphas: dict[int, dict] = {}
+        with ui.progress(f"{opts.algorithm.upper()} layers", n_layers) as (bar, task):
+            def on_layer(index: int, layer_alphas: dict) -> None:
+                alphas[index] = layer_alphas
+                bar.advance(task)
+            packed = awq.quantize_model(model, arch, cfg, samples, device, compute_dtype,
+                                        awq=use_awq, on_layer=on_layer)
+        qconfig = checkpoint.quantization_config(opts.bits, opts.group_size, opts.zero_point)
+        checkpoint.save_awq_checkpoint(model, packed, work, qconfig)
+        _copy_tokenizer(model_ref.path, work)
+        del model, packed
+        if do_eval:
+            ui.info("measuring held-out perplexity of the quantized checkpoint")
+            quantized = checkpoint.load_awq_dequantized(work)
+            metrics["ppl_after"] = _ppl(quantized, tokenizer, eval_texts, "cpu")
+            metrics["ppl_gap"] = round(metrics["ppl_after"] - metrics["ppl_before"], 4)
+            del quantized
+        if use_awq:
+            metrics["calib_tokens"] = int(samples.numel())
+            metrics["mean_alpha"] = round(sum(a for la in alphas.values() for a in la.values())
+                                          / max(1, sum(len(la) for la in alphas.values())), 3)
+        metrics.update(size_before_mb=round(size_before, 1), size_mb=round(_weights_mb(work), 1),
+                       device=device, compute_dtype=str(compute_dtype).replace("torch.", ""))
+        metrics.update(watch.metrics())
+        manifest = out.publish(work, metrics)
+    return manifest, False
+
+
+def _ppl(model, tokenizer, texts, device) -> float:
+    from phitune.evaluate import perplexity
+    return round(perplexity(model, tokenizer, texts, device=device), 4)
+
+
+def _weights_mb(path: Path) -> float:
+    return sum(dir_size_mb(p) for p in Path(path).glob("*.safetensors")) or dir_size_mb(path)
+
+
+def _config_dtype(config: dict):
+    import torch
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name, torch.float32)
+
+
+def _compute_dtype(choice: str, n_params: int, device: str, model_dtype):
+    """fp32 for small models (exact search); for large ones the half type the hardware is
+    fast at: bf16 on CPU (several times fp32's matmul throughput), the model's on CUDA."""
+    import torch
+    if choice != "auto":
+        return getattr(torch, choice)
+    if n_params < SMALL_MODEL_PARAMS:
+        return torch.float32
+    if device == "cuda":
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    return torch.bfloat16
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    from phitune.models import copy_tokenizer_files
+    copy_tokenizer_files(src, dst)

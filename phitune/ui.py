@@ -1,0 +1,77 @@
+"""Console output: human text to stderr through rich, a machine summary to stdout.
+
+Every command prints progress and a summary on stderr so that stdout stays clean
+for `--json` (and for `infer`'s answers).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+
+_state = {"verbose": False, "json": False}
+
+
+def configure(verbose: bool = False, json_output: bool = False) -> None:
+    _state["verbose"] = verbose
+    _state["json"] = json_output
+
+
+def json_mode() -> bool:
+    return _state["json"]
+
+
+def info(message: str) -> None:
+    console.print(message)
+
+
+def debug(message: str) -> None:
+    if _state["verbose"]:
+        console.print(f"[dim]{message}[/dim]")
+
+
+def error_line(line: str) -> None:
+    console.print(line, style="red", markup=False, soft_wrap=True)
+
+
+@contextmanager
+def progress(description: str, total: int, *fields: str) -> Iterator[Any]:
+    """A progress bar; `fields` are extra named figures shown after the bar
+    (update them with `bar.update(task, loss=...)`)."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields]
+    columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False,
+                  disable=not console.is_terminal and not _state["verbose"]) as bar:
+        task = bar.add_task(description, total=total, **{name: "" for name in fields})
+        yield bar, task
+
+
+def summary(title: str, rows: dict[str, Any]) -> None:
+    """A two-column table of figures; with --json the same dict goes to stdout."""
+    if _state["json"]:
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(key, _format(value))
+    console.print(table)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_format(v)}" for k, v in value.items())
+    return str(value)

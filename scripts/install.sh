@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install phitune and its test tools into ./.venv (or the active virtualenv).
+#
+# torch is installed first, on purpose: an unpinned torch pulls several GB of CUDA packages.
+#   - no NVIDIA GPU: torch==$PHITUNE_TORCH (default 2.13.0), the CPU build. Where pip's
+#     default index would give a CUDA build, set PHITUNE_TORCH_INDEX to a CPU wheel index.
+#   - NVIDIA GPU (nvidia-smi works): the default CUDA torch build and the [cuda] extra.
+# Usage: scripts/install.sh [extra...]   e.g. scripts/install.sh dev
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  PY=.venv/bin/python
+else
+  PY=python
+fi
+PIP="$PY -m pip install -q --disable-pip-version-check"
+
+extras="$*"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  $PIP "torch>=2.6"
+  extras="$extras cuda"
+else
+  $PIP "torch==${PHITUNE_TORCH:-2.13.0}" ${PHITUNE_TORCH_INDEX:+--index-url "$PHITUNE_TORCH_INDEX"}
+fi
+spec="."
+extras=$(echo $extras | tr ' ' ',')
+[ -n "$extras" ] && spec=".[$extras]"
+$PIP -e "$spec" 2>&1 | grep -v "^WARNING: Location" || true
+$PY -c "import phitune, torch; print(f'phitune {phitune.__version__} installed (torch {torch.__version__})')"
