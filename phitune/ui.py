@@ -18,12 +18,23 @@ from rich.table import Table
 
 console = Console(stderr=True, highlight=False)
 
-_state = {"verbose": False, "json": False}
+_state = {"verbose": False, "json": False, "stdout": None}
 
 
 def configure(verbose: bool = False, json_output: bool = False) -> None:
+    """Set the output mode, and keep stdout for phitune's own results: anything else that
+    prints there (some libraries print banners on import) is sent to stderr instead."""
     _state["verbose"] = verbose
     _state["json"] = json_output
+    _state["stdout"] = sys.stdout
+    sys.stdout = sys.stderr
+
+
+def emit(text: str) -> None:
+    """Write a result (a JSON summary, an answer) to the real stdout."""
+    out = _state["stdout"] or sys.stdout
+    out.write(text)
+    out.flush()
 
 
 def json_mode() -> bool:
@@ -59,8 +70,7 @@ def progress(description: str, total: int, *fields: str) -> Iterator[Any]:
 def summary(title: str, rows: dict[str, Any]) -> None:
     """A two-column table of figures; with --json the same dict goes to stdout."""
     if _state["json"]:
-        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
-        sys.stdout.flush()
+        emit(json.dumps(rows, indent=2, default=str) + "\n")
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()

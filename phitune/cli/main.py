@@ -15,6 +15,7 @@ from phitune import __version__
 
 COMMANDS = {
     "quantize": ("phitune.cli.quantize", "quantize"),
+    "finetune": ("phitune.cli.finetune", "finetune"),
 }
 
 
@@ -62,6 +63,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from phitune.errors import PhituneError
+    stdout = sys.stdout  # ui.configure points sys.stdout at stderr while a command runs
     try:
         code = cli.main(args=argv, prog_name="phitune", standalone_mode=False)
     except PhituneError as exc:
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"error: {exc.format_message()} — {where} — see '{where} --help'", exc.exit_code)
     except (KeyboardInterrupt, click.Abort):
         _fail("error: interrupted — no output was published", 130)
+    finally:
+        sys.stdout = stdout
     sys.exit(code if isinstance(code, int) else 0)
 
 

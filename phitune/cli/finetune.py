@@ -1,0 +1,71 @@
+"""`phitune finetune`: LoRA / QLoRA on a float or AWQ base, with a validated data pipeline."""
+
+from __future__ import annotations
+
+import click
+
+from phitune.cli.options import device_option, force_option, model_option, output_option
+
+
+def _opt(name: str, **kwargs):
+    """An option spelled --like_olive and --like-this."""
+    return click.option(f"--{name}", f"--{name.replace('_', '-')}", name, **kwargs)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--method", type=click.Choice(["lora", "qlora"]), default="lora", show_default=True,
+              help="lora: on a float or AWQ base (CPU or GPU); qlora: nf4 base, CUDA only.")
+@model_option("Base model: a float or phitune AWQ checkpoint dir, a hub id, or 'tiny-phi3'.")
+@output_option()
+@_opt("data_files", multiple=True, metavar="FILE",
+      help="Training data (json, jsonl, csv, parquet); repeat or comma-separate for several.")
+@_opt("data_name", metavar="NAME", help="json|csv|parquet, or a local dataset dir (save_to_disk).")
+@_opt("text_template", metavar="TEMPLATE",
+      help=r"Text with {column} placeholders and \n escapes; loss on the part from the last one.")
+@_opt("text_cols", metavar="A,B", help="Columns the template uses (joined by newlines without one).")
+@_opt("use_chat_template", is_flag=True, help="Apply the tokenizer's chat template to 'messages'.")
+@_opt("train_on_prompt", is_flag=True, help="Also train on the prompt part.")
+@_opt("max_seq_len", type=int, default=1024, show_default=True)
+@click.option("--overflow", type=click.Choice(["truncate", "drop"]), default="truncate",
+              show_default=True, help="What to do with records longer than --max_seq_len.")
+@click.option("--packing/--no-packing", default=True, show_default=True,
+              help="Pack short records into full rows (no compute spent on padding).")
+@_opt("lora_r", type=int, default=64, show_default=True)
+@_opt("lora_alpha", type=float, default=16.0, show_default=True)
+@_opt("lora_dropout", type=float, default=0.05, show_default=True)
+@_opt("target_modules", metavar="A,B", help="Modules to adapt (default: every projection).")
+@click.option("--merge", is_flag=True, help="Also write merged/: base + adapter in float.")
+@_opt("max_steps", type=int, default=-1, show_default=True, help="Optimizer steps (wins over epochs).")
+@_opt("num_train_epochs", type=float, default=1.0, show_default=True)
+@_opt("learning_rate", type=float, default=2e-4, show_default=True)
+@_opt("per_device_train_batch_size", type=int, default=4, show_default=True)
+@_opt("gradient_accumulation_steps", type=int, default=1, show_default=True)
+@_opt("warmup_steps", type=int, default=0, show_default=True)
+@_opt("max_grad_norm", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@_opt("eval_split", type=float, help="Fraction of records held out for eval loss.")
+@_opt("eval_dataset_size", type=int, help="Number of records held out for eval loss.")
+@_opt("gradient_checkpointing", is_flag=True, help="Trade compute for activation memory.")
+@_opt("save_steps", type=int, default=50, show_default=True,
+      help="Checkpoint every N steps (and on Ctrl-C) for --resume.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+@device_option()
+@force_option()
+def finetune(data_files: tuple[str, ...], **kwargs) -> None:
+    """Train a LoRA adapter; writes OUTPUT/model (the base) and OUTPUT/adapter (PEFT).
+
+    \b
+      phitune finetune --method lora -m models/phi/awq --data_files data/travel.jsonl \\
+        --data_name json --text_template "<|user|>\\n{prompt}<|end|>\\n<|assistant|>\\n{response}<|end|>" \\
+        --max_steps 100 -o models/phi/ft
+    """
+    from phitune import ui
+    from phitune.finetune.step import FinetuneOptions, run
+
+    files = tuple(f.strip() for group in data_files for f in group.split(",") if f.strip())
+    manifest, up_to_date = run(FinetuneOptions(data_files=files, **kwargs))
+    if not manifest:  # a non-zero rank of a distributed run
+        return
+    if up_to_date:
+        ui.info(f"{kwargs['output']} is up to date (same inputs and options); --force redoes it")
+    ui.summary(f"finetune → {kwargs['output']}", manifest["metrics"] | {"up_to_date": up_to_date})

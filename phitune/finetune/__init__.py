@@ -1,0 +1,1 @@
+"""LoRA / QLoRA fine-tuning on a float or AWQ base."""

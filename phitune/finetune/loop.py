@@ -1,0 +1,262 @@
+"""The training loop: AdamW on the LoRA weights, gradient accumulation, linear warmup and
+decay, checkpoints that survive an interruption, data parallel under torchrun.
+
+The data order is a function of (seed, step) alone, so a resumed run sees exactly the rows
+the uninterrupted one would have, and every rank can find its share without coordination.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1            # > 0 wins over epochs
+    num_train_epochs: float = 1.0
+    learning_rate: float = 2e-4
+    batch_size: int = 4            # rows per device per micro-batch
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 42
+    save_steps: int = 50
+    eval_batch_size: int = 8
+    autocast_dtype: torch.dtype | None = None
+
+
+@dataclass
+class World:
+    """This process's place in a torchrun / accelerate launch (one process when alone)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str) -> "World":
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls()
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        return cls(dist.get_rank(), size)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            torch.distributed.barrier()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def total_steps(n_rows: int, cfg: TrainConfig, world: World) -> int:
+    if cfg.max_steps and cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.grad_accum * world.size
+    return max(1, math.ceil(cfg.num_train_epochs * n_rows / per_step))
+
+
+def row_indices(step: int, n_rows: int, cfg: TrainConfig, world: World) -> list[list[int]]:
+    """This rank's micro-batches (lists of row indices) for optimizer step `step`."""
+    per_step = cfg.batch_size * cfg.grad_accum * world.size
+    start = step * per_step
+    flat = [_epoch_order(pos // n_rows, n_rows, cfg.seed)[pos % n_rows]
+            for pos in range(start, start + per_step)]
+    mine = flat[world.rank::world.size]
+    return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+
+
+_orders: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _epoch_order(epoch: int, n_rows: int, seed: int) -> list[int]:
+    key = (epoch, n_rows, seed)
+    if key not in _orders:
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        _orders[key] = torch.randperm(n_rows, generator=g).tolist()
+    return _orders[key]
+
+
+def real_tokens(row: dict) -> int:
+    """Tokens that are not padding (packed rows list their example lengths)."""
+    return sum(row["lengths"]) if "lengths" in row else len(row["input_ids"])
+
+
+class Checkpoint:
+    """Training state kept beside the output, for --resume after an interruption."""
+
+    def __init__(self, directory: Path, key: str):
+        self.dir = Path(directory)
+        self.key = key
+        self.file = self.dir / "state.pt"
+
+    def load(self) -> dict | None:
+        if not self.file.is_file():
+            return None
+        state = torch.load(self.file, weights_only=False)
+        return state if state.get("key") == self.key else None
+
+    def save(self, state: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(".tmp")
+        torch.save({**state, "key": self.key}, tmp)
+        os.replace(tmp, self.file)
+
+    def remove(self) -> None:
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def eval_loss(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, device: str) -> float | None:
+    """Token-weighted mean loss over the eval rows (None without eval rows)."""
+    if not rows:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), cfg.eval_batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[i:i + cfg.eval_batch_size]).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with _autocast(device, cfg.autocast_dtype):
+            loss = model(**batch).loss
+        total += loss.float().item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _autocast(device: str, dtype):
+    if dtype is None:
+        return torch.autocast(device_type=device, enabled=False)
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, device: str,
+          world: World, checkpoint: Checkpoint, resume: bool,
+          on_step: Callable[[int, int, float, float], None] | None = None) -> TrainResult:
+    """Train the model's trainable (LoRA) parameters in place; returns the loss history."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps = total_steps(len(rows), cfg, world)
+
+    def schedule(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return max(0.0, (steps - step) / max(1, steps - cfg.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    result = TrainResult(steps=steps)
+    start_step = 0
+    state = checkpoint.load() if resume else None
+    if state:
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for name, value in state["trainable"].items():
+                named[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_step = result.resumed_from = state["step"]
+        result.losses = state["losses"]
+        result.tokens = state["tokens"]
+
+    ddp_model = model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp_model = DistributedDataParallel(model)
+
+    def snapshot(step: int) -> dict:
+        """State after `step` whole steps, taken between steps."""
+        return {"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                "losses": list(result.losses), "tokens": result.tokens}
+
+    model.train()
+    began = time.perf_counter()
+    tokens_before = result.tokens
+    step = start_step
+    with _stop_on_sigint() as stop:
+        while step < steps:
+            micro = row_indices(step, len(rows), cfg, world)
+            step_loss, step_tokens = 0.0, 0
+            for i, indices in enumerate(micro):
+                batch_rows = [rows[j] for j in indices]
+                batch = {k: v.to(device) for k, v in collate(batch_rows).items()}
+                sync = i == len(micro) - 1 or world.size == 1
+                context = ddp_model.no_sync() if not sync else nullcontext()
+                with context:
+                    with _autocast(device, cfg.autocast_dtype):
+                        loss = ddp_model(**batch).loss / len(micro)
+                    loss.backward()
+                step_loss += loss.item()
+                step_tokens += sum(real_tokens(r) for r in batch_rows)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            result.losses.append(step_loss)
+            result.tokens += step_tokens * world.size
+            if on_step:
+                on_step(step, steps, step_loss,
+                        (result.tokens - tokens_before) / max(time.perf_counter() - began, 1e-9))
+            interrupted = stop.requested and step < steps
+            if world.main and (interrupted or cfg.save_steps and step % cfg.save_steps == 0
+                               and step < steps):
+                checkpoint.save(snapshot(step))
+            if interrupted:
+                raise KeyboardInterrupt
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+class _StopRequest:
+    requested = False
+
+
+@contextmanager
+def _stop_on_sigint() -> Iterator[_StopRequest]:
+    """The first Ctrl-C finishes the current step, saves a checkpoint and stops; a second one
+    stops at once (the last periodic checkpoint stays)."""
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(_signum, _frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)

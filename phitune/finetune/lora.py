@@ -1,0 +1,37 @@
+"""LoRA configuration: which modules, what rank, and wrapping a base with PEFT."""
+
+from __future__ import annotations
+
+from phitune.errors import OptionError
+
+# Phi-3 fuses q/k/v and gate/up: its four linears cover every projection.
+DEFAULT_TARGETS = {
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def target_modules(model_type: str, requested: str | None, model) -> list[str] | str:
+    """The user's comma list, checked against the model; else the family default; else every
+    linear but the LM head (PEFT's 'all-linear')."""
+    if requested:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise OptionError(f"--target_modules names {', '.join(missing)}, which the model does "
+                              f"not have", "--target_modules",
+                              f"use module names such as {', '.join(DEFAULT_TARGETS.get(model_type, ['o_proj']))}")
+        return names
+    return DEFAULT_TARGETS.get(model_type, "all-linear")
+
+
+def wrap(model, r: int, alpha: float, dropout: float, targets):
+    from peft import LoraConfig, get_peft_model
+    if r < 1:
+        raise OptionError(f"--lora_r must be ≥ 1 (got {r})", "--lora_r", "use e.g. 16 or 64")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

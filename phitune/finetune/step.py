@@ -1,0 +1,210 @@
+"""`phitune finetune` as a library call: validate data, load the base, train LoRA, publish
+`D/model` (a link to the base) and `D/adapter` (a standard PEFT adapter)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from phitune import ui
+from phitune.artifacts import Output, content_digest, resolve_model
+from phitune.errors import OptionError
+from phitune.measure import Stopwatch
+
+SMALL_MODEL_PARAMS = 1_000_000_000
+
+
+@dataclass
+class FinetuneOptions:
+    model: str
+    output: str
+    method: str = "lora"
+    data_files: tuple[str, ...] = ()
+    data_name: str | None = None
+    text_template: str | None = None
+    text_cols: str | None = None
+    use_chat_template: bool = False
+    train_on_prompt: bool = False
+    max_seq_len: int = 1024
+    overflow: str = "truncate"
+    packing: bool = True
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    target_modules: str | None = None
+    merge: bool = False
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    learning_rate: float = 2e-4
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    eval_split: float | None = None
+    eval_dataset_size: int | None = None
+    gradient_checkpointing: bool = False
+    save_steps: int = 50
+    resume: bool = False
+    device: str = "auto"
+    force: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+# Options that do not change the result (where, how often to checkpoint, whether to resume).
+_NOT_PARAMS = ("model", "output", "force", "resume", "device", "save_steps", "extra",
+               "data_files", "data_name")
+
+
+def _check(opts: FinetuneOptions) -> None:
+    if opts.method not in ("lora", "qlora"):
+        raise OptionError(f"unknown --method {opts.method}", "--method", "use lora or qlora")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps"):
+        if getattr(opts, name) < 1:
+            raise OptionError(f"--{name} must be ≥ 1", f"--{name}", "pass a positive integer")
+    if opts.learning_rate <= 0:
+        raise OptionError("--learning_rate must be positive", "--learning_rate", "e.g. 2e-4")
+    if opts.max_steps <= 0 and opts.num_train_epochs <= 0:
+        raise OptionError("nothing to train: --max_steps and --num_train_epochs are both ≤ 0",
+                          "--max_steps", "pass --max_steps N or --num_train_epochs N")
+    if not 0 <= opts.lora_dropout < 1:
+        raise OptionError("--lora_dropout must be in [0, 1)", "--lora_dropout", "e.g. 0.05")
+
+
+def run(opts: FinetuneOptions) -> tuple[dict, bool]:
+    """Fine-tune; returns (manifest, was_up_to_date). Under torchrun every rank trains and
+    rank 0 alone writes the output."""
+    from phitune import data
+    _check(opts)
+    spec = data.make_spec(opts.text_template, opts.text_cols, opts.use_chat_template)
+    data.validate_options(opts.max_seq_len, opts.overflow, opts.eval_split, opts.eval_dataset_size)
+    records = data.load_and_validate(list(opts.data_files), opts.data_name, spec,
+                                     train_on_prompt=opts.train_on_prompt)
+    model_ref = resolve_model(opts.model, accept=("hf-model", "awq-model"), step="finetune")
+
+    params = {k: v for k, v in asdict(opts).items() if k not in _NOT_PARAMS}
+    data_paths = [Path(opts.data_name)] if opts.data_name and Path(opts.data_name).is_dir() \
+        else [Path(f) for f in opts.data_files]
+    inputs = {"model": opts.model, "model_digest": model_ref.digest,
+              "data": [str(p) for p in data_paths],
+              "data_digest": [content_digest(p) for p in data_paths]}
+    out = Output(opts.output, "finetuned", "finetune", inputs, params)
+    out.check_writable(force=opts.force)
+    if out.up_to_date() and not opts.force:
+        return out.existing(), True
+    return _train_and_publish(opts, model_ref, spec, records, out), False
+
+
+def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
+    import torch
+
+    from phitune import data
+    from phitune.finetune import lora
+    from phitune.finetune.base import load_base
+    from phitune.finetune.loop import Checkpoint, TrainConfig, World, eval_loss, train
+    from phitune.models import load_tokenizer, resolve_device
+
+    device = resolve_device(opts.device)
+    world = World.from_env(device)
+    if world.size > 1 and device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    watch = Stopwatch()
+    tokenizer = load_tokenizer(model_ref.path)
+    prepared = data.prepare(records, tokenizer, spec, opts.max_seq_len, opts.overflow,
+                            opts.train_on_prompt, opts.eval_split, opts.eval_dataset_size,
+                            opts.seed, packing=opts.packing)
+    if world.main:
+        for line in data.describe(prepared.stats):
+            ui.info(line)
+
+    dtype = _train_dtype(model_ref, device)
+    torch.manual_seed(opts.seed)
+    base = load_base(model_ref, opts.method, device, dtype)
+    if opts.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    targets = lora.target_modules(base.config.model_type, opts.target_modules, base)
+    model = lora.wrap(base, opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
+    model.train()  # before any forward: some quantized kernels latch inference-only paths
+
+    mask_dtype = next(p for p in model.parameters()).dtype
+    collate = (lambda rows: data.collate_packed(rows, dtype=mask_dtype)) if opts.packing else \
+        (lambda rows: data.pad_batch(rows, data.pad_id_of(tokenizer)))
+    cfg = TrainConfig(max_steps=opts.max_steps, num_train_epochs=opts.num_train_epochs,
+                      learning_rate=opts.learning_rate, batch_size=opts.per_device_train_batch_size,
+                      grad_accum=opts.gradient_accumulation_steps, warmup_steps=opts.warmup_steps,
+                      max_grad_norm=opts.max_grad_norm, seed=opts.seed, save_steps=opts.save_steps)
+    checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
+    if not opts.resume and checkpoint.load() and world.main:
+        ui.info("a checkpoint of an interrupted run exists: --resume continues from it; "
+                "starting over")
+
+    before = eval_loss(model, prepared.eval, collate, cfg, device)
+    with ui.progress("training", 1, "loss", "tok/s") as (bar, task):
+        def on_step(step: int, steps: int, loss: float, rate: float) -> None:
+            bar.update(task, total=steps, completed=step, loss=f"{loss:.4f}", **{"tok/s": f"{rate:.0f}"})
+        result = train(model, prepared.train, collate, cfg, device, world, checkpoint,
+                       resume=opts.resume, on_step=on_step)
+    after = eval_loss(model, prepared.eval, collate, cfg, device)
+    if not world.main:
+        world.barrier()
+        return {}
+
+    metrics = {
+        "steps": result.steps, "resumed_from_step": result.resumed_from,
+        "train_loss_first": round(result.losses[0], 4),
+        "train_loss_last": round(sum(result.losses[-5:]) / len(result.losses[-5:]), 4),
+        "eval_loss_before": _round(before), "eval_loss_after": _round(after),
+        "tokens_seen": result.tokens,
+        "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9) if not result.resumed_from
+                              else 0.0, 1),
+        "train_seconds": round(result.seconds, 2),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "world_size": world.size, "device": device, "dtype": str(dtype).replace("torch.", ""),
+        **{f"data_{k}": v for k, v in prepared.stats.items()},
+    }
+    with out.staging() as work:
+        _write_outputs(model, model_ref, work, opts.merge)
+        metrics.update(watch.metrics())
+        manifest = out.publish(work, metrics)
+    checkpoint.remove()
+    world.barrier()
+    return manifest
+
+
+def _round(value):
+    return None if value is None else round(value, 4)
+
+
+def _train_dtype(model_ref, device: str):
+    """fp32 for small models (exact, and CPU fp32 training is stable); bf16 for large ones."""
+    import torch
+    from phitune.measure import dir_size_mb
+    size_mb = dir_size_mb(model_ref.path)
+    if size_mb < 2048 or device == "cpu" and size_mb < 4096:
+        return torch.float32
+    return torch.bfloat16
+
+
+def _write_outputs(model, model_ref, work: Path, merge: bool) -> None:
+    """adapter/ as PEFT writes it; model/ a link to the base trained on (no gigabyte copy);
+    merged/ with --merge: base + adapter folded, in float (an AWQ base is dequantized)."""
+    model.save_pretrained(str(work / "adapter"))
+    _point_adapter_at_base(work / "adapter", model_ref.path)
+    os.symlink(Path(model_ref.path).resolve(), work / "model", target_is_directory=True)
+    if merge:
+        from phitune.models import copy_tokenizer_files
+        merged = model.merge_and_unload()
+        if hasattr(merged.config, "quantization_config"):
+            del merged.config.quantization_config
+        merged.save_pretrained(str(work / "merged"))
+        copy_tokenizer_files(model_ref.path, work / "merged")
+
+
+def _point_adapter_at_base(adapter_dir: Path, base: Path) -> None:
+    import json
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(Path(base).resolve())
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
