@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 
-def perplexity(model, tokenizer, texts: list[str], seq_len: int = 512, max_tokens: int = 65536,
+def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, max_tokens: int = 65536,
                device: str = "cpu") -> float:
     """exp(mean next-token loss) over non-overlapping windows of the joined texts."""
     import torch

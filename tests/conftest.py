@@ -25,8 +25,9 @@ def build_random_model(path: Path, arch: str = "phi3", hidden: int = 256, layers
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
     torch.manual_seed(seed)
-    vocab = json.loads((EMBEDDED / "config.json").read_text())["vocab_size"]
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+    embedded = json.loads((EMBEDDED / "config.json").read_text())
+    ids = {k: embedded[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    common = dict(vocab_size=embedded["vocab_size"], **ids, hidden_size=hidden, intermediate_size=intermediate,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=1024, tie_word_embeddings=False)
     if arch == "phi3":

@@ -93,8 +93,11 @@ def test_lora_weights_get_gradient_through_the_quantized_base(awq_base):
     ids = torch.randint(0, 1000, (1, 16))
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    # lora_B starts at zero, so the gradient reaches lora_B first: it must not be zero
+    # (gptqmodel's CPU AWQ kernel, latched in inference mode, gives exactly zero here).
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(grads) == 2 * model.config.num_hidden_layers
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_same_seed_gives_identical_adapters(awq_base, cli, tmp_path):
@@ -108,31 +111,30 @@ def test_same_seed_gives_identical_adapters(awq_base, cli, tmp_path):
 
 def test_interrupt_then_resume_finishes_like_an_uninterrupted_run(awq_base, cli, tmp_path):
     out = tmp_path / "ft"
-    args = lab(awq_base, out, "--max_steps", "12", "--save_steps", "100")
-    child = subprocess.Popen([sys.executable, "-m", "phitune", *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    steps = ["--max_steps", "40", "--save_steps", "3"]
+    child = subprocess.Popen([sys.executable, "-m", "phitune", *lab(awq_base, out, *steps)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / ".ft.phitune-ckpt" / "state.pt"
-    # Interrupt once training is under way: the first Ctrl-C finishes the step and checkpoints.
+    # Interrupt once training is under way (a periodic checkpoint exists): the first Ctrl-C
+    # finishes the current step, checkpoints it and exits 130.
     deadline = time.time() + 120
-    while time.time() < deadline and child.poll() is None:
-        if "training" in (child.stderr.readline() or ""):
-            break
-    time.sleep(3)
+    while not ckpt.is_file() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130, err
+    assert "interrupted" in err
     assert not out.exists(), "an interrupted run must not leave an output that looks done"
-    assert ckpt.is_file()
     step = torch.load(ckpt, weights_only=False)["step"]
-    assert 0 < step < 12
+    assert 3 <= step < 40
 
-    resumed = cli(*args, "--resume")
+    resumed = cli(*lab(awq_base, out, "--max_steps", "40", "--save_steps", "100"), "--resume")
     assert resumed.code == 0, resumed.err
     assert _manifest(out)["metrics"]["resumed_from_step"] == step
     assert not ckpt.parent.exists()
 
     straight = tmp_path / "straight"
-    assert cli(*lab(awq_base, straight, "--max_steps", "12", "--save_steps", "100")).code == 0
+    assert cli(*lab(awq_base, straight, "--max_steps", "40")).code == 0
     a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -145,12 +147,14 @@ def test_data_parallel_under_torchrun(awq_base, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "phitune", "--json",
-                           *lab(awq_base, out, "--max_steps", "8", "--per_device_train_batch_size", "2")],
+                           *lab(awq_base, out, "--max_steps", "20", "--per_device_train_batch_size", "2",
+                                "--eval_split", "0.1")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summaries = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     metrics = _manifest(out)["metrics"]
     assert metrics["world_size"] == 2
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "model", "phitune.json"]
     assert len(list(tmp_path.glob(".ddp*"))) == 0

@@ -223,7 +223,7 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            result.losses.append(step_loss)
+            result.losses.append(_mean_over_ranks(step_loss, world))
             result.tokens += step_tokens * world.size
             if on_step:
                 on_step(step, steps, step_loss,
@@ -236,6 +236,15 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
                 raise KeyboardInterrupt
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _mean_over_ranks(value: float, world: World) -> float:
+    """The step's loss over the whole global batch, not only this rank's share."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item() / world.size
 
 
 class _StopRequest:
