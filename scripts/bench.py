@@ -3,6 +3,7 @@
 
     python scripts/bench.py quantize                      # embedded model: AWQ vs RTN, time, memory
     python scripts/bench.py quantize --phi3-mini-layers 32  # + a Phi-3-mini-shaped model (random weights)
+    python scripts/bench.py finetune                      # phitune vs HF Trainer + PEFT (padding, no packing)
 
 Every run is a fresh `phitune --json quantize` subprocess, so peak RSS is that run's own.
 """
@@ -77,7 +78,7 @@ def bench_quantize(args: argparse.Namespace) -> None:
         print(f"\n== quantize: Phi-3-mini-shaped ({layers} layers, random bf16 weights), "
               f"{args.big_calib_samples}x{args.calib_seq_len} calibration tokens, CPU")
         r = phitune_json("quantize", "-m", str(model_dir), "-o", str(work / "big"), "--force",
-                         "--no-eval", "--device", args.device, "--calib_samples",
+                         "--no-eval", "--device", args.device, "--dtype", args.big_dtype, "--calib_samples",
                          str(args.big_calib_samples), "--calib_seq_len", str(args.calib_seq_len))
         per_layer = r["seconds"] / layers
         print(f"time {r['seconds']:.0f} s ({per_layer:.1f} s/layer → {per_layer * 32 / 60:.1f} min "
@@ -86,19 +87,110 @@ def bench_quantize(args: argparse.Namespace) -> None:
     print(f"\noutputs under {work}")
 
 
+TEMPLATE = r"<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
+
+
+def baseline_finetune(args: argparse.Namespace) -> None:
+    """The plain way the PEFT docs show it: HF Trainer + get_peft_model, each batch padded to
+    its longest record, no packing, loss on the whole text. Prints a JSON summary."""
+    import json as _json
+    import time as _time
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling,
+                              Trainer, TrainingArguments)
+
+    from phitune.measure import peak_rss_mb
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    records = [_json.loads(line) for line in open(args.data_files) if line.strip()]
+    template = TEMPLATE.replace("\\n", "\n")
+    texts = [template.format(**r) for r in records]
+    dataset = [tokenizer(t, truncation=True, max_length=args.max_seq_len) for t in texts]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=16, lora_dropout=0.05,
+                                             target_modules=args.target_modules.split(","),
+                                             task_type="CAUSAL_LM"))
+    batch = args.batch_size
+    seen = [len(dataset[i % len(dataset)]["input_ids"]) for i in range(args.steps * batch)]
+    trainer = Trainer(model=model, train_dataset=dataset,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                      args=TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=args.steps,
+                                             per_device_train_batch_size=batch, learning_rate=2e-4,
+                                             save_strategy="no", report_to=[], logging_steps=10**6,
+                                             use_cpu=not torch.cuda.is_available(), seed=0,
+                                             dataloader_drop_last=False))
+    start = _time.perf_counter()
+    trainer.train()
+    seconds = _time.perf_counter() - start
+    # Trainer shuffles, so count the mean record length; padding is not a real token.
+    tokens = sum(seen) / len(seen) * args.steps * batch
+    print(_json.dumps({"tokens_per_s": tokens / seconds, "train_seconds": seconds,
+                       "peak_rss_mb": peak_rss_mb()}))
+
+
+def bench_finetune(args: argparse.Namespace) -> None:
+    models = {"tiny-phi3": "tiny-phi3"}
+    if args.phi3_shaped_layers:
+        models[f"phi3-mini-shaped-{args.phi3_shaped_layers}l"] = str(build_phi3_mini_shaped(
+            Path(args.cache) / f"phi3-mini-shaped-{args.phi3_shaped_layers}l", args.phi3_shaped_layers))
+    data = str(REPO / "data" / "travel.jsonl")
+    targets = "qkv_proj,o_proj,gate_up_proj,down_proj"
+    for name, model in models.items():
+        path = str(REPO / "data" / "tiny-phi3") if model == "tiny-phi3" else model
+        print(f"== finetune: {name}, LoRA r={args.lora_r}, batch {args.batch_size}, "
+              f"{args.steps} steps, max_seq_len {args.max_seq_len}, travel.jsonl")
+        ours = phitune_json("finetune", "-m", model, "--data_files", data, "--text_template",
+                            TEMPLATE, "--max_steps", str(args.steps), "--lora_r", str(args.lora_r),
+                            "--per_device_train_batch_size", str(args.batch_size),
+                            "--max_seq_len", str(args.max_seq_len), "--force",
+                            "-o", tempfile.mkdtemp() + "/ft")
+        proc = subprocess.run([sys.executable, __file__, "_baseline_finetune", "--model", path,
+                               "--data_files", data, "--steps", str(args.steps),
+                               "--lora_r", str(args.lora_r), "--batch_size", str(args.batch_size),
+                               "--max_seq_len", str(args.max_seq_len), "--target_modules", targets],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"baseline failed:\n{proc.stderr[-3000:]}")
+        base = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"phitune   {ours['tokens_per_s']:8.0f} tok/s  peak RSS {ours['peak_rss_mb']:7.0f} MB  "
+              f"(packed rows, {ours['data_padding_fraction']:.1%} padding)")
+        print(f"baseline  {base['tokens_per_s']:8.0f} tok/s  peak RSS {base['peak_rss_mb']:7.0f} MB  "
+              f"(HF Trainer + PEFT, pad to longest)")
+        print(f"ratio     {ours['tokens_per_s'] / base['tokens_per_s']:8.2f}× tok/s (goal ≥ 2)   "
+              f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}× memory (goal ≤ 0.6)\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True)
     q = sub.add_parser("quantize", help="AWQ vs RTN quality, time and memory")
     q.add_argument("--calib_samples", type=int, default=64)
-    q.add_argument("--calib_seq_len", type=int, default=512)
+    q.add_argument("--calib_seq_len", type=int, default=256)
     q.add_argument("--phi3-mini-layers", type=int, default=0,
                    help="also time a Phi-3-mini-shaped model with this many layers (32 = full size)")
     q.add_argument("--big_calib_samples", type=int, default=16)
     q.add_argument("--device", default="auto")
+    q.add_argument("--big_dtype", default="bfloat16", help="calibration dtype for the big model")
     q.add_argument("--cache", default=str(REPO / "models" / "bench"))
+    f = sub.add_parser("finetune", help="phitune vs HF Trainer + PEFT: tokens/s and peak memory")
+    f.add_argument("--steps", type=int, default=30)
+    f.add_argument("--lora_r", type=int, default=64)
+    f.add_argument("--batch_size", type=int, default=4)
+    f.add_argument("--max_seq_len", type=int, default=512)
+    f.add_argument("--phi3-shaped-layers", type=int, default=0,
+                   help="also a Phi-3-mini-shaped model with this many layers (random weights)")
+    f.add_argument("--cache", default=str(REPO / "models" / "bench"))
+    b = sub.add_parser("_baseline_finetune")
+    for name in ("--model", "--data_files", "--target_modules"):
+        b.add_argument(name)
+    for name in ("--steps", "--lora_r", "--batch_size", "--max_seq_len"):
+        b.add_argument(name, type=int)
     args = parser.parse_args()
-    {"quantize": bench_quantize}[args.step](args)
+    {"quantize": bench_quantize, "finetune": bench_finetune,
+     "_baseline_finetune": baseline_finetune}[args.step](args)
 
 
 if __name__ == "__main__":

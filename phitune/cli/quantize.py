@@ -21,8 +21,9 @@ from phitune.cli.options import device_option, force_option, model_option, outpu
               help="Calibration text (.txt or .jsonl with 'text'); default: the shipped text.")
 @click.option("--calib_samples", "--calib-samples", "calib_samples", type=int, default=64,
               show_default=True, help="Calibration blocks.")
-@click.option("--calib_seq_len", "--calib-seq-len", "calib_seq_len", type=int, default=512,
-              show_default=True, help="Tokens per calibration block.")
+@click.option("--calib_seq_len", "--calib-seq-len", "calib_seq_len", type=int, default=256,
+              show_default=True,
+              help="Tokens per calibration block (keep within the context the model was trained on).")
 @device_option()
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               default="auto", show_default=True,

@@ -9,7 +9,8 @@ from phitune.errors import DataError
 
 
 def read_texts(path: Path) -> list[str]:
-    """Documents from a .txt (blank-line separated) or .jsonl/.json file with a `text` field."""
+    """Documents from a .jsonl/.json file with a `text` field, or a .txt file as one document
+    (paragraph breaks are text, not document ends: no EOS is inserted between them)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"calibration file not found: {path}", "--calib_data",
@@ -26,7 +27,7 @@ def read_texts(path: Path) -> list[str]:
                 raise DataError(f"line {number} is not a JSON object with a 'text' field",
                                 f"{path}:{number}", "fix that line or pass a .txt file") from None
     else:
-        texts = [t.strip() for t in raw.split("\n\n")]
+        texts = [raw.strip()]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"calibration file {path} has no text", "--calib_data",

@@ -25,7 +25,7 @@ class QuantizeOptions:
     zero_point: bool = True
     calib_data: str | None = None
     calib_samples: int = 64
-    calib_seq_len: int = 512
+    calib_seq_len: int = 256
     device: str = "auto"
     dtype: str = "auto"
     eval: bool | None = None
