@@ -35,7 +35,7 @@ def test_awq_closes_more_of_the_gap_than_rtn(outputs):
     awq, rtn = _manifest(outputs / "awq")["metrics"], _manifest(outputs / "rtn")["metrics"]
     assert awq["ppl_before"] == pytest.approx(rtn["ppl_before"])
     assert rtn["ppl_gap"] > 0
-    assert awq["ppl_gap"] < rtn["ppl_gap"]
+    assert awq["ppl_gap"] <= 0.5 * rtn["ppl_gap"]  # the paper's Llama-2 ratio; measured 0.24
 
 
 def test_checkpoint_has_the_autoawq_gemm_layout(outputs):
