@@ -209,3 +209,18 @@ def test_bad_data_is_one_line_exit_2_fast(case, cli, tmp_path):
     assert not (tmp_path / "out").exists()
     if case != "all records too long":  # that one needs the tokenizer, so it loads transformers
         assert elapsed < 2
+
+
+def test_merge_writes_a_float_model_equal_to_base_plus_adapter(awq_base, cli, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from phitune.quantize.checkpoint import load_awq_dequantized
+    out = tmp_path / "ft"
+    assert cli(*lab(awq_base, out, "--max_steps", "3", "--merge")).code == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32)
+    assert "quantization_config" not in json.loads((out / "merged" / "config.json").read_text())
+    with_adapter = PeftModel.from_pretrained(load_awq_dequantized(awq_base), str(out / "adapter"))
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-4)
