@@ -15,17 +15,19 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 else
   PY=python
 fi
-PIP="$PY -m pip install -q --disable-pip-version-check"
+# This workplace's pip config names a local index that warns on every package: keep the noise
+# out of the log, and pip's own exit code.
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
 extras="$*"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-  $PIP "torch>=2.6"
+  pip_install "torch>=2.6"
   extras="$extras cuda"
 else
-  $PIP "torch==${PHITUNE_TORCH:-2.13.0}" ${PHITUNE_TORCH_INDEX:+--index-url "$PHITUNE_TORCH_INDEX"}
+  pip_install "torch==${PHITUNE_TORCH:-2.13.0}" ${PHITUNE_TORCH_INDEX:+--index-url "$PHITUNE_TORCH_INDEX"}
 fi
 spec="."
 extras=$(echo $extras | tr ' ' ',')
 [ -n "$extras" ] && spec=".[$extras]"
-$PIP -e "$spec" 2>&1 | grep -v "^WARNING: Location" || true
+pip_install -e "$spec"
 $PY -c "import phitune, torch; print(f'phitune {phitune.__version__} installed (torch {torch.__version__})')"

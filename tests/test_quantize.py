@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from phitune.quantize.checkpoint import load_awq_dequantized
 
-CALIB = ["--calib_samples", "32", "--calib_seq_len", "256"]
+CALIB = ["--calib_samples", "64", "--calib_seq_len", "256"]  # the defaults
 
 
 @pytest.fixture(scope="module")
