@@ -14,6 +14,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -88,15 +89,10 @@ def row_indices(step: int, n_rows: int, cfg: TrainConfig, world: World) -> list[
     return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
 
 
-_orders: dict[tuple[int, int, int], list[int]] = {}
-
-
+@lru_cache(maxsize=4)
 def _epoch_order(epoch: int, n_rows: int, seed: int) -> list[int]:
-    key = (epoch, n_rows, seed)
-    if key not in _orders:
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        _orders[key] = torch.randperm(n_rows, generator=g).tolist()
-    return _orders[key]
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n_rows, generator=g).tolist()
 
 
 def real_tokens(row: dict) -> int:

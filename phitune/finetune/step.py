@@ -12,8 +12,6 @@ from phitune.artifacts import Output, content_digest, resolve_model
 from phitune.errors import OptionError
 from phitune.measure import Stopwatch
 
-SMALL_MODEL_PARAMS = 1_000_000_000
-
 
 @dataclass
 class FinetuneOptions:
