@@ -152,13 +152,15 @@ def _local(spec: str, path: Path) -> ResolvedModel:
     if path.name == "model" and parent_manifest and parent_manifest.get("artifact") in NESTED_PAYLOAD:
         return ResolvedModel(spec, path, parent_manifest["artifact"], parent_manifest,
                              config=_config(path))
+    if (path / "genai_config.json").is_file():  # an onnxruntime-genai dir made elsewhere
+        return ResolvedModel(spec, path, "onnx-genai", manifest)
     config = _config(path)
     if not config:
         found = sorted(p.name for p in path.iterdir())[:6]
         raise InputError(f"{spec} is not a model directory (no config.json; found: "
                          f"{', '.join(found) or 'nothing'})", "-m",
                          "pass a Hugging Face model directory or a phitune output directory")
-    return ResolvedModel(spec, path, _hf_kind(config), manifest, config=config)
+    return ResolvedModel(spec, path, hf_kind(config), manifest, config=config)
 
 
 def _config(path: Path) -> dict:
@@ -172,7 +174,7 @@ def _config(path: Path) -> dict:
                          str(file), "repair or re-download the model") from None
 
 
-def _hf_kind(config: dict) -> str:
+def hf_kind(config: dict) -> str:
     quant = config.get("quantization_config") or {}
     if quant.get("quant_method") == "awq":
         return "awq-model"
@@ -191,7 +193,7 @@ def _from_hub(repo_id: str) -> ResolvedModel:
                          "check the id and the network, or pass a local model directory "
                          "or the embedded model 'tiny-phi3'") from None
     path = Path(local)
-    return ResolvedModel(repo_id, path, _hf_kind(_config(path)), hub_id=repo_id,
+    return ResolvedModel(repo_id, path, hf_kind(_config(path)), hub_id=repo_id,
                          config=_config(path))
 
 

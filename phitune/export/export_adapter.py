@@ -1,0 +1,37 @@
+"""Convert a PEFT adapter for an existing auto-opt base: checked, then written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from phitune.artifacts import resolve_model
+from phitune.errors import InputError, OutputError
+from phitune.measure import Stopwatch
+
+
+def run(adapter: str, base: str, output: str, force: bool = False) -> dict:
+    from phitune.export.adapter import convert
+    watch = Stopwatch()
+    model = resolve_model(base, accept=("onnx-genai",), step="export-adapter")
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise OutputError(f"{output} is a directory", "-o", "pass a file path ending in .onnx_adapter")
+    if out.suffix != ".onnx_adapter":
+        raise OutputError(f"{output} does not end in .onnx_adapter", "-o",
+                          "name the file NAME.onnx_adapter (infer uses NAME as the adapter's name)")
+    if out.exists() and not force:
+        raise OutputError(f"{output} already exists", "-o", "pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise OutputError(f"no such directory: {out.parent}", "-o", "create it first")
+    adapter_dir = Path(adapter).expanduser()
+    if not adapter_dir.is_dir():
+        raise InputError(f"no such adapter directory: {adapter}", "-a",
+                         "pass the adapter/ dir written by phitune finetune")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        metrics = convert(adapter_dir, model.path, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return metrics | {"size_mb": round(out.stat().st_size / 2**20, 2), "seconds": round(watch.seconds, 2)}

@@ -1,0 +1,103 @@
+"""Where LoRA can attach: the graph's projection MatMuls ("slots") and the Hugging Face
+modules whose output rows they compute.
+
+The model builder packs and splits projections its own way (q/k/v fused into `qkv_proj`,
+Phi-3's `gate_up_proj` split into `gate_proj` and `up_proj`), while a PEFT adapter is keyed
+by the Hugging Face module names. Both sides are described as runs of named row *pieces*
+(q, k, v, o, gate, up, down); a slot's LoRA weights are then the adapter's pieces placed
+at the right rows, whatever the packing on either side.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Graph slot (as the builder names it, relative to a layer) → the pieces of its output rows.
+GRAPH_SLOT_PIECES = {
+    "attn.qkv_proj": ("q", "k", "v"),
+    "attn.q_proj": ("q",), "attn.k_proj": ("k",), "attn.v_proj": ("v",),
+    "attn.o_proj": ("o",),
+    "mlp.gate_up_proj": ("gate", "up"),
+    "mlp.gate_proj": ("gate",), "mlp.up_proj": ("up",),
+    "mlp.down_proj": ("down",),
+}
+
+# Hugging Face module (relative to a decoder layer) → the pieces of its output rows.
+HF_MODULE_PIECES = {
+    "self_attn.qkv_proj": ("q", "k", "v"),
+    "self_attn.q_proj": ("q",), "self_attn.k_proj": ("k",), "self_attn.v_proj": ("v",),
+    "self_attn.o_proj": ("o",),
+    "mlp.gate_up_proj": ("gate", "up"),
+    "mlp.gate_proj": ("gate",), "mlp.up_proj": ("up",),
+    "mlp.down_proj": ("down",),
+}
+
+# Which input each piece reads, so a slot's pieces always share one input.
+PIECE_INPUT = {"q": "hidden", "k": "hidden", "v": "hidden", "o": "attn",
+               "gate": "hidden", "up": "hidden", "down": "mlp"}
+
+_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/(MatMul|MatMulNBits)$")
+
+
+def piece_sizes(config: dict) -> dict[str, tuple[int, int]]:
+    """(out rows, in features) of each piece, from a Hugging Face config."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = config.get("num_key_value_heads") or heads
+    inter = config["intermediate_size"]
+    return {"q": (heads * head_dim, hidden), "k": (kv * head_dim, hidden),
+            "v": (kv * head_dim, hidden), "o": (hidden, heads * head_dim),
+            "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+
+
+def piece_offsets(pieces: tuple[str, ...], sizes: dict) -> dict[str, tuple[int, int]]:
+    """piece → (first row, rows) inside a module made of `pieces`."""
+    offsets, row = {}, 0
+    for piece in pieces:
+        offsets[piece] = (row, sizes[piece][0])
+        row += sizes[piece][0]
+    return offsets
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One projection MatMul of one layer that can carry a LoRA branch."""
+
+    layer: int
+    name: str          # e.g. "attn.qkv_proj"
+    node: str          # the graph node's name
+    in_features: int
+    out_features: int
+
+    @property
+    def input_a(self) -> str:
+        return f"model.layers.{self.layer}.{self.name}.lora_A"
+
+    @property
+    def input_b(self) -> str:
+        return f"model.layers.{self.layer}.{self.name}.lora_B"
+
+    @property
+    def rank_dim(self) -> str:
+        # One symbolic rank per slot: a shared one breaks adapters on a subset of modules.
+        return f"lora_r_{self.layer}_{self.name.replace('.', '_')}"
+
+    @property
+    def pieces(self) -> tuple[str, ...]:
+        return GRAPH_SLOT_PIECES[self.name]
+
+
+def graph_slots(nodes, sizes: dict) -> list[Slot]:
+    """The LoRA-capable projections among `nodes` (onnx NodeProtos) of a builder graph."""
+    slots = []
+    for node in nodes:
+        match = _NODE.match(node.name)
+        if not match or f"{match[2]}.{match[3]}" not in GRAPH_SLOT_PIECES:
+            continue
+        name = f"{match[2]}.{match[3]}"
+        pieces = GRAPH_SLOT_PIECES[name]
+        out = sum(sizes[p][0] for p in pieces)
+        slots.append(Slot(int(match[1]), name, node.name, sizes[pieces[0]][1], out))
+    return slots

@@ -1,0 +1,179 @@
+"""`phitune auto-opt`: a Hugging Face / AWQ / finetuned model → an onnxruntime-genai dir.
+
+    1. feed the builder what it reads cheaply: an AWQ checkpoint as is (its int4 weights are
+       kept), a float one as is for fp32/fp16, or rounded to int4 in the AWQ layout first;
+    2. run the builder (GroupQueryAttention, fused rotary, SkipSimplifiedLayerNorm, MatMulNBits);
+    3. add multi-LoRA inputs beside every projection;
+    4. convert the PEFT adapter, if any, into `adapter_weights.onnx_adapter`.
+The adapter is checked against the base before the build, so a mismatch costs nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from phitune import ui
+from phitune.artifacts import Output, hf_kind, content_digest, resolve_model
+from phitune.errors import InputError, OptionError
+from phitune.measure import Stopwatch, dir_size_mb
+from phitune.models import architecture
+
+ADAPTER_FILE = "adapter_weights.onnx_adapter"
+PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "gpu"}
+
+
+@dataclass
+class AutoOptOptions:
+    model: str
+    output: str
+    adapter_path: str | None = None
+    device: str = "cpu"
+    provider: str | None = None
+    precision: str | None = None     # int4 default
+    block_size: int = 32
+    accuracy_level: int | None = None
+    multi_lora: bool = True
+    force: bool = False
+
+
+def validate(opts: AutoOptOptions) -> AutoOptOptions:
+    """Device and provider must agree; fill the defaults that depend on them."""
+    if opts.provider is not None:
+        wanted = PROVIDERS.get(opts.provider)
+        if wanted is None:
+            raise OptionError(f"unknown execution provider '{opts.provider}'", "--provider",
+                              f"use one of {', '.join(PROVIDERS)}")
+        if wanted != opts.device:
+            raise OptionError(f"--provider {opts.provider} runs on {wanted}, but --device is "
+                              f"{opts.device}", "phitune auto-opt",
+                              f"pass --device {wanted}, or drop --provider")
+    precision = opts.precision or "int4"
+    if opts.block_size not in (16, 32, 64, 128, 256):
+        raise OptionError(f"--block_size {opts.block_size} is not supported", "--block_size",
+                          "use 16, 32, 64, 128 or 256")
+    if opts.accuracy_level is not None and precision != "int4":
+        raise OptionError("--accuracy_level applies to int4 only", "phitune auto-opt",
+                          "drop --accuracy_level or use --precision int4")
+    if opts.adapter_path and not opts.multi_lora:
+        raise OptionError("--adapter_path needs the multi-LoRA inputs", "--no-multi_lora",
+                          "drop --no-multi_lora")
+    return AutoOptOptions(**(asdict(opts) | {"precision": precision,
+                                             "provider": opts.provider or _provider_of(opts.device)}))
+
+
+def _provider_of(device: str) -> str:
+    return next(p for p, d in PROVIDERS.items() if d == device)
+
+
+def _adapter_dir(opts: AutoOptOptions, model_ref) -> Path | None:
+    if opts.adapter_path:
+        path = Path(opts.adapter_path).expanduser()
+        if not path.is_dir():
+            raise InputError(f"no such adapter directory: {opts.adapter_path}", "--adapter_path",
+                             "pass the adapter/ dir written by phitune finetune")
+        return path
+    if model_ref.kind == "finetuned":  # -m D of a finetune output: its adapter comes along
+        candidate = model_ref.path.parent / "adapter"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def predicted_layout(config: dict):
+    """The slots auto-opt will create, to check an adapter before spending a build on it."""
+    from phitune.export.slots import Slot, piece_sizes
+    sizes = piece_sizes(config)
+    names = {"attn.qkv_proj": ("q", "k", "v"), "attn.o_proj": ("o",), "mlp.gate_proj": ("gate",),
+             "mlp.up_proj": ("up",), "mlp.down_proj": ("down",)}
+    slots = [Slot(layer, name, "", sizes[pieces[0]][1], sum(sizes[p][0] for p in pieces))
+             for layer in range(config["num_hidden_layers"]) for name, pieces in names.items()]
+    return slots, sizes, "float"
+
+
+def run(opts: AutoOptOptions) -> tuple[dict, bool]:
+    """Export `opts.model` into `opts.output`. Returns (manifest, was_up_to_date)."""
+    from phitune.export import adapter as adapter_mod
+    from phitune.export.builder import run_builder
+    from phitune.export.lora_graph import add_lora_inputs
+
+    opts = validate(opts)
+    model_ref = resolve_model(opts.model, accept=("hf-model", "awq-model", "finetuned"),
+                              step="auto-opt")
+    config = model_ref.config
+    base_kind = hf_kind(config)
+    arch = architecture(config, model_ref.path)
+    adapter_dir = _adapter_dir(opts, model_ref)
+    if adapter_dir is not None:  # refuse a misfit now, not after a build
+        adapter_mod.slot_tensors(adapter_mod.read_peft_adapter(adapter_dir),
+                                 *predicted_layout(config), where=str(adapter_dir))
+
+    params = {k: v for k, v in asdict(opts).items()
+              if k not in ("model", "output", "adapter_path", "force")}
+    inputs = {"model": opts.model, "model_digest": model_ref.digest}
+    if adapter_dir is not None:
+        inputs |= {"adapter": str(adapter_dir), "adapter_digest": content_digest(adapter_dir)}
+    out = Output(opts.output, "onnx-genai", "auto-opt", inputs, params)
+    out.check_writable(force=opts.force)
+    if out.up_to_date() and not opts.force:
+        return out.existing(), True
+
+    watch = Stopwatch()
+    with out.staging() as work:
+        scratch = work / ".scratch"
+        scratch.mkdir()
+        source = _builder_input(model_ref.path, base_kind, config, opts, scratch)
+        model_dir = work / "model"
+        ui.info(f"building {opts.precision} ONNX for {opts.device} ({arch}) with the "
+                "onnxruntime-genai model builder")
+        extra = {}
+        if opts.precision == "int4":
+            extra["block_size"] = str(opts.block_size)  # the LM head, which stays RTN-quantized
+            if opts.accuracy_level is not None:
+                extra["accuracy_level"] = str(opts.accuracy_level)
+        builder_peak = run_builder(source, model_dir, opts.precision, opts.device, scratch, extra)
+        metrics: dict = {"precision": opts.precision, "device": opts.device,
+                         "int4_source": _int4_source(base_kind, opts.precision),
+                         "builder_peak_rss_mb": round(builder_peak, 1)}
+        if opts.multi_lora:
+            slots = add_lora_inputs(model_dir / "model.onnx", config)
+            metrics["lora_slots"] = len(slots)
+        if adapter_dir is not None:
+            ui.info(f"converting the adapter {adapter_dir} → model/{ADAPTER_FILE}")
+            metrics |= adapter_mod.convert(adapter_dir, model_dir, model_dir / ADAPTER_FILE)
+        shutil.rmtree(scratch)
+        metrics["size_mb"] = round(dir_size_mb(model_dir), 1)
+        metrics |= watch.metrics()
+        metrics["peak_rss_mb"] = max(metrics["peak_rss_mb"], metrics["builder_peak_rss_mb"])
+        manifest = out.publish(work, metrics)
+    return manifest, False
+
+
+def _int4_source(base_kind: str, precision: str) -> str | None:
+    if precision != "int4":
+        return None
+    return "awq checkpoint" if base_kind == "awq-model" else "round-to-nearest (phitune)"
+
+
+def _builder_input(path: Path, base_kind: str, config: dict, opts: AutoOptOptions,
+                   scratch: Path) -> Path:
+    """The checkpoint the builder should read for this base kind and precision."""
+    import torch
+
+    from phitune.export import convert
+    if base_kind == "awq-model":
+        if opts.precision == "int4":
+            return path.resolve()  # the builder keeps AWQ's int4 weights
+        ui.info("dequantizing the AWQ weights for a float export")
+        dtype = torch.float16 if opts.precision == "fp16" else torch.float32
+        convert.awq_to_float(path, scratch / "float", config, dtype)
+        return scratch / "float"
+    if base_kind != "hf-model":
+        raise InputError(f"{opts.model} is a {base_kind}; auto-opt reads float or AWQ checkpoints",
+                         "-m", "pass a float or phitune AWQ checkpoint")
+    if opts.precision == "int4":
+        ui.info(f"rounding weights to int4 (block {opts.block_size}) tensor by tensor")
+        convert.float_to_int4(path.resolve(), scratch / "int4", config, opts.block_size)
+        return scratch / "int4"
+    return path.resolve()
