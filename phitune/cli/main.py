@@ -16,6 +16,7 @@ from phitune import __version__
 COMMANDS = {
     "quantize": ("phitune.cli.quantize", "quantize"),
     "finetune": ("phitune.cli.finetune", "finetune"),
+    "infer": ("phitune.cli.infer", "infer"),
     "auto-opt": ("phitune.cli.auto_opt", "auto_opt"),
     "export-adapter": ("phitune.cli.export_adapter", "export_adapter"),
 }

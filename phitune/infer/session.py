@@ -1,0 +1,196 @@
+"""One onnxruntime-genai model with its tokenizer and adapters, loaded once; generation with
+streaming and timings.
+
+A fresh generator per answer: it costs a prefill of the whole conversation each turn, but an
+adapter switch between turns then never mixes two adapters in one KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from phitune import ui
+from phitune.errors import InputError, OptionError
+from phitune.infer.adapters import Adapter, check_fits, describe
+
+
+@dataclass
+class Sampling:
+    """Search options; greedy unless a temperature > 0, --top_p or --top_k asks for sampling."""
+
+    max_new_tokens: int = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+    @property
+    def sample(self) -> bool:
+        return (self.temperature or 0) > 0 or self.top_p is not None or self.top_k is not None
+
+    def validate(self) -> None:
+        if self.temperature == 0 and (self.top_p is not None or self.top_k is not None):
+            raise OptionError("--temperature 0 means greedy decoding, which ignores --top_p and "
+                              "--top_k", "phitune infer",
+                              "drop --temperature 0 to sample, or drop --top_p/--top_k")
+
+    def search_options(self) -> dict:
+        if not self.sample:
+            return {"do_sample": False}
+        options = {"do_sample": True, "temperature": self.temperature or 1.0}
+        if self.top_p is not None:
+            options["top_p"] = self.top_p
+        if self.top_k is not None:
+            options["top_k"] = self.top_k
+        if self.seed is not None:
+            options["random_seed"] = self.seed
+        return options
+
+
+@dataclass
+class Answer:
+    text: str
+    ids: list[int]  # every generated token, the closing end-of-sequence token included
+    tokens: int  # tokens in the answer (a closing end-of-sequence token not counted)
+    ttft_s: float  # start to the first generated token: prefill included
+    tok_per_s: float | None  # decode speed after the first token; None with fewer than two
+    interrupted: bool = False
+
+    def summary(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "ttft_s": round(self.ttft_s, 6),
+                "tok_per_s": None if self.tok_per_s is None else round(self.tok_per_s, 3)}
+
+
+class Session:
+    """The model, tokenizer and loaded adapters, and which adapter is active (None: base)."""
+
+    def __init__(self, model_dir: Path, adapters: Sequence[Adapter] = (),
+                 active: str | None = None):
+        import onnxruntime_genai as og
+        self._og = og
+        self.model_dir = Path(model_dir)
+        self.context_length = _context_length(self.model_dir)
+        for adapter in adapters:  # before the (slower) model load, and before any token
+            check_fits(self.model_dir, adapter.path)
+        start = time.perf_counter()
+        try:
+            self.model = og.Model(str(self.model_dir))
+            self.tokenizer = og.Tokenizer(self.model)
+        except RuntimeError as exc:
+            raise InputError(f"onnxruntime-genai cannot load the model ({_first_line(exc)})",
+                             str(self.model_dir), "re-export it with phitune auto-opt") from None
+        self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
+        self.adapters = og.Adapters(self.model) if adapters else None
+        self.adapter_names = [a.name for a in adapters]
+        for adapter in adapters:
+            try:
+                self.adapters.load(str(adapter.path), adapter.name)
+            except RuntimeError as exc:
+                raise InputError(f"onnxruntime-genai cannot load the adapter "
+                                 f"({_first_line(exc)})", str(adapter.path),
+                                 "use an adapter exported for this model") from None
+        self.active: str | None = None
+        self.activate(active)
+        ui.debug(f"loaded {self.model_dir} in {time.perf_counter() - start:.2f} s "
+                 f"(adapters: {', '.join(self.adapter_names) or 'none'})")
+
+    def activate(self, name: str | None, where: str = "--adapter_name") -> None:
+        """Switch adapter for the next answers; None or 'none' is the base model."""
+        if name is None or name.lower() == "none":
+            self.active = None
+            return
+        if name not in self.adapter_names:
+            raise InputError(f"no adapter named '{name}' ({describe(self.adapter_names)})",
+                             where, "pick a loaded name, or load it with "
+                             "--adapter PATH=NAME")
+        self.active = name
+
+    # ------------------------------------------------------------ prompts to tokens
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The model's own chat template (from its tokenizer files), generation prompt added."""
+        try:
+            return self.tokenizer.apply_chat_template(json.dumps(messages),
+                                                      add_generation_prompt=True)
+        except RuntimeError as exc:
+            raise OptionError(f"the model's chat template cannot be applied ({_first_line(exc)})",
+                              str(self.model_dir), r'pass --template "<|user|>\n{input}<|end|>'
+                              r'\n<|assistant|>\n" (the model' "'s own prompt format)") from None
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, ids: Sequence[int], sampling: Sampling,
+                 on_text: Callable[[str], None] | None = None,
+                 interruptible: bool = False) -> Answer:
+        """Generate an answer to `ids`, passing each new piece of text to `on_text`.
+
+        Stops at an end-of-sequence token (genai_config's eos_token_id), after
+        `max_new_tokens`, or at the context length. With `interruptible`, Ctrl-C ends the
+        answer early instead of propagating.
+        """
+        og = self._og
+        if len(ids) >= self.context_length:
+            raise InputError(f"the prompt is {len(ids)} tokens; the model's context holds "
+                             f"{self.context_length}", str(self.model_dir),
+                             "shorten the prompt (in a chat, /reset starts over)")
+        start = time.perf_counter()
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=min(len(ids) + sampling.max_new_tokens,
+                                                 self.context_length),
+                                  **sampling.search_options())
+        generator = og.Generator(self.model, params)
+        if self.active is not None:
+            generator.set_active_adapter(self.adapters, self.active)
+        stream = self.tokenizer.create_stream()
+        new: list[int] = []
+        pieces: list[str] = []
+        first = None
+        interrupted = False
+        try:
+            generator.append_tokens(list(ids))
+            while not generator.is_done():
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                new.append(token)
+                if first is None:
+                    first = time.perf_counter()
+                if token in self.eos_ids:
+                    continue  # is_done() now holds; the marker is not part of the text
+                piece = stream.decode(token)
+                if piece:
+                    pieces.append(piece)
+                    if on_text:
+                        on_text(piece)
+        except KeyboardInterrupt:
+            if not interruptible:
+                raise
+            interrupted = True
+        end = time.perf_counter()
+        first = first or end
+        tokens = len(new) - (1 if new and new[-1] in self.eos_ids else 0)
+        rate = (len(new) - 1) / (end - first) if len(new) > 1 and end > first else None
+        return Answer("".join(pieces), new, tokens, first - start, rate, interrupted)
+
+
+def _context_length(model_dir: Path) -> int:
+    file = model_dir / "genai_config.json"
+    try:
+        return int(json.loads(file.read_text())["model"]["context_length"])
+    except FileNotFoundError:
+        raise InputError(f"{model_dir} is not an onnxruntime-genai model (no genai_config.json)",
+                         "-m", "export the model with phitune auto-opt first") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"genai_config.json has no usable model.context_length ({exc})",
+                         str(file), "re-export the model with phitune auto-opt") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__

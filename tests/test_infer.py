@@ -1,0 +1,396 @@
+"""`phitune infer`: one-shot, stdin and REPL modes against a direct onnxruntime-genai loop,
+adapters by name, and check_fits refusing adapters that do not fit the graph."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phitune.errors import InputError
+
+REPO = Path(__file__).resolve().parent.parent
+LORA = "model.layers.0.attn.o_proj"  # the module the test graph gets a LoRA on
+HIDDEN = 256
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture(scope="session")
+def genai_model(tmp_path_factory) -> Path:
+    """The embedded tiny-phi3 as an fp32 onnxruntime-genai model (~5 s)."""
+    root = tmp_path_factory.mktemp("genai")
+    out = root / "model"
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder",
+                    "-i", str(REPO / "data" / "tiny-phi3"), "-o", str(out), "-p", "fp32",
+                    "-e", "cpu", "-c", str(root / "cache")], check=True, capture_output=True)
+    return out
+
+
+def _link_dir(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Hard links (onnxruntime refuses external data reached through a symlink)."""
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        if file.name not in skip:
+            os.link(file, dst / file.name)
+
+
+@pytest.fixture(scope="session")
+def lora_model(genai_model, tmp_path_factory) -> Path:
+    """A copy whose layer-0 o_proj adds x·A·B, A and B graph inputs with empty defaults
+    (the multi-LoRA layout auto-opt writes): without an adapter it is the base model."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    out = tmp_path_factory.mktemp("lora") / "model"
+    _link_dir(genai_model, out, skip=("model.onnx",))
+    model = onnx.load(str(genai_model / "model.onnx"), load_external_data=False)
+    graph = model.graph
+    nodes = list(graph.node)
+    base = next(n for n in nodes if n.name == "/model/layers.0/attn/o_proj/MatMul")
+    x, y = base.input[0], base.output[0]
+    base.output[0] = y + "_base"
+    a, b = LORA + ".lora_A", LORA + ".lora_B"
+    graph.input.extend([helper.make_tensor_value_info(a, TensorProto.FLOAT, [HIDDEN, "rank_o0"]),
+                        helper.make_tensor_value_info(b, TensorProto.FLOAT, ["rank_o0", HIDDEN])])
+    graph.initializer.extend([numpy_helper.from_array(np.zeros((HIDDEN, 0), np.float32), a),
+                              numpy_helper.from_array(np.zeros((0, HIDDEN), np.float32), b)])
+    lora = [helper.make_node("MatMul", [x, a], ["lora_xa"], name="lora_A_mm"),
+            helper.make_node("MatMul", ["lora_xa", b], ["lora_xab"], name="lora_B_mm"),
+            helper.make_node("Add", [y + "_base", "lora_xab"], [y], name="lora_add")]
+    at = nodes.index(base) + 1
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + lora + nodes[at:])
+    onnx.save(model, str(out / "model.onnx"))
+    return out
+
+
+def write_adapter(path: Path, params: dict[str, np.ndarray]) -> Path:
+    import onnxruntime as ort
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    arrays = {k: np.ascontiguousarray(v) for k, v in params.items()}  # alive until export
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.export_adapter(str(path))
+    return path
+
+
+def lora_params(rank: int = 4, seed: int = 0, rows: int = HIDDEN, dtype=np.float32) -> dict:
+    rng = np.random.default_rng(seed)
+    return {LORA + ".lora_A": rng.standard_normal((rows, rank)).astype(dtype),
+            LORA + ".lora_B": rng.standard_normal((rank, HIDDEN)).astype(dtype)}
+
+
+@pytest.fixture(scope="session")
+def adapter_file(tmp_path_factory) -> Path:
+    return write_adapter(tmp_path_factory.mktemp("adapters") / "travel.onnx_adapter",
+                         lora_params())
+
+
+def direct(model_dir: Path, messages=None, text: str | None = None, n: int = 12,
+           adapter: Path | None = None) -> tuple[str, list[int]]:
+    """A plain onnxruntime-genai greedy loop: the reference `phitune infer` must match."""
+    import onnxruntime_genai as og
+    model = og.Model(str(model_dir))
+    tok = og.Tokenizer(model)
+    if text is None:
+        text = tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+    ids = tok.encode(text)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter), "a")
+        gen.set_active_adapter(adapters, "a")
+    gen.append_tokens(ids)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    eos = {int(t) for t in tok.eos_token_ids}
+    stream = tok.create_stream()  # tok.decode() cuts the text at the first invalid UTF-8 byte
+    return "".join(stream.decode(t) for t in out if t not in eos), out
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+# ---------------------------------------------------------------- one-shot
+
+def test_prompt_prints_only_the_greedy_answer(cli, genai_model):
+    expected, tokens = direct(genai_model, user("What is a list?"), n=12)
+    assert len(tokens) == 12 and expected.strip()  # no early end-of-sequence: a real answer
+    first = cli("infer", "-m", str(genai_model), "--prompt", "What is a list?",
+                "--max_new_tokens", "12")
+    second = cli("infer", "-m", str(genai_model), "--prompt", "What is a list?",
+                 "--max-new-tokens", "12")
+    assert first.code == 0, first.err
+    assert first.out == expected + ("" if expected.endswith("\n") else "\n")
+    assert second.out == first.out  # greedy is deterministic
+    assert first.err.strip() == ""  # nothing else, anywhere
+
+
+def test_json_summary_and_token_count(cli, genai_model):
+    for n in (1, 7):
+        result = cli("--json", "infer", "-m", str(genai_model), "--prompt", "Hello",
+                     "--max_new_tokens", str(n))
+        assert result.code == 0, result.err
+        summary = json.loads(result.out)
+        assert set(summary) == {"text", "tokens", "ttft_s", "tok_per_s"}
+        assert summary["tokens"] == n
+        assert summary["text"] == direct(genai_model, user("Hello"), n=n)[0]
+        assert summary["ttft_s"] > 0
+        assert (summary["tok_per_s"] is None) == (n == 1)
+
+
+def test_stats_go_to_stderr(cli, genai_model):
+    result = cli("infer", "-m", str(genai_model), "--prompt", "Hi", "--max_new_tokens", "5",
+                 "--stats")
+    assert result.code == 0
+    assert "time to first token" in result.err and "tok/s" in result.err
+    assert "time to first token" not in result.out
+    assert "5 tokens" in result.err
+
+
+def test_template_with_shell_escapes(cli, genai_model):
+    template = r"<|user|>\n{input}<|end|>\n<|assistant|>\n"
+    result = cli("infer", "-m", str(genai_model), "--template", template, "--prompt", "Hi there",
+                 "--max_new_tokens", "8")
+    assert result.code == 0, result.err
+    expected, _ = direct(genai_model, text="<|user|>\nHi there<|end|>\n<|assistant|>\n", n=8)
+    assert result.out.rstrip("\n") == expected.rstrip("\n")
+    other = cli("infer", "-m", str(genai_model), "--template", "Q: {input}\nA:", "--prompt",
+                "Hi there", "--max_new_tokens", "8")
+    assert other.out != result.out  # the template is really used
+
+
+def test_seeded_sampling_repeats(cli, genai_model):
+    def sample(seed: int) -> str:
+        result = cli("infer", "-m", str(genai_model), "--prompt", "Hi", "--temperature", "1.5",
+                     "--seed", str(seed), "--max_new_tokens", "24")
+        assert result.code == 0, result.err
+        return result.out
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    assert sample(1) != direct(genai_model, user("Hi"), n=24)[0] + "\n"  # not greedy
+
+
+# ---------------------------------------------------------------- stdin and the REPL
+
+def test_stdin_lines_are_independent_prompts(cli, genai_model, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is a list?\n\nHello\n"))
+    result = cli("--json", "infer", "-m", str(genai_model), "--max_new_tokens", "6")
+    assert result.code == 0, result.err
+    answers = [json.loads(line)["text"] for line in result.out.splitlines()]
+    expected = [direct(genai_model, user("What is a list?"), n=6)[0],
+                direct(genai_model, user("Hello"), n=6)[0]]
+    assert answers == expected
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is a list?\nHello\n"))
+    plain = cli("infer", "-m", str(genai_model), "--max_new_tokens", "6")
+    assert plain.out == "".join(a if a.endswith("\n") else a + "\n" for a in expected)
+
+
+def test_repl_keeps_the_conversation_and_resets(cli, genai_model, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", FakeTerminal("Hello\nAnd then?\n/reset\nHello\n/quit\n"))
+    result = cli("--json", "infer", "-m", str(genai_model), "--max_new_tokens", "6")
+    assert result.code == 0, result.err
+    first, second, third = [json.loads(line)["text"] for line in result.out.splitlines()]
+    assert first == third == direct(genai_model, user("Hello"), n=6)[0]
+    history = user("Hello") + [{"role": "assistant", "content": first}] + user("And then?")
+    assert second == direct(genai_model, history, n=6)[0]
+    assert second != direct(genai_model, user("And then?"), n=6)[0]
+
+
+def test_repl_switches_adapters_by_name(cli, lora_model, adapter_file, monkeypatch):
+    lines = "Hello\n/adapter nope\n/adapter none\n/reset\nHello\n/adapter travel\n/reset\nHello\n"
+    monkeypatch.setattr(sys, "stdin", FakeTerminal(lines))  # ends with EOF: Ctrl-D
+    result = cli("--json", "infer", "-m", str(lora_model), "--adapter", str(adapter_file),
+                 "--max_new_tokens", "8")
+    assert result.code == 0, result.err
+    tuned, base, tuned_again = [json.loads(line)["text"] for line in result.out.splitlines()]
+    assert tuned == tuned_again == direct(lora_model, user("Hello"), n=8, adapter=adapter_file)[0]
+    assert base == direct(lora_model, user("Hello"), n=8)[0]
+    assert tuned != base
+    # the REPL goes on after a bad /adapter (no newline after the prompt: no terminal echo here)
+    assert "error: no adapter named 'nope' (loaded: travel) — /adapter" in result.err
+
+
+def test_repl_ctrl_c_at_the_prompt_exits_cleanly(cli, genai_model, monkeypatch):
+    class Interrupted(FakeTerminal):
+        def readline(self, *args):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(sys, "stdin", Interrupted())
+    result = cli("infer", "-m", str(genai_model))
+    assert result.code == 0
+    assert result.out == ""  # answers only; the newline goes where the prompt went
+    assert result.err.endswith(">>> \n")
+    assert not result.error_lines
+
+
+def test_ctrl_c_during_generation_ends_only_that_answer(genai_model):
+    from phitune.infer.session import Sampling, Session
+    session = Session(genai_model)
+    ids = session.encode(session.chat_prompt(user("Hello")))
+    pieces = []
+
+    def interrupt_after_two(piece):
+        pieces.append(piece)
+        if len(pieces) == 2:
+            raise KeyboardInterrupt
+    answer = session.generate(ids, Sampling(max_new_tokens=20), interrupt_after_two,
+                              interruptible=True)
+    assert answer.interrupted and answer.tokens == 2
+    with pytest.raises(KeyboardInterrupt):
+        session.generate(ids, Sampling(max_new_tokens=20), lambda p: (_ for _ in ()).throw(
+            KeyboardInterrupt()))
+
+
+# ---------------------------------------------------------------- adapters
+
+def test_adapter_in_the_model_dir_is_the_default(cli, lora_model, adapter_file, tmp_path):
+    model = tmp_path / "model"
+    _link_dir(lora_model, model)
+    os.link(adapter_file, model / "adapter_weights.onnx_adapter")
+    tuned = cli("infer", "-m", str(model), "--prompt", "Hello", "--max_new_tokens", "8")
+    base = cli("infer", "-m", str(model), "--prompt", "Hello", "--max_new_tokens", "8",
+               "--no-adapter")
+    assert tuned.code == base.code == 0, tuned.err + base.err
+    assert tuned.out == direct(lora_model, user("Hello"), n=8, adapter=adapter_file)[0] + "\n"
+    assert base.out == direct(lora_model, user("Hello"), n=8)[0] + "\n"
+
+
+def test_adapter_name_picks_among_several(cli, lora_model, adapter_file, tmp_path):
+    other = write_adapter(tmp_path / "x.onnx_adapter", lora_params(rank=8, seed=5))
+    args = ("infer", "-m", str(lora_model), "--prompt", "Hello", "--max_new_tokens", "8",
+            "--adapter", str(adapter_file), "--adapter", f"{other}=tone")
+    first = cli(*args)
+    tone = cli(*args, "--adapter_name", "tone")
+    assert first.code == tone.code == 0, first.err + tone.err
+    assert first.out == direct(lora_model, user("Hello"), n=8, adapter=adapter_file)[0] + "\n"
+    assert tone.out == direct(lora_model, user("Hello"), n=8, adapter=other)[0] + "\n"
+    assert tone.out != first.out
+
+
+def test_unknown_adapter_name_lists_the_loaded_ones(cli, lora_model, adapter_file):
+    result = cli("infer", "-m", str(lora_model), "--adapter", f"{adapter_file}=travel",
+                 "--adapter_name", "tone", "--prompt", "Hi")
+    assert result.code == 2
+    assert len(result.error_lines) == 1
+    assert "'tone'" in result.error_lines[0] and "loaded: travel" in result.error_lines[0]
+    assert result.out == ""
+
+
+def test_check_fits_accepts_a_matching_adapter_of_any_rank(lora_model, tmp_path):
+    from phitune.infer.adapters import check_fits
+    for rank in (1, 16):
+        check_fits(lora_model, write_adapter(tmp_path / f"r{rank}.onnx_adapter",
+                                             lora_params(rank=rank)))
+
+
+@pytest.mark.parametrize("params, message", [
+    ({LORA + ".lora_A": np.ones((HIDDEN, 4), np.float32),
+      "model.layers.9.mlp.down_proj.lora_A": np.ones((HIDDEN, 4), np.float32)},
+     "the model has no input model.layers.9.mlp.down_proj.lora_A"),
+    (lora_params(rows=128), f"{LORA}.lora_A has shape [128, 4], the model takes [256, rank_o0]"),
+    (lora_params(dtype=np.float16), f"{LORA}.lora_A is float16, the model takes float"),
+    ({LORA + ".lora_A": np.ones((HIDDEN, 4), np.float32),
+      LORA + ".lora_B": np.ones((8, HIDDEN), np.float32)},
+     f"dim 'rank_o0' is 4 in {LORA}.lora_A but 8 in {LORA}.lora_B"),
+    ({LORA + ".lora_A": np.ones((HIDDEN,), np.float32)}, f"{LORA}.lora_A has shape [256]"),
+], ids=["unknown-name", "static-dim", "dtype", "rank-disagrees", "rank-count"])
+def test_check_fits_refuses(lora_model, tmp_path, params, message):
+    from phitune.infer.adapters import check_fits
+    bad = write_adapter(tmp_path / "bad.onnx_adapter", params)
+    with pytest.raises(InputError) as info:
+        check_fits(lora_model, bad)
+    assert message in info.value.what
+    assert info.value.where == str(bad)
+
+
+def test_check_fits_refuses_a_file_that_is_not_an_adapter(lora_model, tmp_path):
+    from phitune.infer.adapters import check_fits
+    corrupt = tmp_path / "corrupt.onnx_adapter"
+    corrupt.write_bytes(b"\x00not an adapter" * 20)
+    with pytest.raises(InputError, match="not an onnxruntime adapter file"):
+        check_fits(lora_model, corrupt)
+    with pytest.raises(InputError, match="no such adapter file"):
+        check_fits(lora_model, tmp_path / "missing.onnx_adapter")
+
+
+def test_adapter_that_does_not_fit_is_refused_before_generating(cli, genai_model, lora_model,
+                                                                adapter_file, tmp_path):
+    on_base = cli("infer", "-m", str(genai_model), "--adapter", str(adapter_file),
+                  "--prompt", "Hi")  # a graph without LoRA inputs
+    assert on_base.code == 2 and on_base.out == ""
+    assert len(on_base.error_lines) == 1
+    assert f"the model has no input {LORA}.lora_A and 1 more" in on_base.error_lines[0]
+    wide = write_adapter(tmp_path / "wide.onnx_adapter", lora_params(rows=128))
+    result = cli("infer", "-m", str(lora_model), "--adapter", str(wide), "--prompt", "Hi")
+    assert result.code == 2 and result.out == "" and "Traceback" not in result.err
+    assert "has shape [128, 4], the model takes [256, rank_o0]" in result.error_lines[0]
+
+
+def test_an_auto_opt_output_resolves_by_either_path(cli, genai_model, tmp_path):
+    out = tmp_path / "onnx"
+    _link_dir(genai_model, out / "model")
+    (out / "phitune.json").write_text(json.dumps({"artifact": "onnx-genai", "key": "k"}))
+    expected = direct(genai_model, user("Hi"), n=4)[0] + "\n"
+    for spec in (out, out / "model"):
+        result = cli("infer", "-m", str(spec), "--prompt", "Hi", "--max_new_tokens", "4")
+        assert result.code == 0, result.err
+        assert result.out == expected
+
+
+# ---------------------------------------------------------------- user errors
+
+def test_template_without_input_is_an_option_error(cli, genai_model):
+    result = cli("infer", "-m", str(genai_model), "--template", r"<|user|>\nhello", "--prompt", "x")
+    assert result.code == 2
+    assert result.error_lines == [result.error_lines[0]]
+    assert "{input}" in result.error_lines[0] and "--template" in result.error_lines[0]
+
+
+def test_a_model_that_is_not_onnxruntime_genai_is_refused(cli, tmp_path):
+    hf = cli("infer", "-m", str(REPO / "data" / "tiny-phi3"), "--prompt", "x")
+    assert hf.code == 2 and len(hf.error_lines) == 1
+    assert "needs an onnxruntime-genai model" in hf.error_lines[0]
+    assert "phitune auto-opt" in hf.error_lines[0]
+    (tmp_path / "notes.txt").write_text("x")
+    other = cli("infer", "-m", str(tmp_path), "--prompt", "x")
+    assert other.code == 2 and len(other.error_lines) == 1 and "Traceback" not in other.err
+
+
+def test_a_prompt_longer_than_the_context_is_refused(cli, genai_model):
+    result = cli("infer", "-m", str(genai_model), "--prompt", "hi " * 2100)
+    assert result.code == 2 and result.out == ""
+    assert "the model's context holds 2048" in result.error_lines[0]
+
+
+def test_greedy_temperature_with_top_p_is_refused(cli, genai_model):
+    result = cli("infer", "-m", str(genai_model), "--temperature", "0", "--top_p", "0.9",
+                 "--prompt", "x")
+    assert result.code == 2
+    assert "--temperature 0" in result.error_lines[0]
+
+
+def test_infer_help_imports_no_runtime():
+    code = ("import sys\nfrom phitune.cli.main import main\n"
+            "try: main(['infer', '--help'])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'onnxruntime_genai', 'onnx')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--max_new_tokens" in out.stdout + out.stderr  # help text goes to stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
