@@ -4,6 +4,7 @@
     python scripts/bench.py quantize                      # embedded model: AWQ vs RTN, time, memory
     python scripts/bench.py quantize --phi3-mini-layers 32  # + a Phi-3-mini-shaped model (random weights)
     python scripts/bench.py finetune                      # phitune vs HF Trainer + PEFT (padding, no packing)
+    python scripts/bench.py auto-opt --layers 2 4         # int4 export peak memory, Phi-3-mini-shaped
 
 Every run is a fresh `phitune --json quantize` subprocess, so peak RSS is that run's own.
 """
@@ -163,6 +164,44 @@ def bench_finetune(args: argparse.Namespace) -> None:
               f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}× memory (goal ≤ 0.6)\n")
 
 
+def peak_of(cmd: list[str]) -> tuple[float, float]:
+    """(peak RSS in MB of `cmd` and its children, seconds), measured from a wrapper process."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)"
+               ".returncode; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
+               "time.perf_counter() - t, rc)")
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True).stdout
+    peak, seconds, rc = out.split()
+    if rc != "0":
+        sys.exit(f"failed: {' '.join(cmd)}")
+    return float(peak), float(seconds)
+
+
+def bench_auto_opt(args: argparse.Namespace) -> None:
+    """Peak memory of an int4 export: phitune (RTN streamed into the AWQ layout, which the builder
+    reads directly) vs the builder's own int4 path on the float checkpoint; fitted per layer and
+    extrapolated to Phi-3-mini's 32 layers."""
+    work = Path(tempfile.mkdtemp(prefix="phitune-bench-"))
+    rows = []
+    for layers in args.layers:
+        model_dir = build_phi3_mini_shaped(Path(args.cache) / f"phi3-mini-shaped-{layers}l", layers)
+        ours = phitune_json("auto-opt", "-m", str(model_dir), "-o", str(work / f"ours-{layers}"), "--force")
+        base_peak, base_s = peak_of([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i",
+                                     str(model_dir), "-o", str(work / f"builder-{layers}"), "-p", "int4",
+                                     "-e", "cpu", "-c", str(work / "cache")])
+        rows.append((layers, ours["peak_rss_mb"], ours["seconds"], base_peak, base_s))
+        print(f"{layers:2d} layers  phitune {ours['peak_rss_mb'] / 1024:5.2f} GB {ours['seconds']:6.1f} s"
+              f"  (builder child {ours['builder_peak_rss_mb'] / 1024:.2f} GB)   "
+              f"builder int4 on float {base_peak / 1024:5.2f} GB {base_s:6.1f} s")
+    if len(rows) >= 2:
+        (l0, o0, _, b0, _), (l1, o1, _, b1, _) = rows[0], rows[-1]
+        def at32(y0, y1):
+            return (y0 + (y1 - y0) / (l1 - l0) * (32 - l0)) / 1024
+        print(f"extrapolated to 32 layers: phitune {at32(o0, o1):.1f} GB (goal ≤ 12)   "
+              f"builder int4 {at32(b0, b1):.1f} GB")
+    print(f"outputs under {work}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True)
@@ -183,13 +222,17 @@ def main() -> None:
     f.add_argument("--phi3-shaped-layers", type=int, default=0,
                    help="also a Phi-3-mini-shaped model with this many layers (random weights)")
     f.add_argument("--cache", default=str(REPO / "models" / "bench"))
+    a = sub.add_parser("auto-opt", help="int4 export peak memory: phitune vs the builder's own int4")
+    a.add_argument("--layers", type=int, nargs="+", default=[2, 4],
+                   help="Phi-3-mini-shaped layer counts to measure (two or more: extrapolated to 32)")
+    a.add_argument("--cache", default=str(REPO / "models" / "bench"))
     b = sub.add_parser("_baseline_finetune")
     for name in ("--model", "--data_files", "--target_modules"):
         b.add_argument(name)
     for name in ("--steps", "--lora_r", "--batch_size", "--max_seq_len"):
         b.add_argument(name, type=int)
     args = parser.parse_args()
-    {"quantize": bench_quantize, "finetune": bench_finetune,
+    {"quantize": bench_quantize, "finetune": bench_finetune, "auto-opt": bench_auto_opt,
      "_baseline_finetune": baseline_finetune}[args.step](args)
 
 
