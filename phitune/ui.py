@@ -21,13 +21,15 @@ console = Console(stderr=True, highlight=False)
 _state = {"verbose": False, "json": False, "stdout": None}
 
 
-def configure(verbose: bool = False, json_output: bool = False) -> None:
+def configure(verbose: bool = False, json_output: bool = False, guard_stdout: bool = True) -> None:
     """Set the output mode, and keep stdout for phitune's own results: anything else that
-    prints there (some libraries print banners on import) is sent to stderr instead."""
+    prints there (some libraries print banners on import) is sent to stderr instead.
+    `guard_stdout=False` when only help will be printed, which belongs on stdout."""
     _state["verbose"] = verbose
     _state["json"] = json_output
     _state["stdout"] = sys.stdout
-    sys.stdout = sys.stderr
+    if guard_stdout:
+        sys.stdout = sys.stderr
 
 
 def emit(text: str) -> None:

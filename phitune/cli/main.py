@@ -46,7 +46,7 @@ def cli(verbose: bool, json_output: bool) -> None:
       phitune quantize -m tiny-phi3 --algorithm awq -o models/tiny/awq
     """
     from phitune import ui
-    ui.configure(verbose=verbose, json_output=json_output)
+    ui.configure(verbose=verbose, json_output=json_output, guard_stdout=not _HELP_ASKED[0])
     if not verbose:
         _quiet_libraries()
 
@@ -64,8 +64,12 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_HELP_ASKED = [False]  # `phitune CMD --help` prints its help on stdout, like any CLI
+
+
 def main(argv: list[str] | None = None) -> None:
     from phitune.errors import PhituneError
+    _HELP_ASKED[0] = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
     stdout = sys.stdout  # ui.configure points sys.stdout at stderr while a command runs
     try:
         code = cli.main(args=argv, prog_name="phitune", standalone_mode=False)

@@ -24,7 +24,7 @@ from phitune.quantize.checkpoint import _state_files, quantization_config
 from phitune.quantize.pack import pack_gemm, quantize_weight, unpack_gemm
 
 _PROJECTION = re.compile(r"^model\.layers\.\d+\.(\w+\.\w+)\.weight$")
-_SHARD_BYTES = 2 * 2**30
+_SHARD_BYTES = 512 * 2**20  # bounded memory; the builder reads shards alike
 
 
 def _tensors(src: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -80,6 +80,25 @@ def _rewrite(src: Path, dst: Path, config: dict, tensor_fn: Callable) -> None:
             (dst / extra).write_bytes((src / extra).read_bytes())
 
 
+def _rtn_pack(weight: torch.Tensor, block_size: int, rows: int = 1024) -> dict[str, torch.Tensor]:
+    """Quantize and pack `rows` output channels at a time: the fp32 and int64 temporaries of a
+    whole Phi-3-mini gate_up_proj would be gigabytes."""
+    chunks = [pack_gemm(quantize_weight(weight[i:i + rows].float(), 4, block_size, zero_point=True))
+              for i in range(0, weight.shape[0], rows)]
+    return {leaf: torch.cat([c[leaf] for c in chunks], dim=1) for leaf in chunks[0]}
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS before the builder subprocess needs it (glibc keeps it)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 def float_to_int4(src: Path, dst: Path, config: dict, block_size: int) -> None:
     """Round-to-nearest int4 (asymmetric, one zero point per block) in the AWQ GEMM layout."""
     hidden = config["hidden_size"]
@@ -91,9 +110,8 @@ def float_to_int4(src: Path, dst: Path, config: dict, block_size: int) -> None:
     def tensor_fn(key: str, tensor: torch.Tensor):
         match = _PROJECTION.match(key)
         if match and match[1] in HF_MODULE_PIECES and tensor.dim() == 2:
-            packed = pack_gemm(quantize_weight(tensor.float(), 4, block_size, zero_point=True))
             module = key[: -len(".weight")]
-            return [(f"{module}.{leaf}", value) for leaf, value in packed.items()]
+            return [(f"{module}.{leaf}", value) for leaf, value in _rtn_pack(tensor, block_size).items()]
         return [(key, tensor.to(torch.float16))]
 
     out_config = dict(config, quantization_config=quantization_config(4, block_size, True),
