@@ -46,3 +46,15 @@ class UnsupportedModelError(PhituneError):
 
 class DeviceError(PhituneError):
     """A device that was asked for but is not there."""
+
+
+class ConstraintError(PhituneError):
+    """A measured figure misses a bound the user set (`--max_ppl`, `--max_latency_ms`): the
+    step ran and reported its figures, but the result is not acceptable. Exit code 3."""
+
+    exit_code = 3
+
+    def __init__(self, what: str, where: str | None = None, fix: str | None = None,
+                 metrics: dict | None = None):
+        super().__init__(what, where, fix)
+        self.metrics = metrics or {}

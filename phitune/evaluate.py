@@ -73,3 +73,145 @@ def onnx_perplexity(model_dir, tokenizer, texts: list[str], seq_len: int = 256,
         total -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
         count += len(window) - 1
     return math.exp(total / count)
+
+
+# ---------------------------------------------------------------- per-token scores, latency
+# (used by `phitune eval`; `perplexity` and `onnx_perplexity` above are what the steps report)
+
+def mean_nll(scores) -> tuple[float, int]:
+    """(mean negative log-likelihood, tokens) over (sum of -log p, count) pairs."""
+    total = sum(s for s, _ in scores)
+    count = sum(n for _, n in scores)
+    return total / max(count, 1), count
+
+
+class OnnxScorer:
+    """One onnxruntime session on an onnxruntime-genai model's graph, for next-token
+    log-probabilities of whole sequences (one prompt pass each, empty KV cache), with an
+    optional .onnx_adapter fed as the LoRA inputs: the computation `onnx_perplexity` does."""
+
+    def __init__(self, model_dir, adapter_file=None):
+        import json
+        from pathlib import Path
+
+        import onnxruntime as ort
+        model_dir = Path(model_dir)
+        self.decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # LoRA defaults are initializers that are also inputs
+        self.session = ort.InferenceSession(
+            str(model_dir / self.decoder.get("filename", "model.onnx")), options,
+            providers=["CPUExecutionProvider"])
+        self.feeds = {}
+        if adapter_file is not None:
+            # .numpy() views the adapter's own buffers: keep the adapter alive with them
+            self._adapter = ort.AdapterFormat.read_adapter(str(adapter_file))
+            self._params = self._adapter.get_parameters()
+            self.feeds = {name: value.numpy() for name, value in self._params.items()}
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
+
+    def log_probs(self, ids):
+        """log p(ids[t] | ids[:t]) for t = 1 .. len(ids)-1, as a float64 numpy array."""
+        import numpy as np
+        ids = list(ids)
+        x = np.array([ids[:-1]], dtype=np.int64)
+        feeds = dict(self.feeds, input_ids=x, attention_mask=np.ones_like(x))
+        for entry in self.past:
+            dtype = np.float16 if "float16" in entry.type else np.float32
+            feeds[entry.name] = np.zeros((1, self.decoder["num_key_value_heads"], 0,
+                                          self.decoder["head_size"]), dtype=dtype)
+        logits = self.session.run(["logits"], feeds)[0][0].astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        return log_probs[np.arange(len(ids) - 1), ids[1:]]
+
+
+def onnx_labels_nll(scorer: OnnxScorer, examples, ignore_index: int = -100) -> tuple[float, int]:
+    """Mean loss over the labelled tokens of tokenized examples ({input_ids, labels}, labels
+    not shifted, as for a Hugging Face causal LM), one example per pass."""
+    import numpy as np
+    scores = []
+    for ex in examples:
+        labels = np.array(ex["labels"][1:])
+        keep = labels != ignore_index
+        if not keep.any():
+            continue
+        lp = scorer.log_probs(ex["input_ids"])
+        scores.append((-float(lp[keep].sum()), int(keep.sum())))
+    return mean_nll(scores)
+
+
+def torch_latency(model, vocab_size: int, prefill: int = 128, decode: int = 16, repeats: int = 3,
+                  device: str = "cpu") -> dict:
+    """Mean milliseconds of a `prefill`-token prompt pass and of a 1-token decode step with a
+    KV cache (after one untimed warm-up pass)."""
+    import time
+
+    import torch
+    ids = torch.tensor([[_latency_token(i, vocab_size) for i in range(prefill)]], device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    prefill_s, decode_s = [], []
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            sync()
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            sync()
+            if r:
+                prefill_s.append(time.perf_counter() - t0)
+        past = out.past_key_values
+        for i in range(decode):
+            token = torch.tensor([[_latency_token(prefill + i, vocab_size)]], device=device)
+            sync()
+            t0 = time.perf_counter()
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            sync()
+            decode_s.append(time.perf_counter() - t0)
+            past = out.past_key_values
+    return _latency(prefill_s, decode_s, prefill, decode)
+
+
+def onnx_latency(model_dir, adapter_file=None, prefill: int = 128, decode: int = 16,
+                 repeats: int = 3) -> dict:
+    """The same figures through onnxruntime-genai's generator: `append_tokens` of the prompt,
+    then `append_tokens` of one token at a time (each one forward pass with the KV cache)."""
+    import json
+    import time
+    from pathlib import Path
+
+    import onnxruntime_genai as og
+    vocab = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["vocab_size"]
+    model = og.Model(str(model_dir))
+    adapters = None
+    if adapter_file is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter_file), "eval")
+    ids = [_latency_token(i, vocab) for i in range(prefill)]
+    prefill_s, decode_s = [], []
+    for r in range(repeats + 1):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prefill + decode + 2, do_sample=False)
+        generator = og.Generator(model, params)
+        if adapters is not None:
+            generator.set_active_adapter(adapters, "eval")
+        t0 = time.perf_counter()
+        generator.append_tokens(ids)
+        if r:
+            prefill_s.append(time.perf_counter() - t0)
+    for i in range(decode):
+        token = _latency_token(prefill + i, vocab)
+        t0 = time.perf_counter()
+        generator.append_tokens([token])
+        decode_s.append(time.perf_counter() - t0)
+    return _latency(prefill_s, decode_s, prefill, decode)
+
+
+def _latency_token(i: int, vocab_size: int) -> int:
+    """A fixed token stream for timing (what the tokens are does not change the compute)."""
+    return (7 + 31 * i) % min(vocab_size, 4096)
+
+
+def _latency(prefill_s: list[float], decode_s: list[float], prefill: int, decode: int) -> dict:
+    return {"latency_ms": round(1000 * sum(decode_s) / len(decode_s), 3),
+            "prefill_ms": round(1000 * sum(prefill_s) / len(prefill_s), 3),
+            "prefill_tokens": prefill, "decode_tokens": decode}

@@ -19,6 +19,7 @@ COMMANDS = {
     "infer": ("phitune.cli.infer", "infer"),
     "auto-opt": ("phitune.cli.auto_opt", "auto_opt"),
     "export-adapter": ("phitune.cli.export_adapter", "export_adapter"),
+    "eval": ("phitune.cli.eval", "eval_"),
 }
 
 
