@@ -45,7 +45,12 @@ def _opt(name: str, **kwargs):
 @click.option("--seed", type=int, default=42, show_default=True)
 @_opt("eval_split", type=float, help="Fraction of records held out for eval loss.")
 @_opt("eval_dataset_size", type=int, help="Number of records held out for eval loss.")
-@_opt("gradient_checkpointing", is_flag=True, help="Trade compute for activation memory.")
+@click.option("--gradient_checkpointing/--no-gradient_checkpointing",
+              "--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing",
+              default=None, help="Trade compute for activation memory (default: on from 256 MB models).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Frozen base dtype (LoRA stays fp32, matmuls autocast); "
+                                      "auto: fp32 below 256 MB, else bf16 on CUDA and bf16-capable CPUs.")
 @_opt("save_steps", type=int, default=50, show_default=True,
       help="Checkpoint every N steps (and on Ctrl-C) for --resume.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")

@@ -19,8 +19,8 @@ import torch
 
 from phitune.errors import OptionError
 from phitune.export.slots import HF_MODULE_PIECES
-from phitune.models import copy_tokenizer_files
-from phitune.quantize.checkpoint import _state_files, quantization_config
+from phitune.models import copy_tokenizer_files, read_safetensors, safetensors_files
+from phitune.quantize.checkpoint import quantization_config
 from phitune.quantize.pack import pack_gemm, quantize_weight, unpack_gemm
 
 _PROJECTION = re.compile(r"^model\.layers\.\d+\.(\w+\.\w+)\.weight$")
@@ -28,15 +28,12 @@ _SHARD_BYTES = 512 * 2**20  # bounded memory; the builder reads shards alike
 
 
 def _tensors(src: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-    for file in _state_files(src):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+    for file in safetensors_files(src):
+        yield from read_safetensors(file)
 
 
 class _ShardWriter:
-    """Writes safetensors shards of at most ~2 GB plus the index, so memory stays bounded."""
+    """Writes safetensors shards of ~512 MB plus the index, so memory stays bounded."""
 
     def __init__(self, dst: Path):
         self.dst, self.pending, self.size, self.shards = dst, {}, 0, []
@@ -86,17 +83,6 @@ def _rtn_pack(weight: torch.Tensor, block_size: int, rows: int = 1024) -> dict[s
     chunks = [pack_gemm(quantize_weight(weight[i:i + rows].float(), 4, block_size, zero_point=True))
               for i in range(0, weight.shape[0], rows)]
     return {leaf: torch.cat([c[leaf] for c in chunks], dim=1) for leaf in chunks[0]}
-
-
-def release_memory() -> None:
-    """Hand freed heap back to the OS before the builder subprocess needs it (glibc keeps it)."""
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
 
 
 def float_to_int4(src: Path, dst: Path, config: dict, block_size: int) -> None:

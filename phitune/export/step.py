@@ -17,7 +17,7 @@ from pathlib import Path
 from phitune import ui
 from phitune.artifacts import Output, hf_kind, content_digest, resolve_model
 from phitune.errors import InputError, OptionError
-from phitune.measure import Stopwatch, current_rss_mb, dir_size_mb
+from phitune.measure import Stopwatch, current_rss_mb, dir_size_mb, release_memory
 from phitune.models import architecture
 
 ADAPTER_FILE = "adapter_weights.onnx_adapter"
@@ -95,7 +95,6 @@ def predicted_layout(config: dict):
 def run(opts: AutoOptOptions) -> tuple[dict, bool]:
     """Export `opts.model` into `opts.output`. Returns (manifest, was_up_to_date)."""
     from phitune.export import adapter as adapter_mod
-    from phitune.export import convert
     from phitune.export.builder import run_builder
     from phitune.export.lora_graph import add_lora_inputs
 
@@ -133,7 +132,7 @@ def run(opts: AutoOptOptions) -> tuple[dict, bool]:
             extra["block_size"] = str(opts.block_size)  # the LM head, which stays RTN-quantized
             if opts.accuracy_level is not None:
                 extra["accuracy_level"] = str(opts.accuracy_level)
-        convert.release_memory()
+        release_memory()
         rss_at_build = current_rss_mb()
         builder_peak = run_builder(source, model_dir, opts.precision, opts.device, scratch, extra)
         metrics: dict = {"precision": opts.precision, "device": opts.device,

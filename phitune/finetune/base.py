@@ -22,8 +22,8 @@ def load_base(model_ref, method: str, device: str, dtype):
         from phitune.quantize.checkpoint import load_awq_dequantized
         model = load_awq_dequantized(model_ref.path, dtype)
     else:
-        from phitune.models import load_causal_lm
-        model = load_causal_lm(model_ref.path, dtype=dtype)
+        from phitune.models import load_causal_lm_lean
+        model = load_causal_lm_lean(model_ref.path, dtype=dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device)

@@ -20,6 +20,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from phitune.finetune.loss import CausalLMLoss
+
 
 @dataclass
 class TrainConfig:
@@ -141,7 +143,7 @@ def eval_loss(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, 
         batch = {k: v.to(device) for k, v in collate(rows[i:i + cfg.eval_batch_size]).items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
         with _autocast(device, cfg.autocast_dtype):
-            loss = model(**batch).loss
+            loss = CausalLMLoss(model)(**batch)
         total += loss.float().item() * n
         count += n
     model.train(was_training)
@@ -183,10 +185,10 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
         result.losses = state["losses"]
         result.tokens = state["tokens"]
 
-    ddp_model = model
+    ddp_model = CausalLMLoss(model)
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        ddp_model = DistributedDataParallel(model)
+        ddp_model = DistributedDataParallel(ddp_model)
 
     def snapshot(step: int) -> dict:
         """State after `step` whole steps, taken between steps."""
@@ -209,7 +211,7 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
                 context = ddp_model.no_sync() if not sync else nullcontext()
                 with context:
                     with _autocast(device, cfg.autocast_dtype):
-                        loss = ddp_model(**batch).loss / len(micro)
+                        loss = ddp_model(**batch) / len(micro)
                     loss.backward()
                 step_loss += loss.item()
                 step_tokens += sum(real_tokens(r) for r in batch_rows)
