@@ -120,7 +120,8 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     dtype = _train_dtype(model_ref, device, opts.dtype)
     checkpointing = opts.gradient_checkpointing if opts.gradient_checkpointing is not None \
         else _is_large(model_ref)
-    return_large_frees_to_os()
+    if checkpointing:  # memory first: a step's freed activations go back to the OS at once
+        return_large_frees_to_os()
     torch.manual_seed(opts.seed)
     base = load_base(model_ref, opts.method, device, dtype)
     if checkpointing:
