@@ -19,6 +19,8 @@ COMMANDS = {
     "infer": ("phitune.cli.infer", "infer"),
     "auto-opt": ("phitune.cli.auto_opt", "auto_opt"),
     "export-adapter": ("phitune.cli.export_adapter", "export_adapter"),
+    "run": ("phitune.cli.run", "run"),
+    "cache": ("phitune.cli.cache", "cache"),
     "eval": ("phitune.cli.eval", "eval_"),
 }
 

@@ -1,0 +1,109 @@
+"""`phitune cache ls|clean`: the step outputs `phitune run` keeps, and pruning them."""
+
+from __future__ import annotations
+
+import click
+
+
+def _cache_dir_options(f):
+    f = click.option("--config", "config", metavar="FILE",
+                     help="Use the cache_dir of this workflow / Olive config.")(f)
+    f = click.option("--cache_dir", "--cache-dir", "cache_dir", metavar="DIR",
+                     help="The cache directory (default: .phitune-cache).")(f)
+    return f
+
+
+def _resolve(cache_dir: str | None, config: str | None):
+    from pathlib import Path
+
+    from phitune.workflow.plan import DEFAULT_CACHE_DIR
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if config:
+        from phitune.workflow.plan import read_config
+        raw = read_config(config)
+        if "steps" in raw:
+            return Path(raw.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser()
+        engine = raw.get("engine") if isinstance(raw.get("engine"), dict) else {}
+        return Path(engine.get("cache_dir") or raw.get("cache_dir")
+                    or DEFAULT_CACHE_DIR).expanduser()
+    return Path(DEFAULT_CACHE_DIR)
+
+
+@click.group("cache", context_settings={"help_option_names": ["-h", "--help"]})
+def cache() -> None:
+    """List and prune the cache of `phitune run` (<cache_dir>/<type>-<key> per step).
+
+    \b
+    An entry is in use while the last run of a workflow whose output_dir still exists used
+    it, or while an entry in use links into it (a finetune's model/ → its quantize entry).
+      phitune cache ls
+      phitune cache clean --unused            # what no workflow output uses
+      phitune cache clean --older-than 7d     # not used by any run for a week
+      phitune cache clean --all
+    """
+
+
+@cache.command("ls", context_settings={"help_option_names": ["-h", "--help"]})
+@_cache_dir_options
+def ls(cache_dir: str | None, config: str | None) -> None:
+    """List the entries: type, size, last use, and which workflow outputs use them."""
+    from rich.table import Table
+
+    from phitune import ui
+    from phitune.workflow.cache import entries, leftovers
+
+    path = _resolve(cache_dir, config)
+    found = entries(path)
+    if ui.json_mode():
+        import json
+        ui.emit(json.dumps({"cache_dir": str(path), "entries": [e.row() for e in found]},
+                           indent=2) + "\n")
+    say = lambda line: ui.console.print(line, soft_wrap=True, markup=False, highlight=False)
+    say(f"{path}: {len(found)} {'entry' if len(found) == 1 else 'entries'}, "
+        f"{sum(e.size_mb for e in found):.1f} MB")
+    if found:
+        table = Table(show_header=True)
+        table.add_column("entry", no_wrap=True)
+        for column in ("artifact", "MB", "last used", "used by"):
+            table.add_column(column, overflow="fold")
+        for e in found:
+            row = e.row()
+            used = ", ".join(e.used_by) or ("linked by an entry" if _linked(e, found) else "—")
+            table.add_row(e.name, e.artifact, f"{e.size_mb:.1f}", row["last_used"], used)
+        ui.console.print(table)
+    for leftover, why in leftovers(path):
+        say(f"{leftover.name}: " + ("checkpoint of an interrupted finetune" if why == "checkpoint"
+                                    else "leftover of a killed run"))
+
+
+def _linked(entry, found) -> bool:
+    return any(entry.name in other.links_to for other in found)
+
+
+@cache.command("clean", context_settings={"help_option_names": ["-h", "--help"]})
+@_cache_dir_options
+@click.option("--all", "all_", is_flag=True, help="Remove every entry.")
+@click.option("--unused", is_flag=True, help="Remove entries no workflow output uses.")
+@click.option("--older-than", "--older_than", "older_than", metavar="AGE",
+              help="Remove entries no run used for AGE (30m, 12h, 7d, 2w); with --unused, both.")
+@click.option("--dry-run", "--dry_run", "dry_run", is_flag=True,
+              help="Say what would be removed; remove nothing.")
+def clean(cache_dir: str | None, config: str | None, all_: bool, unused: bool,
+          older_than: str | None, dry_run: bool) -> None:
+    """Remove cache entries (never one that a kept entry links into)."""
+    from phitune import ui
+    from phitune.workflow import cache as cache_mod
+
+    path = _resolve(cache_dir, config)
+    age = cache_mod.parse_age(older_than) if older_than is not None else None
+    result = cache_mod.clean(path, all_=all_, unused=unused, older_than=age, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for name in result["removed"]:
+        ui.console.print(f"{verb} {path / name}", soft_wrap=True, markup=False, highlight=False)
+    for name in result["kept_linked"]:
+        ui.console.print(f"kept {path / name}: a kept entry links into it", soft_wrap=True,
+                         markup=False, highlight=False)
+    ui.summary(f"cache clean {path}", {"entries_" + verb.replace(" ", "_"): len(result["removed"]),
+                                       "freed_mb": result["freed_mb"],
+                                       "leftovers": len(result["leftovers"]), "dry_run": dry_run})
