@@ -5,6 +5,7 @@
     python scripts/bench.py quantize --phi3-mini-layers 32  # + a Phi-3-mini-shaped model (random weights)
     python scripts/bench.py finetune                      # phitune vs HF Trainer + PEFT (padding, no packing)
     python scripts/bench.py auto-opt --layers 2 4         # int4 export peak memory, Phi-3-mini-shaped
+    python scripts/bench.py infer                         # decode tok/s, TTFT: int4 vs PyTorch, vs bandwidth
 
 Every run is a fresh `phitune --json quantize` subprocess, so peak RSS is that run's own.
 """
@@ -202,6 +203,416 @@ def bench_auto_opt(args: argparse.Namespace) -> None:
     print(f"outputs under {work}")
 
 
+# ---------------------------------------------------------------- infer
+
+# The default decode model: Phi-3-shaped, random weights, ~170M params: its int4 weights (~100 MiB,
+# 3× this CPU's L3) come from memory every token, unlike tiny-phi3's. Builder traps avoided: vocab
+# != 2 × intermediate (it picks the LM head by output size), max == original max positions (LongRoPE).
+INFER_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
+                   num_key_value_heads=16, vocab_size=8192, max_position_embeddings=4096,
+                   original_max_position_embeddings=4096, tie_word_embeddings=False,
+                   bos_token_id=8187, eos_token_id=8187, pad_token_id=8187)
+LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def build_phi3_shaped(path: Path, layers: int, shape: dict) -> Path:
+    """A Phi-3-shaped model of `shape`, random bf16 weights, the embedded tokenizer (cached)."""
+    if (path / "config.json").is_file():
+        return path
+    import shutil
+
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+    assert shape["vocab_size"] != 2 * shape["intermediate_size"], "the builder would pick a wrong LM head"
+    assert shape["max_position_embeddings"] == shape["original_max_position_embeddings"], "LongRoPE path"
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(num_hidden_layers=layers, **shape)).to(torch.bfloat16)
+    model.config.dtype = "bfloat16"
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    embedded = REPO / "data" / "tiny-phi3"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (embedded / name).is_file():
+            shutil.copy(embedded / name, tmp / name)
+    tmp.rename(path)
+    return path
+
+
+def random_lora(model_dir: Path, path: Path, rank: int) -> Path:
+    """A PEFT LoRA adapter with random A and B (init_lora_weights=False) on every projection."""
+    if (path / "adapter_config.json").is_file():
+        return path
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tmp.rename(path)
+    return path
+
+
+def in_child(fn, *args):
+    """fn(*args) in a fresh spawned process: no thread pool of one runtime spins beside another's."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def prompt_ids(tokenizer_file: Path, n: int) -> list[int]:
+    """The first `n` tokens of travel.jsonl's text, no special tokens."""
+    from tokenizers import Tokenizer
+    records = [json.loads(line) for line in open(REPO / "data" / "travel.jsonl") if line.strip()]
+    text = "\n".join(f"{r['prompt']} {r['response']}" for r in records)
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
+    if len(ids) < n:
+        sys.exit(f"travel.jsonl has only {len(ids)} tokens; --prompt_tokens {n} is too many")
+    return ids[:n]
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+    return statistics.median(values)
+
+
+def read_bandwidth(gib: float, repeats: int, threads: int) -> dict:
+    """Best-of-`repeats` GB/s of reading a `gib` GiB float32 array with numpy reductions,
+    on 1 thread and split over `threads` threads (numpy releases the GIL in reductions)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)  # written once: every page is real
+    parts = np.array_split(a, threads)
+
+    def best(fn) -> float:
+        fn()
+        seconds = min(_timed(fn) for _ in range(repeats))
+        return a.nbytes / seconds / 1e9
+
+    out = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for kernel in ("sum", "max"):
+            f = getattr(np, kernel)
+            out[f"{kernel} 1 thread"] = best(lambda: f(a))
+            out[f"{kernel} {threads} threads"] = best(lambda: list(pool.map(f, parts)))
+    return out
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def int4_bytes_per_token(model_dir: Path) -> dict:
+    """Bytes of initializers one decoded token reads from model.onnx's external data: everything
+    except the tables only indexed by position or token id (embedding, rotary cos/sin caches),
+    of which one row each is read."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    graph = model.graph
+    sizes, rows = {}, {}
+    for init in graph.initializer:
+        ext = {e.key: e.value for e in init.external_data}
+        if init.data_location == TensorProto.EXTERNAL:
+            sizes[init.name] = int(ext["length"])
+        else:
+            sizes[init.name] = numpy_helper.to_array(init).nbytes
+        rows[init.name] = init.dims[0] if init.dims else 1
+    indexed = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in sizes}
+    indexed |= {i for n in graph.node if n.op_type == "GroupQueryAttention"
+                for i in n.input[7:9] if i in sizes}  # cos_cache, sin_cache
+    weights = sum(s for name, s in sizes.items() if name not in indexed)
+    one_rows = sum(sizes[name] // rows[name] for name in indexed)
+    head_size = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+    kv_per_position = 0
+    for i in graph.input:  # past_key_values.N.key/value: [batch, kv heads, past length, head size]
+        if i.name.startswith("past_key_values."):
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).itemsize
+            kv_per_position += i.type.tensor_type.shape.dim[1].dim_value * head_size * itemsize
+    data = model_dir / "model.onnx.data"
+    return {"weights": weights + one_rows, "indexed_tables": sum(sizes[n] for n in indexed),
+            "indexed_names": sorted(indexed), "data_file": data.stat().st_size if data.is_file() else 0,
+            "kv_per_position": kv_per_position}
+
+
+def cpu_jiffies() -> tuple[list[int], float, float]:
+    """/proc/stat's cpu line, this process tree's CPU seconds, and the wall clock, now."""
+    import os
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    t = os.times()
+    return ticks, t.user + t.system + t.children_user + t.children_system, time.perf_counter()
+
+
+def other_cpu(since: tuple[list[int], float, float]) -> dict:
+    """Cores kept busy by processes other than this bench (and its children) since `since`."""
+    import os
+    (t0, own0, w0), (t1, own1, w1) = since, cpu_jiffies()
+    hz, d = os.sysconf("SC_CLK_TCK"), [b - a for a, b in zip(t0, t1)]
+    busy = (sum(d[:8]) - d[3] - d[4]) / hz  # all but idle and iowait (guest time is inside user)
+    steal = d[7] / hz if len(d) > 7 else 0.0
+    return {"other": max(busy - steal - (own1 - own0), 0.0) / (w1 - w0), "steal": steal / (w1 - w0)}
+
+
+def adapter_bytes(path: Path) -> int:
+    import onnxruntime as ort
+    params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    return sum(v.numpy().nbytes for v in params.values())
+
+
+def og_generator(model_dir: str, ids: list[int], new_tokens: int, adapter: str | None,
+                 active: bool, threads: int | None):
+    """One generation with phitune infer's own Session.generate, greedy, forced to `new_tokens`
+    (min_length keeps an early end-of-sequence token out) → (TTFT s, decode tok/s). With
+    `threads`, the model loads with session_options.intra_op_num_threads = threads (phitune
+    leaves it unset: onnxruntime-genai's default)."""
+    import onnxruntime_genai as og
+
+    from phitune.infer.adapters import Adapter
+    from phitune.infer.session import Sampling, Session
+    if threads:  # this process only: Session calls og.Model(path)
+        load = og.Model
+
+        def model_with_threads(path):
+            config = og.Config(path)
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": threads}}}}))
+            return load(config)
+        og.Model = model_with_threads
+
+    class Fixed(Sampling):
+        def search_options(self) -> dict:
+            return super().search_options() | {"min_length": len(ids) + new_tokens}
+
+    session = Session(Path(model_dir), [Adapter(Path(adapter), "bench")] if adapter else [],
+                      "bench" if active else None)
+
+    def once() -> tuple[float, float]:
+        answer = session.generate(ids, Fixed(max_new_tokens=new_tokens))
+        if len(answer.ids) != new_tokens:
+            raise RuntimeError(f"generated {len(answer.ids)} tokens, not {new_tokens}")
+        return answer.ttft_s, answer.tok_per_s
+    return once, {}
+
+
+def torch_generator(model_dir: str, ids: list[int], new_tokens: int, threads: int):
+    """One PyTorch fp32 `generate` on the same weights: greedy, exactly `new_tokens`, KV cache on.
+    A streamer stamps each token, so TTFT and decode tok/s come from the same run and mean what
+    phitune's do (first token: prefill included; decode: tokens after the first / time after it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):  # first call: the prompt; then one call per new token
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    embed = model.get_input_embeddings().weight
+    size = embed.element_size()
+    info = {"params": sum(p.numel() for p in model.parameters()),
+            "bytes_per_token": sum(p.numel() * p.element_size() for p in model.parameters())
+            - embed.numel() * size + embed.shape[1] * size}  # one embedding row
+    prompt = torch.tensor([ids])
+
+    def once() -> tuple[float, float]:
+        clock = Clock()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 use_cache=True, streamer=clock,
+                                 pad_token_id=model.config.eos_token_id)
+        n = out.shape[1] - len(ids)
+        if n != new_tokens or len(clock.times) != n + 1:
+            raise RuntimeError(f"generated {n} tokens, not {new_tokens}")
+        first, last = clock.times[1], clock.times[-1]
+        return first - start, (n - 1) / (last - first)
+    return once, info
+
+
+_RUNNER: dict = {}
+
+
+def _runner_load(factory, args) -> None:
+    _RUNNER["once"], _RUNNER["info"] = factory(*args)
+
+
+def _runner_info() -> dict:
+    return _RUNNER["info"]
+
+
+def _runner_once() -> tuple[float, float, float, float]:
+    """(TTFT s, decode tok/s, CPU seconds, wall seconds) of one generation."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    ttft, rate = _RUNNER["once"]()
+    return ttft, rate, time.process_time() - cpu, time.perf_counter() - wall
+
+
+class Runner:
+    """A model loaded once in its own spawned process (no runtime's thread pool beside
+    another's), generating on demand."""
+
+    def __init__(self, factory, *args):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_runner_load, initargs=(factory, args))
+        self.info = self.pool.submit(_runner_info).result()
+
+    def once(self) -> tuple[float, float, float, float]:
+        return self.pool.submit(_runner_once).result()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def measure(configs: dict, runs: int, together: bool) -> dict:
+    """label → {ttft_s, tok_per_s (medians over `runs` after a warm-up), cores, info}.
+
+    `together`: every model loaded at once and the runs interleaved round by round (order
+    rotated), so a machine whose speed drifts — shared cores, a busy host — biases no config;
+    otherwise one model at a time (less memory)."""
+    samples: dict = {label: [] for label in configs}
+    infos = {}
+    groups = [list(configs)] if together else [[label] for label in configs]
+    for group in groups:
+        runners = {label: Runner(*configs[label]) for label in group}
+        infos |= {label: r.info for label, r in runners.items()}
+        for round_ in range(runs + 1):
+            shift = round_ % len(group)
+            for label in group[shift:] + group[:shift]:
+                time.sleep(0.5)  # the last run's spinning OpenMP / onnxruntime threads go idle
+                sample = runners[label].once()
+                if round_:  # round 0 warms up
+                    samples[label].append(sample)
+        for r in runners.values():
+            r.close()
+    return {label: {"ttft_s": _median([s[0] for s in got]), "tok_per_s": _median([s[1] for s in got]),
+                    "cores": sum(s[2] for s in got) / sum(s[3] for s in got), **infos[label]}
+            for label, got in samples.items()}
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+
+
+def bench_infer(args: argparse.Namespace) -> None:
+    import os
+    threads = os.cpu_count() or 1
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    h, layers = INFER_SHAPE["hidden_size"], args.layers
+    models = [("tiny-phi3", REPO / "data" / "tiny-phi3"),
+              (f"phi3-shaped-{h}h-{layers}l", build_phi3_shaped(cache / f"infer-phi3-{h}h-{layers}l",
+                                                                 layers, INFER_SHAPE))]
+    if args.phi3_mini_layers:
+        n = args.phi3_mini_layers
+        models.append((f"phi3-mini-shaped-{n}l",
+                       build_phi3_mini_shaped(cache / f"phi3-mini-shaped-{n}l", n)))
+
+    bw = in_child(read_bandwidth, args.bandwidth_gib, 5, threads)
+    bandwidth = max(bw.values())
+    print(f"== infer: decode on {threads} CPU threads; prompt {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new, greedy, median of {args.runs} after 1 warm-up")
+    print("read bandwidth (numpy, best of 5 over a {:g} GiB float32 array): {}  → {:.1f} GB/s used "
+          "for the limit".format(args.bandwidth_gib, ", ".join(f"{k} {v:.1f}" for k, v in bw.items()),
+                                 bandwidth))
+
+    for name, float_dir in models:
+        onnx_dir = cache / f"infer-{name}-int4"
+        spec = "tiny-phi3" if name == "tiny-phi3" else str(float_dir)
+        built = phitune_json("auto-opt", "-m", spec, "-o", str(onnx_dir))
+        model_dir = onnx_dir / "model"
+        lora = random_lora(float_dir, cache / f"infer-{name}-lora-r{args.lora_r}", args.lora_r)
+        adapter = model_dir / "bench.onnx_adapter"
+        phitune_json("export-adapter", "-a", str(lora), "--base", str(onnx_dir), "-o", str(adapter),
+                     "--force")
+        ids = prompt_ids(float_dir / "tokenizer.json", args.prompt_tokens)
+        m, a, n = str(model_dir), str(adapter), args.new_tokens
+        configs = {"PyTorch fp32 generate": (torch_generator, str(float_dir), ids, n, threads),
+                   "phitune int4": (og_generator, m, ids, n, None, False, None),
+                   "phitune int4, adapter loaded, inactive": (og_generator, m, ids, n, a, False, None),
+                   "phitune int4 + adapter active": (og_generator, m, ids, n, a, True, None),
+                   f"phitune int4, intra_op_num_threads={threads}":
+                       (og_generator, m, ids, n, None, False, threads),
+                   f"phitune int4 + adapter, intra_op_num_threads={threads}":
+                       (og_generator, m, ids, n, a, True, threads)}
+        float_bytes = sum(f.stat().st_size for f in float_dir.glob("*.safetensors"))
+        dtype = json.loads((float_dir / "config.json").read_text()).get("dtype", "float32")
+        needed = float_bytes * (2 if "16" in str(dtype) else 1) \
+            + (len(configs) - 1) * 1.5 * (model_dir / "model.onnx.data").stat().st_size
+        together = needed < 0.6 * mem_available()
+        machine = cpu_jiffies()
+        rows = measure(configs, args.runs, together)
+        others = other_cpu(machine)
+        per_token = int4_bytes_per_token(model_dir)
+        extra = adapter_bytes(adapter)
+        weights = per_token["weights"]
+        kv = per_token["kv_per_position"] * (args.prompt_tokens + args.new_tokens / 2)
+        export = "" if built.get("up_to_date") else f" (int4 export {built['wall_s']:.0f} s)"
+        pt = rows["PyTorch fp32 generate"]
+        order = "interleaved round by round" if together else "one model at a time (memory)"
+        print(f"\n-- {name}: {pt['params'] / 1e6:.1f}M params, random weights{export}; runs {order}")
+        print(f"bytes read per token: int4 graph {weights / 2**20:.1f} MiB = model.onnx.data "
+              f"{per_token['data_file'] / 2**20:.1f} MiB minus {per_token['indexed_tables'] / 2**20:.1f} "
+              f"MiB of tables read one row each ({', '.join(per_token['indexed_names'])}); adapter "
+              f"r={args.lora_r} +{extra / 2**20:.1f} MiB; PyTorch fp32 {pt['bytes_per_token'] / 2**20:.1f} "
+              f"MiB; not counted: KV cache ~{kv / 2**20:.1f} MiB at the mean context")
+        limit = bandwidth * 1e9 / weights
+        limit_adapter = bandwidth * 1e9 / (weights + extra)
+        limit_pt = bandwidth * 1e9 / pt["bytes_per_token"]
+        print(f"{'':46} {'TTFT ms':>8} {'decode tok/s':>13} {'× PyTorch':>10} {'limit tok/s':>12} "
+              f"{'% of limit':>11} {'cores busy':>11}")
+        for label, r in rows.items():
+            lim = limit_pt if label.startswith("PyTorch") else \
+                limit_adapter if "+ adapter" in label else limit
+            print(f"{label:46} {r['ttft_s'] * 1e3:8.1f} {r['tok_per_s']:13.1f} "
+                  f"{r['tok_per_s'] / pt['tok_per_s']:9.2f}× {lim:12.0f} {r['tok_per_s'] / lim:10.0%} "
+                  f"{r['cores']:11.2f}")
+        pairs = {"goals, phitune as is:": ("phitune int4", "phitune int4 + adapter active"),
+                 f"with intra_op_num_threads={threads}:": (
+                     f"phitune int4, intra_op_num_threads={threads}",
+                     f"phitune int4 + adapter, intra_op_num_threads={threads}")}
+        for title, (plain, adapted) in pairs.items():
+            base, with_adapter = rows[plain], rows[adapted]
+            overhead = 1 - with_adapter["tok_per_s"] / base["tok_per_s"]
+            print(f"{title:46} int4 {base['tok_per_s'] / pt['tok_per_s']:.1f}× PyTorch (≥ 8)   "
+                  f"{base['tok_per_s'] / limit:.0%} of the bandwidth limit (≥ 80%; "
+                  f"{base['tok_per_s'] * (weights + kv) / (bandwidth * 1e9):.0%} with KV reads)   "
+                  f"adapter overhead {overhead:.1%} decode, "
+                  f"{with_adapter['ttft_s'] / base['ttft_s'] - 1:+.1%} TTFT (≤ 10%)")
+        warn = " — FIGURES DISTORTED, rerun on a quiet machine" if others["other"] > 0.1 else ""
+        print(f"noise: other processes kept {others['other']:.2f} of {threads} cores busy during these "
+              f"measurements (VM steal {others['steal']:.2f}){warn}; cores busy = CPU time / wall "
+              "time of the timed runs")
+        if name == "tiny-phi3":
+            print(f"note: tiny-phi3's int4 weights ({weights / 2**20:.1f} MiB) fit in the CPU caches: "
+                  "it is bound by per-op overhead, not memory bandwidth, so its % of limit says little")
+    print(f"\nmodels under {cache}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True)
@@ -226,6 +637,18 @@ def main() -> None:
     a.add_argument("--layers", type=int, nargs="+", default=[2, 4],
                    help="Phi-3-mini-shaped layer counts to measure (two or more: extrapolated to 32)")
     a.add_argument("--cache", default=str(REPO / "models" / "bench"))
+    i = sub.add_parser("infer", help="decode tok/s and TTFT: int4 vs PyTorch fp32 generate and vs "
+                                     "the memory-bandwidth limit, with and without an adapter")
+    i.add_argument("--layers", type=int, default=12,
+                   help="layers of the Phi-3-shaped bench model (hidden 1024, random weights)")
+    i.add_argument("--phi3-mini-layers", type=int, default=0,
+                   help="also a Phi-3-mini-shaped model with this many layers (32 = full size)")
+    i.add_argument("--prompt_tokens", type=int, default=128)
+    i.add_argument("--new_tokens", type=int, default=128)
+    i.add_argument("--runs", type=int, default=3, help="timed runs (median) after one warm-up")
+    i.add_argument("--lora_r", type=int, default=16)
+    i.add_argument("--bandwidth_gib", type=float, default=1.0)
+    i.add_argument("--cache", default=str(REPO / "models" / "bench"))
     b = sub.add_parser("_baseline_finetune")
     for name in ("--model", "--data_files", "--target_modules"):
         b.add_argument(name)
@@ -233,6 +656,7 @@ def main() -> None:
         b.add_argument(name, type=int)
     args = parser.parse_args()
     {"quantize": bench_quantize, "finetune": bench_finetune, "auto-opt": bench_auto_opt,
+     "infer": bench_infer,
      "_baseline_finetune": baseline_finetune}[args.step](args)
 
 
