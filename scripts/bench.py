@@ -378,7 +378,7 @@ def og_generator(model_dir: str, ids: list[int], new_tokens: int, adapter: str |
     """One generation with phitune infer's own Session.generate, greedy, forced to `new_tokens`
     (min_length keeps an early end-of-sequence token out) → (TTFT s, decode tok/s). With
     `threads`, the model loads with session_options.intra_op_num_threads = threads (phitune
-    leaves it unset: onnxruntime-genai's default)."""
+    itself sets every core of its affinity)."""
     import onnxruntime_genai as og
 
     from phitune.infer.adapters import Adapter
@@ -387,7 +387,7 @@ def og_generator(model_dir: str, ids: list[int], new_tokens: int, adapter: str |
         load = og.Model
 
         def model_with_threads(path):
-            config = og.Config(path)
+            config = path if isinstance(path, og.Config) else og.Config(path)
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {
                 "intra_op_num_threads": threads}}}}))
             return load(config)
