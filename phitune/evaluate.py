@@ -43,34 +43,10 @@ def onnx_perplexity(model_dir, tokenizer, texts: list[str], seq_len: int = 256,
                     max_tokens: int = 65536, adapter_file=None) -> float:
     """The same figure for an onnxruntime-genai model dir, through onnxruntime on its graph
     (one prompt pass per window, empty KV cache), optionally with an .onnx_adapter fed."""
-    import json
-    from pathlib import Path
-
-    import numpy as np
-    import onnxruntime as ort
-    model_dir = Path(model_dir)
-    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # LoRA defaults are initializers that are also inputs: by design
-    session = ort.InferenceSession(str(model_dir / decoder.get("filename", "model.onnx")),
-                                   options, providers=["CPUExecutionProvider"])
-    feeds_base = {}
-    if adapter_file is not None:
-        params = ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
-        feeds_base = {name: value.numpy() for name, value in params.items()}
-    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    scorer = OnnxScorer(model_dir, adapter_file)
     total, count = 0.0, 0
     for window in _windows(_token_ids(tokenizer, texts, max_tokens), seq_len):
-        ids = np.array([window[:-1]], dtype=np.int64)
-        feeds = dict(feeds_base, input_ids=ids, attention_mask=np.ones_like(ids))
-        for entry in past:
-            dtype = np.float16 if "float16" in entry.type else np.float32
-            feeds[entry.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]),
-                                         dtype=dtype)
-        logits = session.run(["logits"], feeds)[0][0].astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        total -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
+        total -= scorer.log_probs(window).sum()
         count += len(window) - 1
     return math.exp(total / count)
 
@@ -88,7 +64,7 @@ def mean_nll(scores) -> tuple[float, int]:
 class OnnxScorer:
     """One onnxruntime session on an onnxruntime-genai model's graph, for next-token
     log-probabilities of whole sequences (one prompt pass each, empty KV cache), with an
-    optional .onnx_adapter fed as the LoRA inputs: the computation `onnx_perplexity` does."""
+    optional .onnx_adapter fed as the LoRA inputs (what `onnx_perplexity` sums over windows)."""
 
     def __init__(self, model_dir, adapter_file=None):
         import json
