@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import click
 
+from phitune.cli.options import dual_option as _opt
 from phitune.cli.options import device_option, model_option
-
-
-def _opt(name: str, **kwargs):
-    """An option spelled --like_olive and --like-this."""
-    return click.option(f"--{name}", f"--{name.replace('_', '-')}", name, **kwargs)
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})

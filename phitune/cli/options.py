@@ -5,6 +5,11 @@ from __future__ import annotations
 import click
 
 
+def dual_option(name: str, **kwargs):
+    """An option spelled both --like_olive and --like-this (the lab's commands use the first)."""
+    return click.option(f"--{name}", f"--{name.replace('_', '-')}", name, **kwargs)
+
+
 def model_option(help_text: str = "Model: a directory, a hub id, or the embedded 'tiny-phi3'."):
     return click.option("-m", "--model", "model", required=True, metavar="PATH|ID", help=help_text)
 
