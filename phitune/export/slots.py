@@ -71,6 +71,12 @@ class Slot:
     in_features: int
     out_features: int
 
+    @classmethod
+    def of(cls, layer: int, name: str, sizes: dict, node: str = "") -> "Slot":
+        """The slot `name` of `layer` with its shape from the piece sizes."""
+        pieces = GRAPH_SLOT_PIECES[name]
+        return cls(layer, name, node, sizes[pieces[0]][1], sum(sizes[p][0] for p in pieces))
+
     @property
     def input_a(self) -> str:
         return f"model.layers.{self.layer}.{self.name}.lora_A"
@@ -96,8 +102,18 @@ def graph_slots(nodes, sizes: dict) -> list[Slot]:
         match = _NODE.match(node.name)
         if not match or f"{match[2]}.{match[3]}" not in GRAPH_SLOT_PIECES:
             continue
-        name = f"{match[2]}.{match[3]}"
-        pieces = GRAPH_SLOT_PIECES[name]
-        out = sum(sizes[p][0] for p in pieces)
-        slots.append(Slot(int(match[1]), name, node.name, sizes[pieces[0]][1], out))
+        slots.append(Slot.of(int(match[1]), f"{match[2]}.{match[3]}", sizes, node.name))
     return slots
+
+
+# The projections the model builder writes for the supported architectures (q/k/v packed,
+# gate/up split), to check an adapter before spending a build on it.
+BUILDER_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def predicted_layout(config: dict) -> tuple[list[Slot], dict, str]:
+    """The slots, piece sizes and dtype `add_lora_inputs` will give the graph of `config`."""
+    sizes = piece_sizes(config)
+    slots = [Slot.of(layer, name, sizes) for layer in range(config["num_hidden_layers"])
+             for name in BUILDER_SLOTS]
+    return slots, sizes, "float"

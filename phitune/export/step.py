@@ -81,22 +81,12 @@ def _adapter_dir(opts: AutoOptOptions, model_ref) -> Path | None:
     return None
 
 
-def predicted_layout(config: dict):
-    """The slots auto-opt will create, to check an adapter before spending a build on it."""
-    from phitune.export.slots import Slot, piece_sizes
-    sizes = piece_sizes(config)
-    names = {"attn.qkv_proj": ("q", "k", "v"), "attn.o_proj": ("o",), "mlp.gate_proj": ("gate",),
-             "mlp.up_proj": ("up",), "mlp.down_proj": ("down",)}
-    slots = [Slot(layer, name, "", sizes[pieces[0]][1], sum(sizes[p][0] for p in pieces))
-             for layer in range(config["num_hidden_layers"]) for name, pieces in names.items()]
-    return slots, sizes, "float"
-
-
 def run(opts: AutoOptOptions) -> tuple[dict, bool]:
     """Export `opts.model` into `opts.output`. Returns (manifest, was_up_to_date)."""
     from phitune.export import adapter as adapter_mod
     from phitune.export.builder import run_builder
     from phitune.export.lora_graph import add_lora_inputs
+    from phitune.export.slots import predicted_layout
 
     opts = validate(opts)
     model_ref = resolve_model(opts.model, accept=("hf-model", "awq-model", "finetuned"),
