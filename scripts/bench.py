@@ -5,7 +5,7 @@
     python scripts/bench.py quantize --phi3-mini-layers 32  # + a Phi-3-mini-shaped model (random weights)
     python scripts/bench.py finetune                      # phitune vs HF Trainer + PEFT (padding, no packing)
     python scripts/bench.py auto-opt --layers 2 4         # int4 export peak memory, Phi-3-mini-shaped
-    python scripts/bench.py infer                         # decode tok/s, TTFT: int4 vs PyTorch, vs bandwidth
+    python scripts/bench.py infer                         # decode tok/s, TTFT: int4 (block 32 / 128) vs PyTorch, vs bandwidth
 
 Every run is a fresh `phitune --json quantize` subprocess, so peak RSS is that run's own.
 """
@@ -373,39 +373,32 @@ def adapter_bytes(path: Path) -> int:
     return sum(v.numpy().nbytes for v in params.values())
 
 
-def og_generator(model_dir: str, ids: list[int], new_tokens: int, adapter: str | None,
-                 active: bool, threads: int | None):
-    """One generation with phitune infer's own Session.generate, greedy, forced to `new_tokens`
-    (min_length keeps an early end-of-sequence token out) → (TTFT s, decode tok/s). With
-    `threads`, the model loads with session_options.intra_op_num_threads = threads (phitune
-    itself sets every core of its affinity)."""
-    import onnxruntime_genai as og
-
+def og_generator(model_dir: str, ids: list[int], new_tokens: int, adapter: str | None):
+    """Generations with phitune infer's own Session.generate (every core of the affinity),
+    greedy, forced to `new_tokens` (min_length keeps an early end-of-sequence token out).
+    Variants of one loaded model: "" (no adapter) and, with `adapter`, " + adapter active",
+    so the adapter's overhead is measured in one process → {variant: once → (TTFT s, tok/s)}."""
     from phitune.infer.adapters import Adapter
     from phitune.infer.session import Sampling, Session
-    if threads:  # this process only: Session calls og.Model(path)
-        load = og.Model
-
-        def model_with_threads(path):
-            config = path if isinstance(path, og.Config) else og.Config(path)
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": threads}}}}))
-            return load(config)
-        og.Model = model_with_threads
 
     class Fixed(Sampling):
         def search_options(self) -> dict:
             return super().search_options() | {"min_length": len(ids) + new_tokens}
 
-    session = Session(Path(model_dir), [Adapter(Path(adapter), "bench")] if adapter else [],
-                      "bench" if active else None)
+    session = Session(Path(model_dir), [Adapter(Path(adapter), "bench")] if adapter else [], None)
 
-    def once() -> tuple[float, float]:
-        answer = session.generate(ids, Fixed(max_new_tokens=new_tokens))
-        if len(answer.ids) != new_tokens:
-            raise RuntimeError(f"generated {len(answer.ids)} tokens, not {new_tokens}")
-        return answer.ttft_s, answer.tok_per_s
-    return once, {}
+    def run(active: str | None):
+        def once() -> tuple[float, float]:
+            session.activate(active)
+            answer = session.generate(ids, Fixed(max_new_tokens=new_tokens))
+            if len(answer.ids) != new_tokens:
+                raise RuntimeError(f"generated {len(answer.ids)} tokens, not {new_tokens}")
+            return answer.ttft_s, answer.tok_per_s
+        return once
+    variants = {"": run(None)}
+    if adapter:
+        variants[" + adapter active"] = run("bench")
+    return variants, {}
 
 
 def torch_generator(model_dir: str, ids: list[int], new_tokens: int, threads: int):
@@ -451,64 +444,67 @@ def torch_generator(model_dir: str, ids: list[int], new_tokens: int, threads: in
             raise RuntimeError(f"generated {n} tokens, not {new_tokens}")
         first, last = clock.times[1], clock.times[-1]
         return first - start, (n - 1) / (last - first)
-    return once, info
+    return {"": once}, info
 
 
 _RUNNER: dict = {}
 
 
 def _runner_load(factory, args) -> None:
-    _RUNNER["once"], _RUNNER["info"] = factory(*args)
+    _RUNNER["variants"], _RUNNER["info"] = factory(*args)
 
 
-def _runner_info() -> dict:
-    return _RUNNER["info"]
+def _runner_info() -> tuple[list[str], dict]:
+    return list(_RUNNER["variants"]), _RUNNER["info"]
 
 
-def _runner_once() -> tuple[float, float, float, float]:
+def _runner_once(variant: str) -> tuple[float, float, float, float]:
     """(TTFT s, decode tok/s, CPU seconds, wall seconds) of one generation."""
     cpu, wall = time.process_time(), time.perf_counter()
-    ttft, rate = _RUNNER["once"]()
+    ttft, rate = _RUNNER["variants"][variant]()
     return ttft, rate, time.process_time() - cpu, time.perf_counter() - wall
 
 
 class Runner:
     """A model loaded once in its own spawned process (no runtime's thread pool beside
-    another's), generating on demand."""
+    another's), generating on demand, in each of its variants."""
 
     def __init__(self, factory, *args):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_runner_load, initargs=(factory, args))
-        self.info = self.pool.submit(_runner_info).result()
+        self.variants, self.info = self.pool.submit(_runner_info).result()
 
-    def once(self) -> tuple[float, float, float, float]:
-        return self.pool.submit(_runner_once).result()
+    def once(self, variant: str) -> tuple[float, float, float, float]:
+        return self.pool.submit(_runner_once, variant).result()
 
     def close(self) -> None:
         self.pool.shutdown()
 
 
 def measure(configs: dict, runs: int, together: bool) -> dict:
-    """label → {ttft_s, tok_per_s (medians over `runs` after a warm-up), cores, info}.
+    """label + variant → {ttft_s, tok_per_s (medians over `runs` after a warm-up), cores, info}.
 
     `together`: every model loaded at once and the runs interleaved round by round (order
     rotated), so a machine whose speed drifts — shared cores, a busy host — biases no config;
-    otherwise one model at a time (less memory)."""
-    samples: dict = {label: [] for label in configs}
+    otherwise one model at a time (less memory). The variants of one model (adapter on/off)
+    always share its process, so their ratio is free of process-to-process spread."""
+    samples: dict = {}
     infos = {}
     groups = [list(configs)] if together else [[label] for label in configs]
     for group in groups:
         runners = {label: Runner(*configs[label]) for label in group}
-        infos |= {label: r.info for label, r in runners.items()}
+        jobs = [(label, v) for label, r in runners.items() for v in r.variants]
+        for label, v in jobs:
+            samples[label + v], infos[label + v] = [], runners[label].info
         for round_ in range(runs + 1):
-            shift = round_ % len(group)
-            for label in group[shift:] + group[:shift]:
+            shift = round_ % len(jobs)
+            for label, variant in jobs[shift:] + jobs[:shift]:
                 time.sleep(0.5)  # the last run's spinning OpenMP / onnxruntime threads go idle
-                sample = runners[label].once()
+                sample = runners[label].once(variant)
                 if round_:  # round 0 warms up
-                    samples[label].append(sample)
+                    samples[label + variant].append(sample)
         for r in runners.values():
             r.close()
     return {label: {"ttft_s": _median([s[0] for s in got]), "tok_per_s": _median([s[1] for s in got]),
@@ -544,24 +540,24 @@ def bench_infer(args: argparse.Namespace) -> None:
                                  bandwidth))
 
     for name, float_dir in models:
-        onnx_dir = cache / f"infer-{name}-int4"
-        spec = "tiny-phi3" if name == "tiny-phi3" else str(float_dir)
-        built = phitune_json("auto-opt", "-m", spec, "-o", str(onnx_dir))
-        model_dir = onnx_dir / "model"
-        lora = random_lora(float_dir, cache / f"infer-{name}-lora-r{args.lora_r}", args.lora_r)
-        adapter = model_dir / "bench.onnx_adapter"
-        phitune_json("export-adapter", "-a", str(lora), "--base", str(onnx_dir), "-o", str(adapter),
-                     "--force")
         ids = prompt_ids(float_dir / "tokenizer.json", args.prompt_tokens)
-        m, a, n = str(model_dir), str(adapter), args.new_tokens
-        configs = {"PyTorch fp32 generate": (torch_generator, str(float_dir), ids, n, threads),
-                   "phitune int4": (og_generator, m, ids, n, None, False, None),
-                   "phitune int4, adapter loaded, inactive": (og_generator, m, ids, n, a, False, None),
-                   "phitune int4 + adapter active": (og_generator, m, ids, n, a, True, None),
-                   f"phitune int4, intra_op_num_threads={threads}":
-                       (og_generator, m, ids, n, None, False, threads),
-                   f"phitune int4 + adapter, intra_op_num_threads={threads}":
-                       (og_generator, m, ids, n, a, True, threads)}
+        lora = random_lora(float_dir, cache / f"infer-{name}-lora-r{args.lora_r}", args.lora_r)
+        spec = "tiny-phi3" if name == "tiny-phi3" else str(float_dir)
+        n = args.new_tokens
+        configs = {"PyTorch fp32 generate": (torch_generator, str(float_dir), ids, n, threads)}
+        exports = {}
+        for block in (32, 128):  # 32: auto-opt's default for a float input; 128: AWQ's layout
+            suffix = "" if block == 32 else f"-b{block}"
+            onnx_dir = cache / f"infer-{name}-int4{suffix}"
+            built = phitune_json("auto-opt", "-m", spec, "--block_size", str(block), "-o", str(onnx_dir))
+            model_dir = onnx_dir / "model"
+            adapter = model_dir / "bench.onnx_adapter"
+            phitune_json("export-adapter", "-a", str(lora), "--base", str(onnx_dir), "-o", str(adapter),
+                         "--force")
+            exports[block] = (model_dir, adapter, built)
+            m, a = str(model_dir), str(adapter)
+            configs[f"phitune int4 b{block}"] = (og_generator, m, ids, n, a)
+        model_dir, adapter, built = exports[32]
         float_bytes = sum(f.stat().st_size for f in float_dir.glob("*.safetensors"))
         dtype = json.loads((float_dir / "config.json").read_text()).get("dtype", "float32")
         needed = float_bytes * (2 if "16" in str(dtype) else 1) \
@@ -570,48 +566,45 @@ def bench_infer(args: argparse.Namespace) -> None:
         machine = cpu_jiffies()
         rows = measure(configs, args.runs, together)
         others = other_cpu(machine)
-        per_token = int4_bytes_per_token(model_dir)
-        extra = adapter_bytes(adapter)
-        weights = per_token["weights"]
-        kv = per_token["kv_per_position"] * (args.prompt_tokens + args.new_tokens / 2)
-        export = "" if built.get("up_to_date") else f" (int4 export {built['wall_s']:.0f} s)"
         pt = rows["PyTorch fp32 generate"]
+        export = "" if built.get("up_to_date") else f" (int4 export {built['wall_s']:.0f} s)"
         order = "interleaved round by round" if together else "one model at a time (memory)"
         print(f"\n-- {name}: {pt['params'] / 1e6:.1f}M params, random weights{export}; runs {order}")
-        print(f"bytes read per token: int4 graph {weights / 2**20:.1f} MiB = model.onnx.data "
-              f"{per_token['data_file'] / 2**20:.1f} MiB minus {per_token['indexed_tables'] / 2**20:.1f} "
-              f"MiB of tables read one row each ({', '.join(per_token['indexed_names'])}); adapter "
-              f"r={args.lora_r} +{extra / 2**20:.1f} MiB; PyTorch fp32 {pt['bytes_per_token'] / 2**20:.1f} "
-              f"MiB; not counted: KV cache ~{kv / 2**20:.1f} MiB at the mean context")
-        limit = bandwidth * 1e9 / weights
-        limit_adapter = bandwidth * 1e9 / (weights + extra)
-        limit_pt = bandwidth * 1e9 / pt["bytes_per_token"]
+        limits = {"PyTorch": bandwidth * 1e9 / pt["bytes_per_token"]}
+        for block, (model_dir, adapter, _) in exports.items():
+            per_token = int4_bytes_per_token(model_dir)
+            weights, extra = per_token["weights"], adapter_bytes(adapter)
+            kv = per_token["kv_per_position"] * (args.prompt_tokens + args.new_tokens / 2)
+            limits[f"phitune int4 b{block}"] = bandwidth * 1e9 / weights
+            limits[f"phitune int4 b{block} + adapter"] = bandwidth * 1e9 / (weights + extra)
+            print(f"bytes read per token, block {block}: int4 graph {weights / 2**20:.1f} MiB = "
+                  f"model.onnx.data {per_token['data_file'] / 2**20:.1f} MiB minus "
+                  f"{per_token['indexed_tables'] / 2**20:.1f} MiB of tables read one row each "
+                  f"({', '.join(per_token['indexed_names'])}); adapter r={args.lora_r} "
+                  f"+{extra / 2**20:.1f} MiB; not counted: KV cache ~{kv / 2**20:.1f} MiB at the mean context")
+        print(f"PyTorch fp32 reads {pt['bytes_per_token'] / 2**20:.1f} MiB per token")
         print(f"{'':46} {'TTFT ms':>8} {'decode tok/s':>13} {'× PyTorch':>10} {'limit tok/s':>12} "
               f"{'% of limit':>11} {'cores busy':>11}")
         for label, r in rows.items():
-            lim = limit_pt if label.startswith("PyTorch") else \
-                limit_adapter if "+ adapter" in label else limit
+            lim = limits[next(k for k in sorted(limits, key=len, reverse=True)
+                              if label.startswith(k.replace(" + adapter", "")) and
+                              ("+ adapter" in label) == ("+ adapter" in k))]
             print(f"{label:46} {r['ttft_s'] * 1e3:8.1f} {r['tok_per_s']:13.1f} "
                   f"{r['tok_per_s'] / pt['tok_per_s']:9.2f}× {lim:12.0f} {r['tok_per_s'] / lim:10.0%} "
                   f"{r['cores']:11.2f}")
-        pairs = {"goals, phitune as is:": ("phitune int4", "phitune int4 + adapter active"),
-                 f"with intra_op_num_threads={threads}:": (
-                     f"phitune int4, intra_op_num_threads={threads}",
-                     f"phitune int4 + adapter, intra_op_num_threads={threads}")}
-        for title, (plain, adapted) in pairs.items():
-            base, with_adapter = rows[plain], rows[adapted]
-            overhead = 1 - with_adapter["tok_per_s"] / base["tok_per_s"]
-            print(f"{title:46} int4 {base['tok_per_s'] / pt['tok_per_s']:.1f}× PyTorch (≥ 8)   "
-                  f"{base['tok_per_s'] / limit:.0%} of the bandwidth limit (≥ 80%; "
-                  f"{base['tok_per_s'] * (weights + kv) / (bandwidth * 1e9):.0%} with KV reads)   "
-                  f"adapter overhead {overhead:.1%} decode, "
-                  f"{with_adapter['ttft_s'] / base['ttft_s'] - 1:+.1%} TTFT (≤ 10%)")
+        for block in exports:
+            label = f"phitune int4 b{block}"
+            base, with_adapter = rows[label], rows[f"{label} + adapter active"]
+            print(f"{'goals, block ' + str(block) + ':':46} {base['tok_per_s'] / pt['tok_per_s']:.1f}× "
+                  f"PyTorch (≥ 8)   {base['tok_per_s'] / limits[label]:.0%} of the bandwidth limit "
+                  f"(≥ 80%)   adapter overhead {base['tok_per_s'] / with_adapter['tok_per_s'] - 1:+.1%} "
+                  f"decode time per token, {with_adapter['ttft_s'] / base['ttft_s'] - 1:+.1%} TTFT (≤ 10%)")
         warn = " — FIGURES DISTORTED, rerun on a quiet machine" if others["other"] > 0.1 else ""
         print(f"noise: other processes kept {others['other']:.2f} of {threads} cores busy during these "
               f"measurements (VM steal {others['steal']:.2f}){warn}; cores busy = CPU time / wall "
               "time of the timed runs")
         if name == "tiny-phi3":
-            print(f"note: tiny-phi3's int4 weights ({weights / 2**20:.1f} MiB) fit in the CPU caches: "
+            print("note: tiny-phi3's int4 weights fit in the CPU caches: "
                   "it is bound by per-op overhead, not memory bandwidth, so its % of limit says little")
     print(f"\nmodels under {cache}")
 
@@ -644,8 +637,9 @@ def main() -> None:
                                      "the memory-bandwidth limit, with and without an adapter")
     i.add_argument("--layers", type=int, default=12,
                    help="layers of the Phi-3-shaped bench model (hidden 1024, random weights)")
-    i.add_argument("--phi3-mini-layers", type=int, default=0,
-                   help="also a Phi-3-mini-shaped model with this many layers (32 = full size)")
+    i.add_argument("--phi3-mini-layers", type=int, default=4,
+                   help="also a Phi-3-mini-shaped model with this many layers (real matrix sizes, "
+                        "the representative case; 32 = full size, 0 = skip)")
     i.add_argument("--prompt_tokens", type=int, default=128)
     i.add_argument("--new_tokens", type=int, default=128)
     i.add_argument("--runs", type=int, default=3, help="timed runs (median) after one warm-up")
