@@ -140,13 +140,19 @@ def test_interrupt_then_resume_finishes_like_an_uninterrupted_run(awq_base, cli,
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_data_parallel_under_torchrun(awq_base, tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun not installed")
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_data_parallel_under_a_launcher(launcher, awq_base, tmp_path):
+    exe = shutil.which(launcher, path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip(f"{launcher} not installed")
+    # accelerate's --cpu flag runs a single process; --multi_gpu is its torch.distributed
+    # launcher, which phitune runs on gloo when there is no GPU.
+    launch = [exe, "--nproc_per_node", "2"] if launcher == "torchrun" else \
+        [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no"]
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "phitune", "--json",
+    proc = subprocess.run([*launch, "-m", "phitune", "--json",
                            *lab(awq_base, out, "--max_steps", "20", "--per_device_train_batch_size", "2",
                                 "--eval_split", "0.1")],
                           capture_output=True, text=True, env=env, timeout=300)
