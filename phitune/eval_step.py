@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from phitune import ui
+from phitune import genai_config, ui
 from phitune.artifacts import data_dir, hf_kind, resolve_model
 from phitune.errors import ConstraintError, DataError, InputError, OptionError
 
@@ -316,17 +316,10 @@ class _OnnxModel:
     """An onnxruntime-genai dir, with its own adapter_weights.onnx_adapter or another one."""
 
     def __init__(self, model_ref, opts: EvalOptions):
-        import json
-
         from phitune.infer.adapters import check_fits
         from phitune.models import load_tokenizer
         self.dir = Path(model_ref.path)
-        config_file = self.dir / "genai_config.json"
-        try:
-            self.context = int(json.loads(config_file.read_text())["model"]["context_length"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"genai_config.json has no usable model.context_length ({exc})",
-                             str(config_file), "re-export the model with phitune auto-opt") from None
+        self.context = genai_config.context_length(self.dir)
         self.adapter = self._adapter_file(opts)
         if self.adapter is not None:
             check_fits(self.dir, self.adapter)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from phitune import genai_config
+
 
 def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[int]:
     ids: list[int] = []
@@ -67,12 +69,11 @@ class OnnxScorer:
     optional .onnx_adapter fed as the LoRA inputs (what `onnx_perplexity` sums over windows)."""
 
     def __init__(self, model_dir, adapter_file=None):
-        import json
         from pathlib import Path
 
         import onnxruntime as ort
         model_dir = Path(model_dir)
-        self.decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        self.decoder = genai_config.decoder(model_dir)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # LoRA defaults are initializers that are also inputs
         self.session = ort.InferenceSession(
@@ -151,12 +152,11 @@ def onnx_latency(model_dir, adapter_file=None, prefill: int = 128, decode: int =
                  repeats: int = 3) -> dict:
     """The same figures through onnxruntime-genai's generator: `append_tokens` of the prompt,
     then `append_tokens` of one token at a time (each one forward pass with the KV cache)."""
-    import json
     import time
     from pathlib import Path
 
     import onnxruntime_genai as og
-    vocab = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["vocab_size"]
+    vocab = genai_config.vocab_size(Path(model_dir))
     model = og.Model(str(model_dir))
     adapters = None
     if adapter_file is not None:

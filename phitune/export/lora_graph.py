@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from phitune import genai_config
 from phitune.errors import InputError
 from phitune.export.slots import Slot, graph_slots, piece_sizes
 
@@ -86,7 +87,7 @@ def read_lora_layout(model_dir: Path) -> tuple[list[Slot], dict, str] | None:
     """The slots, piece sizes and float dtype an auto-opt graph was given, or None for a
     graph without LoRA inputs. Reads only the graph proto, not the weights."""
     import onnx
-    model = onnx.load(str(model_dir / model_filename(model_dir)), load_external_data=False)
+    model = onnx.load(str(model_dir / genai_config.decoder_file(model_dir)), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
     if META_SLOTS not in meta:
         return None
@@ -94,7 +95,3 @@ def read_lora_layout(model_dir: Path) -> tuple[list[Slot], dict, str] | None:
     pieces = {k: tuple(v) for k, v in json.loads(meta[META_PIECES]).items()}
     return slots, pieces, json.loads(meta.get("phitune.lora_dtype", '"float"'))
 
-
-def model_filename(model_dir: Path) -> str:
-    config = json.loads((model_dir / "genai_config.json").read_text())
-    return config["model"]["decoder"].get("filename", "model.onnx")

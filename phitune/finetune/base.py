@@ -12,7 +12,6 @@ from phitune.errors import DeviceError
 
 
 def load_base(model_ref, method: str, device: str, dtype):
-    import torch
     if method == "qlora":
         if device != "cuda":
             raise DeviceError("--method qlora needs a CUDA GPU (bitsandbytes nf4)", "--method",

@@ -7,10 +7,10 @@ shape error. `check_fits` reads both files and refuses such an adapter up front,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from phitune import genai_config
 from phitune.errors import InputError, OptionError
 
 SUFFIX = ".onnx_adapter"
@@ -142,13 +142,7 @@ def graph_inputs(model_dir: Path) -> dict[str, tuple[str, tuple[int | str | None
     """name -> (element type, dims) of the decoder graph's inputs; a dim is an int (static),
     a str (symbolic) or None (unknown). Reads the graph only, never the weights."""
     import onnx
-    config_file = model_dir / "genai_config.json"
-    try:
-        config = json.loads(config_file.read_text())
-        filename = config["model"]["decoder"]["filename"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"cannot read the decoder file name from {config_file} ({exc})", "-m",
-                         "pass an onnxruntime-genai model directory") from None
+    filename = genai_config.decoder_file(model_dir)
     try:
         graph = onnx.load(str(model_dir / filename), load_external_data=False).graph
     except Exception as exc:  # missing or corrupt protobuf: user-fixable

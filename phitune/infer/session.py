@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from phitune import ui
+from phitune import genai_config, ui
 from phitune.errors import InputError, OptionError
 from phitune.infer.adapters import Adapter, check_fits, describe
 
@@ -73,7 +73,7 @@ class Session:
         import onnxruntime_genai as og
         self._og = og
         self.model_dir = Path(model_dir)
-        self.context_length = _context_length(self.model_dir)
+        self.context_length = genai_config.context_length(self.model_dir)
         for adapter in adapters:  # before the (slower) model load, and before any token
             check_fits(self.model_dir, adapter.path)
         start = time.perf_counter()
@@ -179,18 +179,6 @@ class Session:
         return Answer("".join(pieces), new, tokens, first - start, rate, interrupted)
 
 
-def _context_length(model_dir: Path) -> int:
-    file = model_dir / "genai_config.json"
-    try:
-        return int(json.loads(file.read_text())["model"]["context_length"])
-    except FileNotFoundError:
-        raise InputError(f"{model_dir} is not an onnxruntime-genai model (no genai_config.json)",
-                         "-m", "export the model with phitune auto-opt first") from None
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"genai_config.json has no usable model.context_length ({exc})",
-                         str(file), "re-export the model with phitune auto-opt") from None
-
-
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0][:200] if lines else type(exc).__name__
@@ -202,8 +190,7 @@ def _config(og, model_dir: Path):
     A thread count the model dir already sets is kept."""
     import os
     config = og.Config(str(model_dir))
-    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    if "intra_op_num_threads" not in decoder.get("session_options", {}):
+    if "intra_op_num_threads" not in genai_config.decoder(model_dir).get("session_options", {}):
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": threads or 1}}}}))

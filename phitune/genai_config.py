@@ -1,0 +1,76 @@
+"""Reading an onnxruntime-genai model dir's genai_config.json: one place, one clear error.
+
+auto-opt, export-adapter, infer and eval all need a field or two of it (the decoder's file
+name, the context length, the vocabulary size); a dir without a usable file is a user
+mistake (wrong -m), so it ends in one InputError line, never a KeyError traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from phitune.errors import InputError
+
+FILE = "genai_config.json"
+
+
+def read(model_dir: Path) -> dict:
+    """The whole config; InputError when the file is missing or is not a JSON object."""
+    file = Path(model_dir) / FILE
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{model_dir} is not an onnxruntime-genai model (no {FILE})", "-m",
+                         "export the model with phitune auto-opt first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {FILE} ({exc})", str(file),
+                         "re-export the model with phitune auto-opt") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise InputError(f"{FILE} has no 'model' section", str(file),
+                         "re-export the model with phitune auto-opt")
+    return config
+
+
+def model_field(model_dir: Path, *keys: str):
+    """config['model'][keys[0]][keys[1]]...; InputError naming the missing path."""
+    value = read(model_dir)["model"]
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            raise InputError(f"{FILE} has no model.{'.'.join(keys)}", str(Path(model_dir) / FILE),
+                             "re-export the model with phitune auto-opt")
+        value = value[key]
+    return value
+
+
+def decoder(model_dir: Path) -> dict:
+    section = model_field(model_dir, "decoder")
+    if not isinstance(section, dict):
+        raise InputError(f"{FILE}'s model.decoder is not an object", str(Path(model_dir) / FILE),
+                         "re-export the model with phitune auto-opt")
+    return section
+
+
+def decoder_file(model_dir: Path) -> str:
+    """The decoder graph's file name (model.onnx when the config leaves it out)."""
+    return str(decoder(model_dir).get("filename", "model.onnx"))
+
+
+def _positive_int(model_dir: Path, key: str) -> int:
+    value = model_field(model_dir, key)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number <= 0:
+        raise InputError(f"{FILE}'s model.{key} is not a positive integer ({value!r})",
+                         str(Path(model_dir) / FILE), "re-export the model with phitune auto-opt")
+    return number
+
+
+def context_length(model_dir: Path) -> int:
+    return _positive_int(model_dir, "context_length")
+
+
+def vocab_size(model_dir: Path) -> int:
+    return _positive_int(model_dir, "vocab_size")
