@@ -205,9 +205,19 @@ def _check_kind(model: ResolvedModel, accept: tuple[str, ...], step: str) -> Res
     if model.kind not in accept:
         wanted = " or ".join(_KIND_NAMES.get(k, k) for k in accept)
         raise InputError(f"{model.spec} is {_KIND_NAMES.get(model.kind, model.kind)}; "
-                         f"phitune {step} needs {wanted}", "-m",
-                         "pass a model of the expected kind")
+                         f"phitune {step} needs {wanted}", "-m", _kind_fix(model, accept, step))
     return model
+
+
+def _kind_fix(model: ResolvedModel, accept: tuple[str, ...], step: str) -> str:
+    """How to get a model the step reads from the one given."""
+    if accept == ("onnx-genai",) and model.kind in ("hf-model", "awq-model", "finetuned"):
+        return f"export it first: phitune auto-opt -m {model.spec} -o D, then phitune {step} -m D"
+    if model.kind == "onnx-genai":
+        return "pass the Hugging Face or phitune checkpoint it was exported from"
+    if model.kind == "awq-model" and step == "quantize":
+        return "it is already quantized: pass it to phitune finetune or auto-opt"
+    return "pass a model of the expected kind"
 
 
 # ---------------------------------------------------------------- atomic outputs

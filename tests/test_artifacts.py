@@ -175,3 +175,22 @@ def test_wrong_kind_is_refused_with_what_was_found(tmp_path, random_phi3):
     with pytest.raises(InputError, match="is an AWQ-quantized model; phitune quantize needs a "
                                          "Hugging Face model"):
         resolve_model(str(tmp_path), accept=("hf-model",), step="quantize")
+
+
+@pytest.mark.parametrize("config, accept, step, fix", [
+    ({"model_type": "phi3"}, ("onnx-genai",), "export-adapter", "export it first: phitune auto-opt"),
+    ({"model_type": "phi3", "quantization_config": {"quant_method": "awq"}}, ("hf-model",),
+     "quantize", "already quantized"),
+])
+def test_a_model_of_the_wrong_kind_says_how_to_get_the_right_one(tmp_path, config, accept, step, fix):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError) as err:
+        resolve_model(str(tmp_path), accept=accept, step=step)
+    assert f"phitune {step} needs" in err.value.what and fix in err.value.fix
+
+
+def test_an_onnx_dir_given_to_a_torch_step_names_its_source(tmp_path):
+    (tmp_path / "genai_config.json").write_text("{}")
+    with pytest.raises(InputError) as err:
+        resolve_model(str(tmp_path), accept=("hf-model",), step="quantize")
+    assert "exported from" in err.value.fix

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phitune import ui
-from phitune.errors import InputError, OptionError, PhituneError
+from phitune.errors import OptionError, PhituneError
 from phitune.infer.session import Answer, Sampling, Session
 
 PLACEHOLDER = "{input}"
@@ -211,9 +211,4 @@ def run(options: InferOptions) -> None:
 def resolve(spec: str) -> Path:
     """`-m D` (an auto-opt output), `-m D/model`, or any directory with genai_config.json."""
     from phitune.artifacts import resolve_model
-    try:
-        return resolve_model(spec, ("onnx-genai",), "infer").path
-    except InputError as exc:
-        if "phitune infer needs" in exc.what:  # a model of another kind: say how to get ours
-            exc.fix = f"export it first: phitune auto-opt -m {spec} -o D, then phitune infer -m D"
-        raise
+    return resolve_model(spec, ("onnx-genai",), "infer").path
