@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from phitune.cli.options import dual_option as _opt
-from phitune.cli.options import device_option, model_option
+from phitune.cli.options import device_option, model_option, record_options, split_options
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,24 +16,13 @@ from phitune.cli.options import device_option, model_option
                    "a finetune output's adapter/, an onnx dir's adapter_weights.onnx_adapter.")
 @click.option("--no-adapter", "--no_adapter", "no_adapter", is_flag=True,
               help="Measure the base alone.")
-@_opt("data_files", multiple=True, metavar="FILE",
-      help="Records (json, jsonl, csv, parquet) scored as finetune scores them: loss on the "
-           "response tokens. Repeat or comma-separate for several.")
-@_opt("data_name", metavar="NAME", help="json|csv|parquet, or a local dataset dir (save_to_disk).")
-@_opt("text_template", metavar="TEMPLATE",
-      help=r"Text with {column} placeholders and \n escapes; loss on the part from the last one.")
-@_opt("text_cols", metavar="A,B", help="Columns the template uses (joined by newlines without one).")
-@_opt("use_chat_template", is_flag=True, help="Apply the tokenizer's chat template to 'messages'.")
-@_opt("train_on_prompt", is_flag=True, help="Score the prompt part too (as finetune trained).")
-@_opt("max_seq_len", type=int, default=1024, show_default=True,
-      help="Tokens per record (pass finetune's value to reproduce its eval loss).")
-@click.option("--overflow", type=click.Choice(["truncate", "drop"]), default="truncate",
-              show_default=True, help="What to do with records longer than --max_seq_len.")
-@_opt("eval_split", type=float,
-      help="Score only the fraction finetune held out with the same --eval_split and --seed.")
-@_opt("eval_dataset_size", type=int,
-      help="Score only the records finetune held out with the same --eval_dataset_size and --seed.")
-@click.option("--seed", type=int, default=42, show_default=True, help="The split's seed.")
+@record_options("Records (json, jsonl, csv, parquet) scored as finetune scores them: loss on the "
+                "response tokens. Repeat or comma-separate for several.",
+                "Score the prompt part too (as finetune trained).",
+                "Tokens per record (pass finetune's value to reproduce its eval loss).")
+@split_options("Score only the fraction finetune held out with the same --eval_split and --seed.",
+               "Score only the records finetune held out with the same --eval_dataset_size and --seed.",
+               "The split's seed.")
 @_opt("text_file", metavar="FILE",
       help="Plain text (.txt, or .jsonl with 'text') for perplexity; the default without records "
            "is the shipped held-out text quantize reports ppl on.")

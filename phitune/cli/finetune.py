@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from phitune.cli.options import dual_option as _opt
-from phitune.cli.options import device_option, force_option, model_option, output_option
+from phitune.cli.options import (device_option, force_option, model_option, output_option,
+                                  record_options, split_options)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,17 +14,8 @@ from phitune.cli.options import device_option, force_option, model_option, outpu
               help="lora: on a float or AWQ base (CPU or GPU); qlora: nf4 base, CUDA only.")
 @model_option("Base model: a float or phitune AWQ checkpoint dir, a hub id, or 'tiny-phi3'.")
 @output_option()
-@_opt("data_files", multiple=True, metavar="FILE",
-      help="Training data (json, jsonl, csv, parquet); repeat or comma-separate for several.")
-@_opt("data_name", metavar="NAME", help="json|csv|parquet, or a local dataset dir (save_to_disk).")
-@_opt("text_template", metavar="TEMPLATE",
-      help=r"Text with {column} placeholders and \n escapes; loss on the part from the last one.")
-@_opt("text_cols", metavar="A,B", help="Columns the template uses (joined by newlines without one).")
-@_opt("use_chat_template", is_flag=True, help="Apply the tokenizer's chat template to 'messages'.")
-@_opt("train_on_prompt", is_flag=True, help="Also train on the prompt part.")
-@_opt("max_seq_len", type=int, default=1024, show_default=True)
-@click.option("--overflow", type=click.Choice(["truncate", "drop"]), default="truncate",
-              show_default=True, help="What to do with records longer than --max_seq_len.")
+@record_options("Training data (json, jsonl, csv, parquet); repeat or comma-separate for several.",
+                "Also train on the prompt part.")
 @click.option("--packing/--no-packing", default=True, show_default=True,
               help="Pack short records into full rows (no compute spent on padding).")
 @_opt("lora_r", type=int, default=64, show_default=True)
@@ -38,9 +30,8 @@ from phitune.cli.options import device_option, force_option, model_option, outpu
 @_opt("gradient_accumulation_steps", type=int, default=1, show_default=True)
 @_opt("warmup_steps", type=int, default=0, show_default=True)
 @_opt("max_grad_norm", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@_opt("eval_split", type=float, help="Fraction of records held out for eval loss.")
-@_opt("eval_dataset_size", type=int, help="Number of records held out for eval loss.")
+@split_options("Fraction of records held out for eval loss.",
+               "Number of records held out for eval loss.")
 @click.option("--gradient_checkpointing/--no-gradient_checkpointing",
               "--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing",
               default=None, help="Trade compute for activation memory (default: on from 256 MB models).")
