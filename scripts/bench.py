@@ -144,11 +144,14 @@ def bench_finetune(args: argparse.Namespace) -> None:
         path = str(REPO / "data" / "tiny-phi3") if model == "tiny-phi3" else model
         print(f"== finetune: {name}, LoRA r={args.lora_r}, batch {args.batch_size}, "
               f"{args.steps} steps, max_seq_len {args.max_seq_len}, travel.jsonl")
-        ours = phitune_json("finetune", "-m", model, "--data_files", data, "--text_template",
-                            TEMPLATE, "--max_steps", str(args.steps), "--lora_r", str(args.lora_r),
-                            "--per_device_train_batch_size", str(args.batch_size),
-                            "--max_seq_len", str(args.max_seq_len), "--force",
-                            "-o", tempfile.mkdtemp() + "/ft")
+        common = ["finetune", "-m", model, "--data_files", data, "--text_template", TEMPLATE,
+                  "--max_steps", str(args.steps), "--lora_r", str(args.lora_r),
+                  "--per_device_train_batch_size", str(args.batch_size),
+                  "--max_seq_len", str(args.max_seq_len), "--force"]
+        runs = {"phitune": phitune_json(*common, "-o", tempfile.mkdtemp() + "/ft")}
+        if runs["phitune"].get("gradient_checkpointing"):  # the other end of the trade-off
+            runs["phitune, no checkpointing"] = phitune_json(
+                *common, "--no-gradient_checkpointing", "-o", tempfile.mkdtemp() + "/ft")
         proc = subprocess.run([sys.executable, __file__, "_baseline_finetune", "--model", path,
                                "--data_files", data, "--steps", str(args.steps),
                                "--lora_r", str(args.lora_r), "--batch_size", str(args.batch_size),
@@ -157,12 +160,15 @@ def bench_finetune(args: argparse.Namespace) -> None:
         if proc.returncode:
             sys.exit(f"baseline failed:\n{proc.stderr[-3000:]}")
         base = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"phitune   {ours['tokens_per_s']:8.0f} tok/s  peak RSS {ours['peak_rss_mb']:7.0f} MB  "
-              f"(packed rows, {ours['data_padding_fraction']:.1%} padding)")
-        print(f"baseline  {base['tokens_per_s']:8.0f} tok/s  peak RSS {base['peak_rss_mb']:7.0f} MB  "
-              f"(HF Trainer + PEFT, pad to longest)")
-        print(f"ratio     {ours['tokens_per_s'] / base['tokens_per_s']:8.2f}× tok/s (goal ≥ 2)   "
-              f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}× memory (goal ≤ 0.6)\n")
+        print(f"{'baseline':27} {base['tokens_per_s']:8.0f} tok/s  peak RSS {base['peak_rss_mb']:7.0f} MB  "
+              f"(HF Trainer + PEFT, pad to longest, fp32)")
+        for label, ours in runs.items():
+            print(f"{label:27} {ours['tokens_per_s']:8.0f} tok/s  peak RSS {ours['peak_rss_mb']:7.0f} MB  "
+                  f"(packed rows, {ours['data_padding_fraction']:.1%} padding, {ours['dtype']}, "
+                  f"checkpointing {'on' if ours['gradient_checkpointing'] else 'off'})  → "
+                  f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}× tok/s (goal ≥ 2), "
+                  f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}× memory (goal ≤ 0.6)")
+        print()
 
 
 def peak_of(cmd: list[str]) -> tuple[float, float]:
