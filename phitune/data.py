@@ -44,6 +44,24 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 _MAX_LISTED = 12  # columns named in an error message
 
 
+@dataclass(kw_only=True)
+class RecordOptions:
+    """Which records, read how, and which of them are held out: one definition shared by
+    finetune (trains on them) and eval (scores them), so both read the same data the same way."""
+
+    data_files: tuple[str, ...] = ()
+    data_name: str | None = None
+    text_template: str | None = None
+    text_cols: str | None = None
+    use_chat_template: bool = False
+    train_on_prompt: bool = False
+    max_seq_len: int = 1024
+    overflow: str = "truncate"
+    eval_split: float | None = None
+    eval_dataset_size: int | None = None
+    seed: int = 42
+
+
 class Record(dict):
     """One dataset record: a plain dict that also knows where it came from."""
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from phitune import genai_config, ui
 from phitune.artifacts import data_dir, hf_kind, resolve_model
+from phitune.data import RecordOptions
 from phitune.errors import ConstraintError, DataError, InputError, OptionError
 
 KINDS = ("hf-model", "awq-model", "finetuned", "onnx-genai")
@@ -36,23 +37,11 @@ _RECORD_OPTIONS = ("text_template", "text_cols", "use_chat_template", "train_on_
                    "eval_split", "eval_dataset_size")
 
 
-@dataclass
-class EvalOptions:
+@dataclass(kw_only=True)
+class EvalOptions(RecordOptions):      # records, read as `phitune finetune` reads them
     model: str
     adapter: str | None = None          # torch: a PEFT adapter dir; onnx: an .onnx_adapter file
     no_adapter: bool = False            # the base alone (a finetune output's or onnx dir's own)
-    # records, read as `phitune finetune` reads them
-    data_files: tuple[str, ...] = ()
-    data_name: str | None = None
-    text_template: str | None = None
-    text_cols: str | None = None
-    use_chat_template: bool = False
-    train_on_prompt: bool = False
-    max_seq_len: int = 1024
-    overflow: str = "truncate"
-    eval_split: float | None = None
-    eval_dataset_size: int | None = None
-    seed: int = 42
     # plain text, windowed as `phitune.evaluate.perplexity`
     text_file: str | None = None
     seq_len: int = 256

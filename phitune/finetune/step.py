@@ -9,23 +9,16 @@ from pathlib import Path
 
 from phitune import ui
 from phitune.artifacts import Output, content_digest, resolve_model
+from phitune.data import RecordOptions
 from phitune.errors import OptionError
 from phitune.measure import Stopwatch, return_large_frees_to_os
 
 
-@dataclass
-class FinetuneOptions:
+@dataclass(kw_only=True)
+class FinetuneOptions(RecordOptions):
     model: str
     output: str
     method: str = "lora"
-    data_files: tuple[str, ...] = ()
-    data_name: str | None = None
-    text_template: str | None = None
-    text_cols: str | None = None
-    use_chat_template: bool = False
-    train_on_prompt: bool = False
-    max_seq_len: int = 1024
-    overflow: str = "truncate"
     packing: bool = True
     lora_r: int = 64
     lora_alpha: float = 16.0
@@ -39,9 +32,6 @@ class FinetuneOptions:
     gradient_accumulation_steps: int = 1
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    seed: int = 42
-    eval_split: float | None = None
-    eval_dataset_size: int | None = None
     gradient_checkpointing: bool | None = None  # None: on for large models
     dtype: str = "auto"
     save_steps: int = 50
