@@ -30,7 +30,6 @@ from phitune.data import RecordOptions
 from phitune.errors import ConstraintError, DataError, InputError, OptionError
 
 KINDS = ("hf-model", "awq-model", "finetuned", "onnx-genai")
-ONNX_ADAPTER = "adapter_weights.onnx_adapter"  # what auto-opt writes beside model.onnx
 PREFILL_TOKENS = 128
 DECODE_TOKENS = 16
 _RECORD_OPTIONS = ("text_template", "text_cols", "use_chat_template", "train_on_prompt",
@@ -325,12 +324,12 @@ class _OnnxModel:
                 raise InputError(f"{opts.adapter} is a directory; an onnx-genai model takes an "
                                  ".onnx_adapter file", "--adapter",
                                  "convert a PEFT adapter with phitune export-adapter, or pass "
-                                 f"D/model/{ONNX_ADAPTER}")
+                                 f"D/model/{genai_config.ADAPTER_FILE}")
             if not path.is_file():
                 raise InputError(f"no such adapter file: {opts.adapter}", "--adapter",
                                  "pass an .onnx_adapter file")
             return path
-        own = self.dir / ONNX_ADAPTER
+        own = self.dir / genai_config.ADAPTER_FILE
         return own if own.is_file() else None
 
     def _fits(self, tokens: int, option: str) -> None:

@@ -77,7 +77,7 @@ class OnnxScorer:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # LoRA defaults are initializers that are also inputs
         self.session = ort.InferenceSession(
-            str(model_dir / self.decoder.get("filename", "model.onnx")), options,
+            str(model_dir / genai_config.decoder_file(model_dir)), options,
             providers=["CPUExecutionProvider"])
         self.feeds = {}
         if adapter_file is not None:

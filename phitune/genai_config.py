@@ -13,6 +13,7 @@ from pathlib import Path
 from phitune.errors import InputError
 
 FILE = "genai_config.json"
+ADAPTER_FILE = "adapter_weights.onnx_adapter"  # the adapter auto-opt writes beside the graph
 
 
 def read(model_dir: Path) -> dict:

@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from phitune import ui
+from phitune.genai_config import ADAPTER_FILE
 from phitune.artifacts import Output, hf_kind, content_digest, resolve_model
 from phitune.errors import InputError, OptionError
 from phitune.measure import Stopwatch, current_rss_mb, dir_size_mb, release_memory
 from phitune.models import architecture
 
-ADAPTER_FILE = "adapter_weights.onnx_adapter"
 PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "gpu"}
 
 

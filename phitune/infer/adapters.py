@@ -14,7 +14,6 @@ from phitune import genai_config
 from phitune.errors import InputError, OptionError
 
 SUFFIX = ".onnx_adapter"
-DEFAULT_FILE = "adapter_weights" + SUFFIX  # what `phitune auto-opt` writes next to model.onnx
 _FIX = "use an adapter exported for this model (phitune auto-opt writes both together)"
 
 
@@ -48,8 +47,9 @@ def plan(model_dir: Path, specs: tuple[str, ...], active: str | None,
     the active one defaults to the first; --no-adapter starts on the base.
     """
     adapters = [parse(s) for s in specs]
-    if not adapters and not no_adapter and (model_dir / DEFAULT_FILE).is_file():
-        adapters = [Adapter(model_dir / DEFAULT_FILE, _stem(Path(DEFAULT_FILE)))]
+    own = model_dir / genai_config.ADAPTER_FILE
+    if not adapters and not no_adapter and own.is_file():
+        adapters = [Adapter(own, _stem(own))]
     seen: dict[str, Path] = {}
     for adapter in adapters:
         if adapter.name in seen:
@@ -119,7 +119,8 @@ def _read_parameters(adapter_file: Path) -> dict[str, tuple[str, tuple[int, ...]
     """name -> (element type, shape) of each parameter in an onnxruntime adapter file."""
     if not adapter_file.is_file():
         raise InputError("no such adapter file", str(adapter_file),
-                         f"pass a {SUFFIX} file (phitune auto-opt writes D/model/{DEFAULT_FILE})")
+                         f"pass a {SUFFIX} file (phitune auto-opt writes "
+                         f"D/model/{genai_config.ADAPTER_FILE})")
     import onnxruntime as ort
     try:
         params = ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
