@@ -3,6 +3,7 @@ PyTorch/PEFT over greedy decoding (no adapter, the adapter given to auto-opt, a 
 another rank on a subset of modules), AWQ weights kept in int4, and every refusal."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +285,15 @@ def test_base_without_lora_inputs_is_refused(cli, adapters, work, tmp_path):
 def test_onnx_model_is_not_an_auto_opt_input(fp32_export, cli, tmp_path):
     result = cli("auto-opt", "-m", str(fp32_export), "-o", str(tmp_path / "o"))
     assert result.code == 2 and "onnxruntime-genai model" in result.error_lines[0]
+
+
+def test_relative_paths_as_in_the_lab(awq_export, adapters, cli, tmp_path, monkeypatch):
+    """The lab's commands pass relative -m/--adapter_path/-o: the builder subprocess runs in a
+    scratch dir, so every path it gets must be absolute."""
+    awq, _ = awq_export
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(awq, tmp_path / "awq")
+    shutil.copytree(adapters[0], tmp_path / "adapter")
+    _ok(cli, "auto-opt", "-m", "awq", "--adapter_path", "adapter", "-o", "models/onnx-ao")
+    assert (tmp_path / "models" / "onnx-ao" / "model" / "model.onnx").is_file()
+    assert (tmp_path / "models" / "onnx-ao" / "model" / "adapter_weights.onnx_adapter").is_file()

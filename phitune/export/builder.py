@@ -25,7 +25,9 @@ class ExportError(PhituneError):
 
 def run_builder(source: Path, out_dir: Path, precision: str, device: str, work_dir: Path,
                 extra_options: dict[str, str]) -> float:
-    """Build `out_dir` from the Hugging Face dir `source`; returns the builder's peak RSS (MB)."""
+    """Build `out_dir` from the Hugging Face dir `source`; returns the builder's peak RSS (MB).
+    The builder runs inside `work_dir`, so every path it is given is made absolute first."""
+    source, out_dir, work_dir = (Path(p).absolute() for p in (source, out_dir, work_dir))
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
            "-o", str(out_dir), "-p", precision, "-e", EXECUTION_PROVIDERS[device],
            "-c", str(work_dir / "builder-cache")]
@@ -41,6 +43,10 @@ def run_builder(source: Path, out_dir: Path, precision: str, device: str, work_d
         raise ExportError(f"the onnxruntime-genai model builder failed: {_last_error(log_file)}",
                           f"building {source}", "run with -v to see the builder's log; "
                           "report it if the model is a supported architecture")
+    if not any(out_dir.glob("*.onnx")):
+        raise ExportError(f"the onnxruntime-genai model builder wrote no ONNX graph "
+                          f"({_last_error(log_file)})", f"building {source}",
+                          "run with -v to see the builder's log; report it")
     return peak_mb
 
 
