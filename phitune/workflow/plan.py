@@ -349,7 +349,7 @@ def _check_inputs(value: Any, option: str, step: str, key: str, where: str) -> N
         elif option == "model" and item not in EMBEDDED_MODELS \
                 and not Path(item).expanduser().exists() and not _HUB_ID.match(item):
             raise InputError(f"step '{step}': model {item} is not a directory, a hub id or an "
-                             "@step", where, f"check the path, or write @<step> for an earlier "
+                             "@step", where, "check the path, or write @<step> for an earlier "
                              "step's output, or 'tiny-phi3'")
 
 
