@@ -6,6 +6,7 @@
     python scripts/bench.py finetune                      # phitune vs HF Trainer + PEFT (padding, no packing)
     python scripts/bench.py auto-opt --layers 2 4         # int4 export peak memory, Phi-3-mini-shaped
     python scripts/bench.py infer                         # decode tok/s, TTFT: int4 (block 32 / 128) vs PyTorch, vs bandwidth
+    python scripts/bench.py chat                          # TTFT per chat turn: kept KV cache vs a fresh prefill per turn
 
 Every run is a fresh `phitune --json quantize` subprocess, so peak RSS is that run's own.
 """
@@ -615,6 +616,48 @@ def bench_infer(args: argparse.Namespace) -> None:
     print(f"\nmodels under {cache}")
 
 
+def chat_turns(model_dir: str, questions: list[str], new_tokens: int, keep: bool) -> list[dict]:
+    """One chat through phitune's Session, every turn's TTFT and decode speed."""
+    from phitune.infer.session import Sampling, Session
+    session = Session(Path(model_dir))
+    messages, turns = [], []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        ids = session.encode(session.chat_prompt(messages))
+        answer = session.generate(ids, Sampling(max_new_tokens=new_tokens), keep=keep)
+        messages.append({"role": "assistant", "content": answer.text})
+        turns.append({"prompt": len(ids), "cached": answer.cached_tokens, "ttft_s": answer.ttft_s,
+                      "tok_per_s": answer.tok_per_s})
+    return turns
+
+
+def bench_chat(args: argparse.Namespace) -> None:
+    """Baseline: a fresh generator per turn, prefilling the whole history (phitune infer's chat
+    before the kept cache, and what a stateless caller of onnxruntime-genai does)."""
+    cache = Path(args.cache)
+    float_dir = build_phi3_mini_shaped(cache / f"phi3-mini-shaped-{args.phi3_mini_layers}l",
+                                       args.phi3_mini_layers)
+    onnx_dir = cache / f"infer-phi3-mini-shaped-{args.phi3_mini_layers}l-int4-b128"
+    phitune_json("auto-opt", "-m", str(float_dir), "--block_size", "128", "-o", str(onnx_dir))
+    records = [json.loads(line) for line in open(REPO / "data" / "travel.jsonl") if line.strip()]
+    questions = [r["prompt"] for r in records[:args.turns]]
+    print(f"== chat: {args.turns} turns of travel.jsonl questions, {args.new_tokens} new tokens each, "
+          f"greedy; Phi-3-mini-shaped {args.phi3_mini_layers} layers, int4 block 128")
+    results = {mode: in_child(chat_turns, str(onnx_dir / "model"), questions, args.new_tokens,
+                              mode == "kept KV cache")
+               for mode in ("fresh prefill per turn", "kept KV cache")}
+    print(f"{'turn':>4} {'prompt':>7} | {'fresh TTFT ms':>13} | {'kept TTFT ms':>12} {'cached':>7} "
+          f"| {'fresh tok/s':>11} {'kept tok/s':>10}")
+    fresh, kept = results.values()
+    for i, (f, k) in enumerate(zip(fresh, kept), 1):
+        print(f"{i:4} {k['prompt']:7} | {f['ttft_s'] * 1e3:13.0f} | {k['ttft_s'] * 1e3:12.0f} "
+              f"{k['cached']:7} | {f['tok_per_s'] or 0:11.1f} {k['tok_per_s'] or 0:10.1f}")
+    total = {mode: sum(t["ttft_s"] for t in turns) for mode, turns in results.items()}
+    print(f"total time to first token: fresh {total['fresh prefill per turn']:.2f} s, kept "
+          f"{total['kept KV cache']:.2f} s ({total['fresh prefill per turn'] / total['kept KV cache']:.1f}×); "
+          f"last turn {fresh[-1]['ttft_s'] / kept[-1]['ttft_s']:.1f}×")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True)
@@ -652,6 +695,13 @@ def main() -> None:
     i.add_argument("--lora_r", type=int, default=16)
     i.add_argument("--bandwidth_gib", type=float, default=1.0)
     i.add_argument("--cache", default=str(REPO / "models" / "bench"))
+    c = sub.add_parser("chat", help="TTFT per chat turn: the kept KV cache vs a fresh prefill "
+                                    "of the whole history each turn")
+    c.add_argument("--phi3-mini-layers", type=int, default=4,
+                   help="layers of the Phi-3-mini-shaped model (32 = full size)")
+    c.add_argument("--turns", type=int, default=8)
+    c.add_argument("--new_tokens", type=int, default=64)
+    c.add_argument("--cache", default=str(REPO / "models" / "bench"))
     b = sub.add_parser("_baseline_finetune")
     for name in ("--model", "--data_files", "--target_modules"):
         b.add_argument(name)
@@ -659,7 +709,7 @@ def main() -> None:
         b.add_argument(name, type=int)
     args = parser.parse_args()
     {"quantize": bench_quantize, "finetune": bench_finetune, "auto-opt": bench_auto_opt,
-     "infer": bench_infer,
+     "infer": bench_infer, "chat": bench_chat,
      "_baseline_finetune": baseline_finetune}[args.step](args)
 
 

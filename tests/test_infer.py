@@ -258,6 +258,69 @@ def test_ctrl_c_during_generation_ends_only_that_answer(genai_model):
             KeyboardInterrupt()))
 
 
+def _turns(session, texts, max_new_tokens=8, keep=True):
+    """A chat through Session.generate: each answer and the ids it was given."""
+    from phitune.infer.session import Sampling
+    messages, answers = [], []
+    for text in texts:
+        messages += user(text)
+        ids = session.encode(session.chat_prompt(messages))
+        answer = session.generate(ids, Sampling(max_new_tokens=max_new_tokens), keep=keep)
+        answers.append((answer, session._kept and session._kept.capacity))
+        messages.append({"role": "assistant", "content": answer.text})
+    return answers
+
+
+def test_a_chat_prefills_only_the_new_turn_and_answers_as_a_fresh_prefill(genai_model,
+                                                                         monkeypatch):
+    from phitune.infer import session as session_module
+    from phitune.infer.session import Session
+    monkeypatch.setattr(session_module, "CHAT_CACHE_TOKENS", 16)  # regrowth happens too
+    texts = ["Hello", "And then?", "Tell me more", "Why?", "Go on", "OK"]
+    kept = _turns(Session(genai_model), texts)
+    fresh = [answer for answer, _ in _turns(Session(genai_model), texts, keep=False)]
+    assert [a.ids for a, _ in kept] == [a.ids for a in fresh]
+    assert all(a.cached_tokens == 0 for a in fresh)
+    reused = 0
+    for (before, capacity), (answer, _) in zip(kept, kept[1:]):
+        if answer.prompt_tokens + 8 > capacity:  # outgrew the cache: one fresh prefill
+            assert answer.cached_tokens == 0
+            continue
+        # all of the last prompt is reused, and the last answer where re-encoding keeps it
+        assert before.prompt_tokens - 1 <= answer.cached_tokens < answer.prompt_tokens
+        reused += 1
+    assert reused >= 3
+
+
+def test_a_kept_cache_is_not_shared_across_adapters(lora_model, adapter_file):
+    from phitune.infer.adapters import Adapter
+    from phitune.infer.session import Sampling, Session
+    session = Session(lora_model, [Adapter(adapter_file, "travel")], active="travel")
+    ids = session.encode(session.chat_prompt(user("Hello")))
+    tuned = session.generate(ids, Sampling(max_new_tokens=8), keep=True)
+    session.activate(None)
+    base = session.generate(ids, Sampling(max_new_tokens=8), keep=True)
+    assert base.cached_tokens == 0  # a fresh generator, not the adapter's KV cache
+    assert base.ids == direct(lora_model, user("Hello"), n=8)[1] != tuned.ids
+    again = session.generate(ids, Sampling(max_new_tokens=8), keep=True)
+    assert again.cached_tokens == len(ids) - 1 and again.ids == base.ids
+
+
+def test_a_chat_outgrowing_its_cache_starts_a_larger_one(genai_model, monkeypatch):
+    from phitune.infer import session as session_module
+    from phitune.infer.session import Sampling, Session
+    monkeypatch.setattr(session_module, "CHAT_CACHE_TOKENS", 16)
+    session = Session(genai_model)
+    short = session.encode(session.chat_prompt(user("Hi")))
+    session.generate(short, Sampling(max_new_tokens=2), keep=True)
+    capacity = session._kept.capacity
+    long = session.encode(session.chat_prompt(user("Hi " + "tell me a long story " * 20)))
+    assert len(long) + 2 > capacity
+    answer = session.generate(long, Sampling(max_new_tokens=2), keep=True)
+    assert answer.cached_tokens == 0 and session._kept.capacity == 2 * (len(long) + 2)
+    assert answer.ids == direct(genai_model, user("Hi " + "tell me a long story " * 20), n=2)[1]
+
+
 # ---------------------------------------------------------------- adapters
 
 def test_adapter_in_the_model_dir_is_the_default(cli, lora_model, adapter_file, tmp_path):

@@ -69,11 +69,13 @@ class Chat:
     template: str | None = None
     stats: bool = False
 
-    def answer(self, conversation: Conversation, text: str, interruptible: bool = False) -> Answer:
+    def answer(self, conversation: Conversation, text: str, chat: bool = False) -> Answer:
+        """Answer `text` after the conversation so far. In a chat (the REPL) Ctrl-C ends only
+        this answer, and the KV cache is kept so the next turn prefills only its new tokens."""
         ids = conversation.prompt_ids(self.session, text)
         stream = None if ui.json_mode() else ui.emit
         answer = self.session.generate(ids, self.sampling, on_text=stream,
-                                       interruptible=interruptible)
+                                       interruptible=chat, keep=chat)
         if ui.json_mode():
             ui.emit(json.dumps(answer.summary()) + "\n")
         elif not answer.text.endswith("\n") or not answer.text:
@@ -82,7 +84,9 @@ class Chat:
             ui.info("[dim](interrupted)[/dim]")
         if self.stats:
             rate = f"{answer.tok_per_s:.1f} tok/s" if answer.tok_per_s is not None else "– tok/s"
-            ui.info(f"[dim]time to first token {answer.ttft_s * 1000:.0f} ms · decode {rate} · "
+            cached = f", {answer.cached_tokens} cached" if answer.cached_tokens else ""
+            ui.info(f"[dim]time to first token {answer.ttft_s * 1000:.0f} ms (prompt "
+                    f"{answer.prompt_tokens} tokens{cached}) · decode {rate} · "
                     f"{answer.tokens} tokens[/dim]")
         return answer
 
@@ -115,7 +119,7 @@ class Chat:
                     return
                 continue
             try:
-                answer = self.answer(conversation, text, interruptible=True)
+                answer = self.answer(conversation, text, chat=True)
             except PhituneError as exc:  # a too-long chat: say so, keep the REPL
                 ui.error_line(exc.line())
                 continue

@@ -1,8 +1,11 @@
 """One onnxruntime-genai model with its tokenizer and adapters, loaded once; generation with
 streaming and timings.
 
-A fresh generator per answer: it costs a prefill of the whole conversation each turn, but an
-adapter switch between turns then never mixes two adapters in one KV cache.
+A chat keeps its generator between turns, so a turn prefills only the tokens the conversation
+gained since the last answer, not the whole history. The kept KV cache is reused only for
+the prompt prefix it already holds, under the same adapter and search options; anything else
+(an adapter switch, a conversation that outgrew the cache) starts a fresh generator, so two
+adapters never mix in one cache.
 """
 
 from __future__ import annotations
@@ -59,10 +62,37 @@ class Answer:
     ttft_s: float  # start to the first generated token: prefill included
     tok_per_s: float | None  # decode speed after the first token; None with fewer than two
     interrupted: bool = False
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the kept KV cache, not prefilled
 
     def summary(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "ttft_s": round(self.ttft_s, 6),
                 "tok_per_s": None if self.tok_per_s is None else round(self.tok_per_s, 3)}
+
+
+@dataclass
+class _KeptGenerator:
+    """A chat's generator between turns, with what its KV cache is valid for."""
+
+    generator: object
+    adapter: str | None
+    search: dict
+    capacity: int  # its max_length: the KV cache is allocated for this many tokens
+
+
+# A kept chat cache holds at least this many tokens (Phi-3-mini's fp32 KV cache: 0.8 GB).
+CHAT_CACHE_TOKENS = 1024
+
+
+def _capacity(needed: int, context_length: int) -> int:
+    """Tokens to allocate a kept chat's KV cache for: room for a few more turns, doubling
+    as the chat grows, so a long chat re-prefills once per doubling rather than per turn."""
+    return min(max(2 * needed, CHAT_CACHE_TOKENS), context_length)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 class Session:
@@ -94,6 +124,7 @@ class Session:
                                  f"({_first_line(exc)})", str(adapter.path),
                                  "use an adapter exported for this model") from None
         self.active: str | None = None
+        self._kept: _KeptGenerator | None = None
         self.activate(active)
         ui.debug(f"loaded {self.model_dir} in {time.perf_counter() - start:.2f} s "
                  f"(adapters: {', '.join(self.adapter_names) or 'none'})")
@@ -128,34 +159,38 @@ class Session:
 
     def generate(self, ids: Sequence[int], sampling: Sampling,
                  on_text: Callable[[str], None] | None = None,
-                 interruptible: bool = False) -> Answer:
+                 interruptible: bool = False, keep: bool = False) -> Answer:
         """Generate an answer to `ids`, passing each new piece of text to `on_text`.
 
         Stops at an end-of-sequence token (genai_config's eos_token_id), after
         `max_new_tokens`, or at the context length. With `interruptible`, Ctrl-C ends the
-        answer early instead of propagating.
+        answer early instead of propagating. With `keep`, the generator is kept for the
+        next call, which then prefills only what its prompt adds to this one's tokens.
         """
-        og = self._og
         if len(ids) >= self.context_length:
             raise InputError(f"the prompt is {len(ids)} tokens; the model's context holds "
                              f"{self.context_length}", str(self.model_dir),
                              "shorten the prompt (in a chat, /reset starts over)")
         start = time.perf_counter()
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=min(len(ids) + sampling.max_new_tokens,
-                                                 self.context_length),
-                                  **sampling.search_options())
-        generator = og.Generator(self.model, params)
-        if self.active is not None:
-            generator.set_active_adapter(self.adapters, self.active)
+        search = sampling.search_options()
+        needed = min(len(ids) + sampling.max_new_tokens, self.context_length)
+        reused = self._reuse(ids, search, needed) if keep else None
+        self._kept = None  # a fresh generator must not hold a second KV cache beside the old
+        if reused is not None:
+            generator, cached, capacity = reused
+        else:
+            cached, capacity = 0, _capacity(needed, self.context_length) if keep else needed
+            generator = self._new_generator(capacity, search)
         stream = self.tokenizer.create_stream()
         new: list[int] = []
         pieces: list[str] = []
         first = None
         interrupted = False
         try:
-            generator.append_tokens(list(ids))
-            while not generator.is_done():
+            generator.append_tokens(list(ids[cached:]))
+            if keep:
+                self._kept = _KeptGenerator(generator, self.active, search, capacity)
+            while not generator.is_done() and len(new) < sampling.max_new_tokens:
                 generator.generate_next_token()
                 token = int(generator.get_next_tokens()[0])
                 new.append(token)
@@ -176,7 +211,34 @@ class Session:
         first = first or end
         tokens = len(new) - (1 if new and new[-1] in self.eos_ids else 0)
         rate = (len(new) - 1) / (end - first) if len(new) > 1 and end > first else None
-        return Answer("".join(pieces), new, tokens, first - start, rate, interrupted)
+        return Answer("".join(pieces), new, tokens, first - start, rate, interrupted,
+                      len(ids), cached)
+
+    def _new_generator(self, max_length: int, search: dict):
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, **search)
+        generator = self._og.Generator(self.model, params)
+        if self.active is not None:
+            generator.set_active_adapter(self.adapters, self.active)
+        return generator
+
+    def _reuse(self, ids: Sequence[int], search: dict, needed: int):
+        """(generator, shared prefix length, capacity): the kept generator rewound to the
+        longest prefix it shares with `ids`; None when it cannot serve this prompt."""
+        kept = self._kept
+        if (kept is None or kept.adapter != self.active or kept.search != search
+                or needed > kept.capacity):
+            return None
+        sequence = [int(t) for t in kept.generator.get_sequence(0)]
+        # The last token a generator produced is not in its KV cache yet, and
+        # onnxruntime-genai 0.18 appends after it as if it were (logits off by 0.5 on
+        # tiny-phi3): always rewind past it and feed it again. At least one prompt token
+        # is fed, or there would be no logits to sample from.
+        shared = min(_common_prefix(sequence, ids), len(sequence) - 1, len(ids) - 1)
+        if shared <= 0:
+            return None
+        kept.generator.rewind_to(shared)
+        return kept.generator, shared, kept.capacity
 
 
 def _first_line(exc: BaseException) -> str:
