@@ -298,12 +298,28 @@ def test_a_kept_cache_is_not_shared_across_adapters(lora_model, adapter_file):
     session = Session(lora_model, [Adapter(adapter_file, "travel")], active="travel")
     ids = session.encode(session.chat_prompt(user("Hello")))
     tuned = session.generate(ids, Sampling(max_new_tokens=8), keep=True)
+    assert session.chat_ready(Sampling(max_new_tokens=8))
     session.activate(None)
+    assert not session.chat_ready(Sampling(max_new_tokens=8))
     base = session.generate(ids, Sampling(max_new_tokens=8), keep=True)
     assert base.cached_tokens == 0  # a fresh generator, not the adapter's KV cache
     assert base.ids == direct(lora_model, user("Hello"), n=8)[1] != tuned.ids
     again = session.generate(ids, Sampling(max_new_tokens=8), keep=True)
     assert again.cached_tokens == len(ids) - 1 and again.ids == base.ids
+
+
+def test_a_cache_prepared_before_the_first_turn_serves_it(genai_model):
+    from phitune.infer.session import Sampling, Session
+    session = Session(genai_model)
+    sampling = Sampling(max_new_tokens=8)
+    assert not session.chat_ready(sampling)
+    session.prepare_chat(sampling)
+    prepared = session._kept.generator
+    assert session.chat_ready(sampling) and not session.chat_ready(Sampling(top_k=5))
+    answer = session.generate(session.encode(session.chat_prompt(user("Hello"))), sampling,
+                              keep=True)
+    assert session._kept.generator is prepared and answer.cached_tokens == 0
+    assert answer.ids == direct(genai_model, user("Hello"), n=8)[1]
 
 
 def test_a_chat_outgrowing_its_cache_starts_a_larger_one(genai_model, monkeypatch):

@@ -106,6 +106,10 @@ class Chat:
         ui.info(f"[bold]chat with {escape(str(self.session.model_dir))}[/bold] "
                 f"(adapter: {self.session.active or 'none'}) — {HELP}")
         while True:
+            if not self.session.chat_ready(self.sampling):
+                # Allocating the KV cache takes seconds at full size: before the prompt (at
+                # the start, after an adapter switch), not inside the next answer's latency.
+                self.session.prepare_chat(self.sampling)
             try:
                 text = _ask(f"[{self.session.active}] >>> " if self.session.active else ">>> ")
             except (EOFError, KeyboardInterrupt):
