@@ -322,6 +322,13 @@ def test_a_cache_prepared_before_the_first_turn_serves_it(genai_model):
     assert answer.ids == direct(genai_model, user("Hello"), n=8)[1]
 
 
+@pytest.mark.parametrize("needed, context, capacity", [
+    (100, 4096, 1024), (3000, 131072, 6000), (10000, 131072, 14096), (3000, 4096, 4096)])
+def test_a_chat_cache_doubles_in_bounded_steps(needed, context, capacity):
+    from phitune.infer.session import _capacity
+    assert _capacity(needed, context) == capacity
+
+
 def test_a_chat_outgrowing_its_cache_starts_a_larger_one(genai_model, monkeypatch):
     from phitune.infer import session as session_module
     from phitune.infer.session import Sampling, Session

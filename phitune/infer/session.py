@@ -80,14 +80,19 @@ class _KeptGenerator:
     capacity: int  # its max_length: the KV cache is allocated for this many tokens
 
 
-# A kept chat cache holds at least this many tokens (Phi-3-mini's fp32 KV cache: 0.8 GB).
+# A kept chat cache holds at least this many tokens (Phi-3-mini's fp32 KV cache: 0.8 GB),
+# and grows by at most CHAT_CACHE_GROWTH at a time (3.2 GB), whatever the context length.
 CHAT_CACHE_TOKENS = 1024
+CHAT_CACHE_GROWTH = 4096
 
 
 def _capacity(needed: int, context_length: int) -> int:
     """Tokens to allocate a kept chat's KV cache for: room for a few more turns, doubling
-    as the chat grows, so a long chat re-prefills once per doubling rather than per turn."""
-    return min(max(2 * needed, CHAT_CACHE_TOKENS), context_length)
+    as the chat grows (so a long chat re-prefills once per doubling, not per turn), in
+    steps of at most CHAT_CACHE_GROWTH so a 128k-context model does not reserve twice a
+    long conversation."""
+    headroom = min(needed, CHAT_CACHE_GROWTH)
+    return min(max(needed + headroom, CHAT_CACHE_TOKENS), context_length)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
