@@ -616,8 +616,10 @@ def bench_infer(args: argparse.Namespace) -> None:
     print(f"\nmodels under {cache}")
 
 
-def chat_turns(model_dir: str, questions: list[str], new_tokens: int, keep: bool) -> list[dict]:
-    """One chat through phitune's Session, every turn's TTFT and decode speed."""
+def chat_turns(model_dir: str, questions: list[str], new_tokens: int, keep: bool
+               ) -> tuple[list[dict], float]:
+    """One chat through phitune's Session: every turn's TTFT and decode speed, and the
+    seconds spent allocating the kept cache before the first turn."""
     from phitune.infer.session import Sampling, Session
     session = Session(Path(model_dir))
     messages, turns = [], []
@@ -647,21 +649,19 @@ def bench_chat(args: argparse.Namespace) -> None:
     questions = [r["prompt"] for r in records[:args.turns]]
     print(f"== chat: {args.turns} turns of travel.jsonl questions, {args.new_tokens} new tokens each, "
           f"greedy; Phi-3-mini-shaped {args.phi3_mini_layers} layers, int4 block 128")
-    results = {mode: in_child(chat_turns, str(onnx_dir / "model"), questions, args.new_tokens,
-                              mode == "kept KV cache")
-               for mode in ("fresh prefill per turn", "kept KV cache")}
+    model_dir = str(onnx_dir / "model")
+    fresh, _ = in_child(chat_turns, model_dir, questions, args.new_tokens, False)
+    kept, prepare_s = in_child(chat_turns, model_dir, questions, args.new_tokens, True)
     print(f"{'turn':>4} {'prompt':>7} | {'fresh TTFT ms':>13} | {'kept TTFT ms':>12} {'cached':>7} "
           f"| {'fresh tok/s':>11} {'kept tok/s':>10}")
-    (fresh, _), (kept, prepare_s) = results.values()
-    results = {mode: turns for mode, (turns, _) in results.items()}
     for i, (f, k) in enumerate(zip(fresh, kept), 1):
         print(f"{i:4} {k['prompt']:7} | {f['ttft_s'] * 1e3:13.0f} | {k['ttft_s'] * 1e3:12.0f} "
               f"{k['cached']:7} | {f['tok_per_s'] or 0:11.1f} {k['tok_per_s'] or 0:10.1f}")
-    total = {mode: sum(t["ttft_s"] for t in turns) for mode, turns in results.items()}
-    print(f"total time to first token: fresh {total['fresh prefill per turn']:.2f} s, kept "
-          f"{total['kept KV cache']:.2f} s ({total['fresh prefill per turn'] / total['kept KV cache']:.1f}×); "
-          f"last turn {fresh[-1]['ttft_s'] / kept[-1]['ttft_s']:.1f}×; the kept cache was allocated "
-          f"before the first prompt in {prepare_s:.2f} s (not in any TTFT)")
+    fresh_s, kept_s = (sum(t["ttft_s"] for t in turns) for turns in (fresh, kept))
+    print(f"total time to first token: fresh prefill per turn {fresh_s:.2f} s, kept KV cache "
+          f"{kept_s:.2f} s ({fresh_s / kept_s:.1f}×); last turn "
+          f"{fresh[-1]['ttft_s'] / kept[-1]['ttft_s']:.1f}×; the kept cache was allocated before "
+          f"the first prompt in {prepare_s:.2f} s (not in any TTFT)")
 
 
 def main() -> None:
