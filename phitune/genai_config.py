@@ -14,6 +14,7 @@ from phitune.errors import InputError
 
 FILE = "genai_config.json"
 ADAPTER_FILE = "adapter_weights.onnx_adapter"  # the adapter auto-opt writes beside the graph
+_REEXPORT = "re-export the model with phitune auto-opt"  # the fix for a broken config
 
 
 def read(model_dir: Path) -> dict:
@@ -26,10 +27,10 @@ def read(model_dir: Path) -> dict:
                          "export the model with phitune auto-opt first") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read {FILE} ({exc})", str(file),
-                         "re-export the model with phitune auto-opt") from None
+                         _REEXPORT) from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise InputError(f"{FILE} has no 'model' section", str(file),
-                         "re-export the model with phitune auto-opt")
+                         _REEXPORT)
     return config
 
 
@@ -39,7 +40,7 @@ def model_field(model_dir: Path, *keys: str):
     for key in keys:
         if not isinstance(value, dict) or key not in value:
             raise InputError(f"{FILE} has no model.{'.'.join(keys)}", str(Path(model_dir) / FILE),
-                             "re-export the model with phitune auto-opt")
+                             _REEXPORT)
         value = value[key]
     return value
 
@@ -48,7 +49,7 @@ def decoder(model_dir: Path) -> dict:
     section = model_field(model_dir, "decoder")
     if not isinstance(section, dict):
         raise InputError(f"{FILE}'s model.decoder is not an object", str(Path(model_dir) / FILE),
-                         "re-export the model with phitune auto-opt")
+                         _REEXPORT)
     return section
 
 
@@ -65,7 +66,7 @@ def _positive_int(model_dir: Path, key: str) -> int:
         number = 0
     if number <= 0:
         raise InputError(f"{FILE}'s model.{key} is not a positive integer ({value!r})",
-                         str(Path(model_dir) / FILE), "re-export the model with phitune auto-opt")
+                         str(Path(model_dir) / FILE), _REEXPORT)
     return number
 
 

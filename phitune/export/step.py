@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from phitune import ui
-from phitune.genai_config import ADAPTER_FILE
 from phitune.artifacts import Output, hf_kind, content_digest, resolve_model
 from phitune.errors import InputError, OptionError
+from phitune.genai_config import ADAPTER_FILE
 from phitune.measure import Stopwatch, current_rss_mb, dir_size_mb, release_memory
 from phitune.models import architecture
 
