@@ -82,3 +82,19 @@ def release_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def available_memory_mb(device: str = "cpu") -> float | None:
+    """Memory a new allocation can still get: the GPU's free memory, or Linux's MemAvailable
+    (None where neither can be read)."""
+    if device == "cuda":
+        import torch
+        return torch.cuda.mem_get_info()[0] / 2**20
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

@@ -150,9 +150,11 @@ def bench_finetune(args: argparse.Namespace) -> None:
                   "--per_device_train_batch_size", str(args.batch_size),
                   "--max_seq_len", str(args.max_seq_len), "--force"]
         runs = {"phitune": phitune_json(*common, "-o", tempfile.mkdtemp() + "/ft")}
-        if runs["phitune"].get("gradient_checkpointing"):  # the other end of the trade-off
-            runs["phitune, no checkpointing"] = phitune_json(
-                *common, "--no-gradient_checkpointing", "-o", tempfile.mkdtemp() + "/ft")
+        if runs["phitune"]["dtype"] != "float32":  # a large model: the other end of the trade-off
+            other = not runs["phitune"]["gradient_checkpointing"]
+            runs[f"phitune, checkpointing {'on' if other else 'off'}"] = phitune_json(
+                *common, "--gradient_checkpointing" if other else "--no-gradient_checkpointing",
+                "-o", tempfile.mkdtemp() + "/ft")
         proc = subprocess.run([sys.executable, __file__, "_baseline_finetune", "--model", path,
                                "--data_files", data, "--steps", str(args.steps),
                                "--lora_r", str(args.lora_r), "--batch_size", str(args.batch_size),
@@ -519,11 +521,6 @@ def measure(configs: dict, runs: int, together: bool) -> dict:
             for label, got in samples.items()}
 
 
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-
-
 def bench_infer(args: argparse.Namespace) -> None:
     import os
     threads = os.cpu_count() or 1
@@ -569,7 +566,8 @@ def bench_infer(args: argparse.Namespace) -> None:
         dtype = json.loads((float_dir / "config.json").read_text()).get("dtype", "float32")
         needed = float_bytes * (2 if "16" in str(dtype) else 1) \
             + (len(configs) - 1) * 1.5 * (model_dir / "model.onnx.data").stat().st_size
-        together = needed < 0.6 * mem_available()
+        from phitune.measure import available_memory_mb
+        together = needed < 0.6 * available_memory_mb() * 2**20
         machine = cpu_jiffies()
         rows = measure(configs, args.runs, together)
         others = other_cpu(machine)

@@ -1,6 +1,9 @@
 """The training loop: AdamW on the LoRA weights, gradient accumulation, linear warmup and
 decay, checkpoints that survive an interruption, data parallel under torchrun.
 
+A step's loss is the mean over its labelled tokens however its rows are cut into passes
+(micro-batches, accumulation steps): each pass adds its summed loss over the step's count.
+
 The data order is a function of (seed, step) alone, so a resumed run sees exactly the rows
 the uninterrupted one would have, and every rank can find its share without coordination.
 """
@@ -20,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from phitune.finetune.loss import CausalLMLoss
+from phitune.finetune.loss import CausalLMLoss, labelled_tokens
 
 
 @dataclass
@@ -37,6 +40,7 @@ class TrainConfig:
     save_steps: int = 50
     eval_batch_size: int = 8
     autocast_dtype: torch.dtype | None = None
+    micro_batch_rows: int | None = None  # rows per forward/backward pass; None: the whole batch
 
 
 @dataclass
@@ -138,16 +142,23 @@ def eval_loss(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, 
         return None
     was_training = model.training
     model.eval()
+    size = cfg.micro_batch_rows or cfg.eval_batch_size
     total, count = 0.0, 0
-    for i in range(0, len(rows), cfg.eval_batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[i:i + cfg.eval_batch_size]).items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
+    for i in range(0, len(rows), size):
+        batch = {k: v.to(device) for k, v in collate(rows[i:i + size]).items()}
         with _autocast(device, cfg.autocast_dtype):
-            loss = CausalLMLoss(model)(**batch)
-        total += loss.float().item() * n
-        count += n
+            total += CausalLMLoss(model)(**batch, reduction="sum").float().item()
+        count += sum(labelled_tokens(r["labels"]) for r in rows[i:i + size])
     model.train(was_training)
     return total / max(count, 1)
+
+
+def micro_batches(batches: list[list[int]], rows_per_pass: int | None) -> list[list[int]]:
+    """The step's batches cut into passes of at most `rows_per_pass` rows. The loss is weighted
+    by labelled tokens, so the cut changes memory and speed, not the gradient."""
+    if not rows_per_pass:
+        return batches
+    return [b[i:i + rows_per_pass] for b in batches for i in range(0, len(b), rows_per_pass)]
 
 
 def _autocast(device: str, dtype):
@@ -202,7 +213,8 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
     step = start_step
     with _stop_on_sigint() as stop:
         while step < steps:
-            micro = row_indices(step, len(rows), cfg, world)
+            micro = micro_batches(row_indices(step, len(rows), cfg, world), cfg.micro_batch_rows)
+            labelled = max(1, sum(labelled_tokens(rows[j]["labels"]) for m in micro for j in m))
             step_loss, step_tokens = 0.0, 0
             for i, indices in enumerate(micro):
                 batch_rows = [rows[j] for j in indices]
@@ -211,7 +223,8 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
                 context = ddp_model.no_sync() if not sync else nullcontext()
                 with context:
                     with _autocast(device, cfg.autocast_dtype):
-                        loss = ddp_model(**batch) / len(micro)
+                        # this pass's share of the step's token-mean loss
+                        loss = ddp_model(**batch, reduction="sum") / labelled
                     loss.backward()
                 step_loss += loss.item()
                 step_tokens += sum(real_tokens(r) for r in batch_rows)

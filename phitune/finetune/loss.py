@@ -35,7 +35,10 @@ class CausalLMLoss(nn.Module):
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return lm.get_decoder(), lm.get_output_embeddings()
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+                **inputs) -> torch.Tensor:
+        """Mean next-token loss over the labelled positions; `reduction="sum"` gives their sum,
+        for micro-batches weighted by their share of a step's labelled tokens."""
         decoder, head = self._parts()
         hidden = decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
         targets = labels[:, 1:].reshape(-1)
@@ -52,4 +55,9 @@ class CausalLMLoss(nn.Module):
                                            use_reentrant=False)
             else:
                 total = total + _ce_sum(hidden[chunk], targets[chunk], head)
-        return total / targets.numel()
+        return total if reduction == "sum" else total / targets.numel()
+
+
+def labelled_tokens(labels) -> int:
+    """Positions that carry a next-token label (the loss's denominator) in one row's labels."""
+    return sum(1 for label in labels[1:] if label != IGNORE)

@@ -32,7 +32,7 @@ class FinetuneOptions(RecordOptions):
     gradient_accumulation_steps: int = 1
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool | None = None  # None: on for large models
+    gradient_checkpointing: bool | None = None  # None: on when a pass's activations don't fit
     dtype: str = "auto"
     save_steps: int = 50
     resume: bool = False
@@ -89,7 +89,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     import torch
 
     from phitune import data
-    from phitune.finetune import lora
+    from phitune.finetune import lora, memory
     from phitune.finetune.base import load_base
     from phitune.finetune.loop import Checkpoint, TrainConfig, World, eval_loss, train
     from phitune.models import load_tokenizer, resolve_device
@@ -109,11 +109,17 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
 
     dtype = _train_dtype(model_ref, device, opts.dtype)
     large = _is_large(model_ref)
-    checkpointing = opts.gradient_checkpointing if opts.gradient_checkpointing is not None else large
-    if checkpointing or large:  # memory first: a step's freed activations go back to the OS at once
+    if large or opts.gradient_checkpointing:  # a pass's freed activations go back to the OS at once
         return_large_frees_to_os()  # (not for small models: it cost tiny-phi3 35% of its speed)
     torch.manual_seed(opts.seed)
     base = load_base(model_ref, opts.method, device, dtype)
+    passes = memory.rows_per_pass(device, opts.max_seq_len)
+    pass_rows = min(passes or opts.per_device_train_batch_size, opts.per_device_train_batch_size)
+    choice = memory.choose_checkpointing(opts.gradient_checkpointing, large, base.config,
+                                         pass_rows * opts.max_seq_len, dtype.itemsize, device)
+    checkpointing = choice.on
+    if world.main and large:
+        ui.info(f"gradient checkpointing {'on' if checkpointing else 'off'} ({choice.reason})")
     if checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -128,7 +134,8 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
                       learning_rate=opts.learning_rate, batch_size=opts.per_device_train_batch_size,
                       grad_accum=opts.gradient_accumulation_steps, warmup_steps=opts.warmup_steps,
                       max_grad_norm=opts.max_grad_norm, seed=opts.seed, save_steps=opts.save_steps,
-                      autocast_dtype=None if dtype == torch.float32 else dtype)
+                      autocast_dtype=None if dtype == torch.float32 else dtype,
+                      micro_batch_rows=passes)
     checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
     if not opts.resume and checkpoint.load() and world.main:
         ui.info("a checkpoint of an interrupted run exists: --resume continues from it; "
@@ -156,7 +163,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
         "train_seconds": round(result.seconds, 2),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "world_size": world.size, "device": device, "dtype": str(dtype).replace("torch.", ""),
-        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing": checkpointing, "rows_per_pass": cfg.micro_batch_rows,
         **{f"data_{k}": v for k, v in prepared.stats.items()},
     }
     with out.staging() as work:
@@ -187,7 +194,7 @@ def _train_dtype(model_ref, device: str, choice: str = "auto"):
     return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
 
 
-LARGE_FROM_MB = 256  # checkpoint size on disk from which auto picks bf16 and checkpointing
+LARGE_FROM_MB = 256  # checkpoint size on disk from which auto picks bf16 and may checkpoint
 
 
 def _is_large(model_ref) -> bool:
