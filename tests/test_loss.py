@@ -6,8 +6,9 @@ import torch
 from phitune.finetune.loss import CausalLMLoss
 
 
-@pytest.mark.parametrize("chunk", [7, 1024])
-def test_chunked_loss_equals_transformers_loss(random_phi3, chunk):
+@pytest.mark.parametrize("chunk, keep_logits_mb", [(7, 0), (1024, 0), (1024, 64)])
+def test_chunked_loss_equals_transformers_loss(random_phi3, chunk, keep_logits_mb):
+    """Recomputed chunks (keep_logits_mb=0) and kept ones give the same value and gradient."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
@@ -19,7 +20,7 @@ def test_chunked_loss_equals_transformers_loss(random_phi3, chunk):
     labels[1, 30] = -100
     trainable = [p for p in model.parameters() if p.requires_grad]
     reference = model(input_ids=ids, labels=labels).loss
-    ours = CausalLMLoss(model, chunk_tokens=chunk)(input_ids=ids, labels=labels)
+    ours = CausalLMLoss(model, chunk, keep_logits_mb)(input_ids=ids, labels=labels)
     assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-6)
     for a, b in zip(torch.autograd.grad(reference, trainable), torch.autograd.grad(ours, trainable)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

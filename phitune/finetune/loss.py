@@ -6,6 +6,9 @@ than the activations of the decoder layers. Here the LM head runs only on positi
 a label (response tokens: the prompt's logits are never computed), in chunks whose logits are
 recomputed in backward instead of kept. Same value as transformers' loss: mean cross-entropy
 over shifted labels that are not -100.
+
+A chunk whose logits are small (a 512-token CPU pass: ~50 MB at Phi-3's vocabulary) is kept
+instead of recomputed: recomputing would cost an LM-head forward for memory that is not there.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ class CausalLMLoss(nn.Module):
     """Wraps a (PEFT) causal LM; forward(batch) → scalar loss. DDP wraps this module, so its
     forward is the one that prepares gradient synchronisation."""
 
-    def __init__(self, model: nn.Module, chunk_tokens: int = 1024):
+    def __init__(self, model: nn.Module, chunk_tokens: int = 1024, keep_logits_mb: float = 64):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.keep_logits_mb = keep_logits_mb
 
     def _parts(self) -> tuple[nn.Module, nn.Module]:
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -48,9 +52,11 @@ class CausalLMLoss(nn.Module):
         if targets.numel() == 0:
             return hidden.sum() * 0.0  # keeps the graph (and DDP) whole
         total = hidden.new_zeros((), dtype=torch.float32)
+        logits_mb = min(targets.numel(), self.chunk_tokens) * head.weight.shape[0] * 4 / 2**20
+        recompute = torch.is_grad_enabled() and logits_mb > self.keep_logits_mb
         for start in range(0, targets.numel(), self.chunk_tokens):
             chunk = slice(start, start + self.chunk_tokens)
-            if torch.is_grad_enabled():
+            if recompute:
                 total = total + checkpoint(_ce_sum, hidden[chunk], targets[chunk], head,
                                            use_reentrant=False)
             else:
