@@ -14,16 +14,22 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def current_rss_mb() -> float:
-    """Resident memory now (Linux /proc; 0 where unavailable)."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """The value of a 'Key:  N kB' line of a Linux /proc file (None where unreadable)."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (Linux /proc; 0 where unavailable)."""
+    kib = _proc_kib("/proc/self/status", "VmRSS")
+    return 0.0 if kib is None else kib / 1024
 
 
 def cuda_peak_mb() -> float | None:
@@ -90,11 +96,5 @@ def available_memory_mb(device: str = "cpu") -> float | None:
     if device == "cuda":
         import torch
         return torch.cuda.mem_get_info()[0] / 2**20
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    kib = _proc_kib("/proc/meminfo", "MemAvailable")
+    return None if kib is None else kib / 1024
