@@ -21,6 +21,8 @@ def test_activation_estimate_matches_the_measured_phi3_mini_shape():
     # bench finetune, 8 layers, 512 bf16 tokens a pass: 4116 MB without checkpointing,
     # 3295 MB with it; the difference is the activations one pass keeps.
     assert 0.9 * 821 < memory.activation_mb(PHI3_MINI, 512, 2) < 1.1 * 821
+    gpt2_like = SimpleNamespace(hidden_size=768, intermediate_size=None, num_hidden_layers=12)
+    assert memory.activation_mb(gpt2_like, 512, 4) == 512 * 12 * (16 + 6 * 4) * 768 * 4 / 2**20
 
 
 @pytest.mark.parametrize("free_mb, expected", [(64_000, False), (1_000, True)])

@@ -15,9 +15,9 @@ CHECKPOINT_SHARE = 0.5  # checkpoint when a pass's activations need more than th
 def rows_per_pass(device: str, max_seq_len: int) -> int | None:
     """On CPU a batch runs a row at a time, or as many rows as make 512 tokens when rows are
     shorter: a pass of one 512-token row keeps a quarter of the activations of a 4-row batch,
-    at the same speed (Phi-3-mini shape, 8 layers, no checkpointing: 6.8 → 4.1 GB peak). The gradient is the same: the loss
-    is weighted by labelled tokens. CUDA runs the whole batch at once, where larger matmuls are
-    what keeps the device busy (None)."""
+    at the same speed (Phi-3-mini shape, 8 layers, no checkpointing: 6.8 → 4.1 GB peak). The
+    gradient is the same: the loss is weighted by labelled tokens. CUDA runs the whole batch
+    at once, where larger matmuls are what keeps the device busy (None)."""
     if device != "cpu":
         return None
     return max(1, CPU_PASS_TOKENS // max_seq_len)
@@ -27,7 +27,9 @@ def activation_mb(config, tokens: int, element_size: int) -> float:
     """What one pass keeps for backward without checkpointing: per token and layer about 16
     values per hidden unit and 6 per MLP unit (the inputs LoRA, the norms, attention and the
     gated MLP save). Measured on the Phi-3-mini shape: 100 MB a layer at 512 bf16 tokens."""
-    per_token_layer = 16 * config.hidden_size + 6 * config.intermediate_size
+    hidden = config.hidden_size
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden  # e.g. GPT-2's n_inner=None
+    per_token_layer = 16 * hidden + 6 * mlp
     return tokens * config.num_hidden_layers * per_token_layer * element_size / 2**20
 
 
@@ -43,11 +45,11 @@ def choose_checkpointing(requested: bool | None, large: bool, config, tokens: in
     activations would take more than half the memory still free (after the base is loaded;
     shared among the processes of a launcher on this machine). Checkpointing recomputes the
     forward pass in backward: on the Phi-3-mini shape it costs about 1.35× the step time."""
-    need = activation_mb(config, tokens, element_size)
     if requested is not None:
         return CheckpointingChoice(requested, "as asked")
     if not large:
         return CheckpointingChoice(False, "small model")
+    need = activation_mb(config, tokens, element_size)
     free = available_memory_mb(device)
     if free is None:
         return CheckpointingChoice(True, "free memory unknown")
