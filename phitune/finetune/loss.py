@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from phitune.data.tokens import IGNORE_INDEX
 
 
 def _ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
@@ -46,7 +46,7 @@ class CausalLMLoss(nn.Module):
         decoder, head = self._parts()
         hidden = decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
         targets = labels[:, 1:].reshape(-1)
-        keep = targets != IGNORE
+        keep = targets != IGNORE_INDEX
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
         targets = targets[keep]
         if targets.numel() == 0:
@@ -66,4 +66,4 @@ class CausalLMLoss(nn.Module):
 
 def labelled_tokens(labels) -> int:
     """Positions that carry a next-token label (the loss's denominator) in one row's labels."""
-    return sum(1 for label in labels[1:] if label != IGNORE)
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
