@@ -168,7 +168,8 @@ def bench_finetune(args: argparse.Namespace) -> None:
         for label, ours in runs.items():
             print(f"{label:27} {ours['tokens_per_s']:8.0f} tok/s  peak RSS {ours['peak_rss_mb']:7.0f} MB  "
                   f"(packed rows, {ours['data_padding_fraction']:.1%} padding, {ours['dtype']}, "
-                  f"checkpointing {'on' if ours['gradient_checkpointing'] else 'off'})  → "
+                  f"checkpointing {'on' if ours['gradient_checkpointing'] else 'off'}"
+                  f"{', compiled' if ours.get('compiled') else ''})  → "
                   f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}× tok/s (goal ≥ 2), "
                   f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}× memory (goal ≤ 0.6)")
         print()

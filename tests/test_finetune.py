@@ -100,9 +100,12 @@ def test_lora_weights_get_gradient_through_the_quantized_base(awq_base):
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_same_seed_gives_identical_adapters(awq_base, cli, tmp_path):
+@pytest.mark.parametrize("compiled", ["--no-compile", "--compile"])  # inductor has its own dropout RNG
+def test_same_seed_gives_identical_adapters(awq_base, cli, tmp_path, compiled):
     for name in ("a", "b"):
-        assert cli(*lab(awq_base, tmp_path / name, "--max_steps", "3", "--seed", "7")).code == 0
+        result = cli(*lab(awq_base, tmp_path / name, "--max_steps", "3", "--seed", "7", compiled))
+        assert result.code == 0
+        assert _manifest(tmp_path / name)["metrics"]["compiled"] is (compiled == "--compile")
     a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

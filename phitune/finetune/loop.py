@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from phitune.finetune.layer_compile import eager
 from phitune.finetune.loss import CausalLMLoss, labelled_tokens
 
 
@@ -146,7 +147,7 @@ def eval_loss(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, 
     total, count = 0.0, 0
     for i in range(0, len(rows), size):
         batch = {k: v.to(device) for k, v in collate(rows[i:i + size]).items()}
-        with _autocast(device, cfg.autocast_dtype):
+        with _autocast(device, cfg.autocast_dtype), eager():
             total += CausalLMLoss(model)(**batch, reduction="sum").float().item()
         count += sum(labelled_tokens(r["labels"]) for r in rows[i:i + size])
     model.train(was_training)

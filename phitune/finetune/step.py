@@ -33,6 +33,7 @@ class FinetuneOptions(RecordOptions):
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool | None = None  # None: on when a pass's activations don't fit
+    compile: bool | None = None  # None: on for large models on CPU
     dtype: str = "auto"
     save_steps: int = 50
     resume: bool = False
@@ -126,6 +127,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     targets = lora.target_modules(base.config.model_type, opts.target_modules, base)
     model = lora.wrap(base, opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
     model.train()  # before any forward: some quantized kernels latch inference-only paths
+    compiled = _compile(model, opts.compile, large, device, world.main)
 
     mask_dtype = next(p for p in model.parameters()).dtype
     collate = (lambda rows: data.collate_packed(rows, dtype=mask_dtype)) if opts.packing else \
@@ -164,6 +166,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "world_size": world.size, "device": device, "dtype": str(dtype).replace("torch.", ""),
         "gradient_checkpointing": checkpointing, "rows_per_pass": cfg.micro_batch_rows,
+        "compiled": compiled,
         **{f"data_{k}": v for k, v in prepared.stats.items()},
     }
     with out.staging() as work:
@@ -173,6 +176,17 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     checkpoint.remove()
     world.barrier()
     return manifest
+
+
+def _compile(model, requested: bool | None, large: bool, device: str, say: bool) -> bool:
+    from phitune.finetune import layer_compile
+    choice = layer_compile.choose_compile(requested, large, device)
+    on = choice.on and layer_compile.compile_layers(model)
+    if say and (large or requested):
+        reason = choice.reason if on or not choice.on else "no decoder layer list found"
+        ui.info(f"torch.compile {'on' if on else 'off'} ({reason})"
+                + ("; the first step compiles" if on else ""))
+    return on
 
 
 def _round(value):

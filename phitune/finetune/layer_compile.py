@@ -1,0 +1,79 @@
+"""torch.compile for the decoder layers of a large model on CPU: inductor fuses the norms,
+rotary, SiLU, dropout and LoRA scaling that run between the matmuls into a few kernels.
+
+Measured on the Phi-3-mini shape (bf16, LoRA r=64, 512-token passes, in-process runs):
+2 layers 193 → 238 tok/s (+23%), 8 layers 59 → 66 tok/s (+12%), peak memory 6% lower.
+Compiling takes ~30 s on the first step (seconds once inductor's cache holds the graph), so
+small models, whose runs are short, stay eager. Only the layers are compiled ("regional
+compilation"): they share one graph, and the chunked loss stays as written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CompileChoice:
+    on: bool
+    reason: str
+
+
+def choose_compile(requested: bool | None, large: bool, device: str) -> CompileChoice:
+    """The user's choice; else on for large models on CPU when inductor can build a kernel
+    here. CUDA stays eager unless asked: not measured there yet."""
+    if requested is False:
+        return CompileChoice(False, "as asked")
+    if requested is None and not large:
+        return CompileChoice(False, "small model")
+    if requested is None and device != "cpu":
+        return CompileChoice(False, "not measured on this device; --compile to try")
+    problem = _toolchain_problem(device)
+    if problem:
+        return CompileChoice(False, problem)
+    return CompileChoice(True, "as asked" if requested else "large model on CPU")
+
+
+def _toolchain_problem(device: str) -> str | None:
+    """Why inductor cannot compile here, or None: builds one tiny kernel to find out."""
+    if device == "cpu":
+        compiler = os.environ.get("CXX") or "g++"
+        if not shutil.which(compiler):
+            return f"no C++ compiler ({compiler}) for torch.compile; set CXX"
+    try:
+        torch.compile(lambda x: (x * 2).sin(), dynamic=False)(torch.ones(8, device=device))
+    except Exception as e:  # noqa: BLE001 - any failure means: stay eager
+        return f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    """The repeated blocks of a (PEFT-wrapped) Hugging Face causal LM, or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    layers = getattr(inner, "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
+def compile_layers(model) -> bool:
+    """Compile each decoder layer in place (state dict names unchanged). A layer that fails to
+    compile later runs eager instead of stopping training."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return False
+    torch._dynamo.config.suppress_errors = True
+    for layer in layers:
+        layer.compile()
+    return True
+
+
+@contextmanager
+def eager():
+    """Run compiled modules eagerly: eval runs a few no-grad passes, not worth a second graph."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
