@@ -1,10 +1,16 @@
 """torch.compile of the decoder layers: when it is chosen, and that a compiled step computes
 the eager step's loss and gradients."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
 from phitune.finetune import layer_compile
+
+needs_compiler = pytest.mark.skipif(not shutil.which(os.environ.get("CXX") or "g++"),
+                                    reason="torch.compile on CPU needs a C++ compiler")
 
 
 def test_compile_is_off_for_small_models_and_unmeasured_devices():
@@ -40,6 +46,7 @@ def _lora_model(random_phi3):
     return model.train()
 
 
+@needs_compiler
 def test_a_compiled_step_matches_the_eager_step(random_phi3):
     from phitune.finetune.loss import CausalLMLoss
     model = _lora_model(random_phi3)
