@@ -34,6 +34,15 @@ def architecture(config: dict, path: Path | str) -> str:
     return arch
 
 
+def decoder_layers(model):
+    """The repeated blocks (an nn.ModuleList) of a Hugging Face causal LM, PEFT-wrapped or not;
+    None when the model keeps them elsewhere."""
+    import torch
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
 def load_causal_lm(path: Path | str, dtype=None, device: str = "cpu"):
     """A float causal LM in eval mode, with SDPA attention (causal without an explicit mask)."""
     import torch

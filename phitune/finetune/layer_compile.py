@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from phitune.models import decoder_layers
+
 
 @dataclass
 class CompileChoice:
@@ -50,14 +52,6 @@ def _toolchain_problem(device: str) -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure means: stay eager
         return f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     return None
-
-
-def decoder_layers(model) -> torch.nn.ModuleList | None:
-    """The repeated blocks of a (PEFT-wrapped) Hugging Face causal LM, or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None)
-    layers = getattr(inner, "layers", None)
-    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
 def compile_layers(model) -> bool:

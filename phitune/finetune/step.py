@@ -181,12 +181,12 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
 def _compile(model, requested: bool | None, large: bool, device: str, say: bool) -> bool:
     from phitune.finetune import layer_compile
     choice = layer_compile.choose_compile(requested, large, device)
-    on = choice.on and layer_compile.compile_layers(model)
+    if choice.on and not layer_compile.compile_layers(model):
+        choice = layer_compile.CompileChoice(False, "no decoder layer list found")
     if say and (large or requested):
-        reason = choice.reason if on or not choice.on else "no decoder layer list found"
-        ui.info(f"torch.compile {'on' if on else 'off'} ({reason})"
-                + ("; the first step compiles" if on else ""))
-    return on
+        ui.info(f"torch.compile {'on' if choice.on else 'off'} ({choice.reason})"
+                + ("; the first step compiles" if choice.on else ""))
+    return choice.on
 
 
 def _round(value):

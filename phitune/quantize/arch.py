@@ -48,10 +48,6 @@ class ScaleGroup:
 NO_CLIP = ("q_proj", "k_proj")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers
-
-
 def _attn_call(attn: nn.Module, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: attn(hidden_states=x, **kwargs)[0]
 

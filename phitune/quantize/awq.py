@@ -21,7 +21,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from phitune.quantize.arch import NO_CLIP, ScaleGroup, decoder_layers, linear_names, scale_groups
+from phitune.models import decoder_layers
+from phitune.quantize.arch import NO_CLIP, ScaleGroup, linear_names, scale_groups
 from phitune.quantize.pack import fake_quantize, pack_gemm, quantize_weight
 
 
