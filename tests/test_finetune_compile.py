@@ -1,20 +1,17 @@
 """torch.compile of the decoder layers: when it is chosen, and that a compiled step computes
 the eager step's loss and gradients."""
 
-import os
-import shutil
-
 import pytest
 import torch
 
 from phitune.finetune import layer_compile
 
-needs_compiler = pytest.mark.skipif(not shutil.which(os.environ.get("CXX") or "g++"),
+needs_compiler = pytest.mark.skipif(not layer_compile.cpu_compiler(),
                                     reason="torch.compile on CPU needs a C++ compiler")
 
 
 def test_compile_is_off_for_small_models_and_unmeasured_devices():
-    assert layer_compile.choose_compile(None, False, "cpu") == layer_compile.CompileChoice(False, "small model")
+    assert layer_compile.choose_compile(None, False, "cpu") == layer_compile.Choice(False, "small model")
     assert not layer_compile.choose_compile(None, True, "cuda").on
     assert not layer_compile.choose_compile(False, True, "cpu").on
 
@@ -29,7 +26,7 @@ def test_a_missing_compiler_keeps_training_eager_and_says_why(monkeypatch):
 def test_large_models_on_cpu_compile_when_the_toolchain_works(monkeypatch):
     monkeypatch.setattr(layer_compile, "_toolchain_problem", lambda device: None)
     assert layer_compile.choose_compile(None, True, "cpu") == \
-        layer_compile.CompileChoice(True, "large model on CPU")
+        layer_compile.Choice(True, "large model on CPU")
 
 
 def _lora_model(random_phi3):

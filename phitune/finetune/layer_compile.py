@@ -13,45 +13,46 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
+from phitune.finetune.memory import Choice
 from phitune.models import decoder_layers
 
 
-@dataclass
-class CompileChoice:
-    on: bool
-    reason: str
-
-
-def choose_compile(requested: bool | None, large: bool, device: str) -> CompileChoice:
+def choose_compile(requested: bool | None, large: bool, device: str) -> Choice:
     """The user's choice; else on for large models on CPU when inductor can build a kernel
     here. CUDA stays eager unless asked: not measured there yet."""
     if requested is False:
-        return CompileChoice(False, "as asked")
+        return Choice(False, "as asked")
     if requested is None and not large:
-        return CompileChoice(False, "small model")
+        return Choice(False, "small model")
     if requested is None and device != "cpu":
-        return CompileChoice(False, "not measured on this device; --compile to try")
+        return Choice(False, "not measured on this device; --compile to try")
     problem = _toolchain_problem(device)
     if problem:
-        return CompileChoice(False, problem)
-    return CompileChoice(True, "as asked" if requested else "large model on CPU")
+        return Choice(False, problem)
+    return Choice(True, "as asked" if requested else "large model on CPU")
 
 
 def _toolchain_problem(device: str) -> str | None:
     """Why inductor cannot compile here, or None: builds one tiny kernel to find out."""
-    if device == "cpu":
-        compiler = os.environ.get("CXX") or "g++"
-        if not shutil.which(compiler):
-            return f"no C++ compiler ({compiler}) for torch.compile; set CXX"
+    if device == "cpu" and not cpu_compiler():
+        return f"no C++ compiler ({_compiler_name()}) for torch.compile; set CXX"
     try:
         torch.compile(lambda x: (x * 2).sin(), dynamic=False)(torch.ones(8, device=device))
     except Exception as e:  # noqa: BLE001 - any failure means: stay eager
         return f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     return None
+
+
+def _compiler_name() -> str:
+    return os.environ.get("CXX") or "g++"  # what inductor runs on CPU
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler inductor would run on CPU, or None when it is not on PATH."""
+    return shutil.which(_compiler_name())
 
 
 def compile_layers(model) -> bool:

@@ -34,26 +34,28 @@ def activation_mb(config, tokens: int, element_size: int) -> float:
 
 
 @dataclass
-class CheckpointingChoice:
+class Choice:
+    """A setting finetune picks for the user (checkpointing, compile), and why: printed."""
+
     on: bool
     reason: str
 
 
 def choose_checkpointing(requested: bool | None, large: bool, config, tokens: int,
-                         element_size: int, device: str) -> CheckpointingChoice:
+                         element_size: int, device: str) -> Choice:
     """The user's choice; else off for small models, and for large ones on only when a pass's
     activations would take more than half the memory still free (after the base is loaded;
     shared among the processes of a launcher on this machine). Checkpointing recomputes the
     forward pass in backward: on the Phi-3-mini shape it costs about 1.35× the step time."""
     if requested is not None:
-        return CheckpointingChoice(requested, "as asked")
+        return Choice(requested, "as asked")
     if not large:
-        return CheckpointingChoice(False, "small model")
+        return Choice(False, "small model")
     need = activation_mb(config, tokens, element_size)
     free = available_memory_mb(device)
     if free is None:
-        return CheckpointingChoice(True, "free memory unknown")
+        return Choice(True, "free memory unknown")
     free /= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     on = need > CHECKPOINT_SHARE * free
-    return CheckpointingChoice(on, f"a pass keeps ~{need / 1024:.1f} GB of activations, "
+    return Choice(on, f"a pass keeps ~{need / 1024:.1f} GB of activations, "
                                    f"{free / 1024:.1f} GB free")

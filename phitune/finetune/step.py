@@ -182,7 +182,7 @@ def _compile(model, requested: bool | None, large: bool, device: str, say: bool)
     from phitune.finetune import layer_compile
     choice = layer_compile.choose_compile(requested, large, device)
     if choice.on and not layer_compile.compile_layers(model):
-        choice = layer_compile.CompileChoice(False, "no decoder layer list found")
+        choice = layer_compile.Choice(False, "no decoder layer list found")
     if say and (large or requested):
         ui.info(f"torch.compile {'on' if choice.on else 'off'} ({choice.reason})"
                 + ("; the first step compiles" if choice.on else ""))
