@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -272,12 +274,39 @@ def random_lora(model_dir: Path, path: Path, rank: int) -> Path:
     return path
 
 
+def as_phitune_infer(fn):
+    """Mark `fn` to run, in its spawned child, in the environment `phitune infer` decodes in:
+    the CLI re-executes itself with glibc's huge-page tunable (phitune/hugepages.py)."""
+    fn.child_environ = True
+    return fn
+
+
+@contextmanager
+def child_environ(fn):
+    """os.environ as `fn`'s spawned child should inherit it, for the duration of the spawn."""
+    from phitune import hugepages
+    env = hugepages.system_environ() if getattr(fn, "child_environ", False) else None
+    if env is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def in_child(fn, *args):
     """fn(*args) in a fresh spawned process: no thread pool of one runtime spins beside another's."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+        with child_environ(fn):
+            future = pool.submit(fn, *args)  # the child starts here, with this environment
+        return future.result()
 
 
 def prompt_ids(tokenizer_file: Path, n: int) -> list[int]:
@@ -360,7 +389,6 @@ def int4_bytes_per_token(model_dir: Path) -> dict:
 
 def cpu_jiffies() -> tuple[list[int], float, float]:
     """/proc/stat's cpu line, this process tree's CPU seconds, and the wall clock, now."""
-    import os
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:]]
     t = os.times()
@@ -369,7 +397,6 @@ def cpu_jiffies() -> tuple[list[int], float, float]:
 
 def other_cpu(since: tuple[list[int], float, float]) -> dict:
     """Cores kept busy by processes other than this bench (and its children) since `since`."""
-    import os
     (t0, own0, w0), (t1, own1, w1) = since, cpu_jiffies()
     hz, d = os.sysconf("SC_CLK_TCK"), [b - a for a, b in zip(t0, t1)]
     busy = (sum(d[:8]) - d[3] - d[4]) / hz  # all but idle and iowait (guest time is inside user)
@@ -383,6 +410,7 @@ def adapter_bytes(path: Path) -> int:
     return sum(v.numpy().nbytes for v in params.values())
 
 
+@as_phitune_infer
 def og_generator(model_dir: str, ids: list[int], new_tokens: int, adapter: str | None):
     """Generations with phitune infer's own Session.generate (every core of the affinity),
     greedy, forced to `new_tokens` (min_length keeps an early end-of-sequence token out).
@@ -484,7 +512,9 @@ class Runner:
         from concurrent.futures import ProcessPoolExecutor
         self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_runner_load, initargs=(factory, args))
-        self.variants, self.info = self.pool.submit(_runner_info).result()
+        with child_environ(factory):
+            started = self.pool.submit(_runner_info)  # the child starts here
+        self.variants, self.info = started.result()
 
     def once(self, variant: str) -> tuple[float, float, float, float]:
         return self.pool.submit(_runner_once, variant).result()
@@ -523,7 +553,6 @@ def measure(configs: dict, runs: int, together: bool) -> dict:
 
 
 def bench_infer(args: argparse.Namespace) -> None:
-    import os
     threads = os.cpu_count() or 1
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -543,6 +572,12 @@ def bench_infer(args: argparse.Namespace) -> None:
     print("read bandwidth (numpy, best of 5 over a {:g} GiB float32 array): {}  → {:.1f} GB/s used "
           "for the limit".format(args.bandwidth_gib, ", ".join(f"{k} {v:.1f}" for k, v in bw.items()),
                                  bandwidth))
+    from phitune import hugepages
+    env = hugepages.system_environ()
+    print("phitune int4 runs as `phitune infer` does: " + (
+        f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (huge pages, like numpy's array above); "
+        if env else f"no re-exec (THP mode {hugepages.thp_mode()}, tunable already set or none); ")
+        + "PyTorch runs as plain Python does")
 
     for name, float_dir in models:
         ids = prompt_ids(float_dir / "tokenizer.json", args.prompt_tokens)
@@ -615,6 +650,7 @@ def bench_infer(args: argparse.Namespace) -> None:
     print(f"\nmodels under {cache}")
 
 
+@as_phitune_infer
 def chat_turns(model_dir: str, questions: list[str], new_tokens: int, keep: bool
                ) -> tuple[list[dict], float]:
     """One chat through phitune's Session: every turn's TTFT and decode speed, and the

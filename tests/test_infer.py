@@ -480,3 +480,25 @@ def test_infer_help_imports_no_runtime():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--max_new_tokens" in out.stdout  # help belongs on stdout
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_command_line_reexecutes_with_huge_pages_and_answers_the_same(genai_model):
+    """The real process entry (not the in-process `cli`): it replaces itself with the same
+    command line plus glibc's huge-page tunable, and still reads the prompts piped to it."""
+    from phitune import hugepages
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"COLUMNS": "200"}
+    if hugepages.environ(env, hugepages.thp_mode(), hugepages.glibc_version()) is None:
+        pytest.skip(f"nothing to ask for here: THP mode {hugepages.thp_mode()}, "
+                    f"glibc {hugepages.glibc_version()}")
+
+    def run(extra: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "phitune", "-v", "--json", "infer", "-m",
+                               str(genai_model), "--max_new_tokens", "6"],
+                              input="What is a list?\nHello\n", env=env | extra,
+                              capture_output=True, text=True)
+    on, off = run({}), run({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert "glibc.malloc.hugetlb=1" in on.stderr and "glibc.malloc.hugetlb=0" in off.stderr
+    texts = [json.loads(line)["text"] for line in on.stdout.splitlines()]
+    assert texts == [json.loads(line)["text"] for line in off.stdout.splitlines()]
+    assert len(texts) == 2

@@ -67,12 +67,24 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# Commands whose speed is memory bandwidth (decoding): run with huge pages (hugepages.py).
+HUGE_PAGE_COMMANDS = {"infer"}
+
+
+def _command(args: list[str]) -> str | None:
+    """The subcommand in a command line: the group's own options are all flags."""
+    return next((a for a in args if not a.startswith("-")), None)
+
+
 _HELP_ASKED = [False]  # `phitune CMD --help` prints its help on stdout, like any CLI
 
 
 def main(argv: list[str] | None = None) -> None:
     from phitune.errors import PhituneError
     _HELP_ASKED[0] = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
+    if argv is None and not _HELP_ASKED[0] and _command(sys.argv[1:]) in HUGE_PAGE_COMMANDS:
+        from phitune import hugepages
+        hugepages.reexec()  # this process, run again with huge pages on: see hugepages.py
     stdout = sys.stdout  # ui.configure points sys.stdout at stderr while a command runs
     try:
         code = cli.main(args=argv, prog_name="phitune", standalone_mode=False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from phitune import genai_config, ui
+from phitune import genai_config, hugepages, ui
 from phitune.errors import InputError, OptionError
 from phitune.infer.adapters import Adapter, check_fits, describe
 
@@ -132,7 +132,8 @@ class Session:
         self._kept: _KeptGenerator | None = None
         self.activate(active)
         ui.debug(f"loaded {self.model_dir} in {time.perf_counter() - start:.2f} s "
-                 f"(adapters: {', '.join(self.adapter_names) or 'none'})")
+                 f"(adapters: {', '.join(self.adapter_names) or 'none'}; "
+                 f"{hugepages.describe()})")
 
     def activate(self, name: str | None, where: str = "--adapter_name") -> None:
         """Switch adapter for the next answers; None or 'none' is the base model."""
