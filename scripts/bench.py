@@ -348,6 +348,22 @@ def read_bandwidth(gib: float, repeats: int, threads: int) -> dict:
     return out
 
 
+def bandwidth_probe(gib: float, threads: int):
+    """A Runner factory: each run reads a `gib` GiB float32 array split over `threads` threads
+    (best of 3) → (0, GB/s). measure() runs it once a round beside the models, so every
+    model's limit comes from the bandwidth of the same minutes (this host's drifts 30–38 GB/s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+    parts, pool = np.array_split(a, threads), ThreadPoolExecutor(threads)
+
+    def once() -> tuple[float, float]:
+        seconds = min(_timed(lambda: list(pool.map(np.sum, parts))) for _ in range(3))
+        return 0.0, a.nbytes / seconds / 1e9
+    return {"": once}, {}
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -523,8 +539,9 @@ class Runner:
         self.pool.shutdown()
 
 
-def measure(configs: dict, runs: int, together: bool) -> dict:
-    """label + variant → {ttft_s, tok_per_s (medians over `runs` after a warm-up), cores, info}.
+def measure(configs: dict, runs: int, together: bool, probe: tuple | None = None) -> dict:
+    """label + variant → {ttft_s, tok_per_s (medians over `runs` after a warm-up), cores, info,
+    and with `probe` (a Runner config) bandwidth_GBps: the median probe reading of its rounds}.
 
     `together`: every model loaded at once and the runs interleaved round by round (order
     rotated), so a machine whose speed drifts — shared cores, a busy host — biases no config;
@@ -533,8 +550,11 @@ def measure(configs: dict, runs: int, together: bool) -> dict:
     samples: dict = {}
     infos = {}
     groups = [list(configs)] if together else [[label] for label in configs]
+    probe_label = "\0probe"  # joins every group's rounds; not a row of the result
     for group in groups:
         runners = {label: Runner(*configs[label]) for label in group}
+        if probe:
+            runners[probe_label] = Runner(*probe)
         jobs = [(label, v) for label, r in runners.items() for v in r.variants]
         for label, v in jobs:
             samples[label + v], infos[label + v] = [], runners[label].info
@@ -547,6 +567,11 @@ def measure(configs: dict, runs: int, together: bool) -> dict:
                     samples[label + variant].append(sample)
         for r in runners.values():
             r.close()
+        if probe:
+            bandwidth = _median([got[1] for got in samples.pop(probe_label)])
+            for label, v in jobs:
+                if label != probe_label:
+                    infos[label + v] = {**infos[label + v], "bandwidth_GBps": bandwidth}
     return {label: {"ttft_s": _median([s[0] for s in got]), "tok_per_s": _median([s[1] for s in got]),
                     "cores": sum(s[2] for s in got) / sum(s[3] for s in got), **infos[label]}
             for label, got in samples.items()}
@@ -566,12 +591,11 @@ def bench_infer(args: argparse.Namespace) -> None:
                        build_phi3_mini_shaped(cache / f"phi3-mini-shaped-{n}l", n)))
 
     bw = in_child(read_bandwidth, args.bandwidth_gib, 5, threads)
-    bandwidth = max(bw.values())
     print(f"== infer: decode on {threads} CPU threads; prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new, greedy, median of {args.runs} after 1 warm-up")
-    print("read bandwidth (numpy, best of 5 over a {:g} GiB float32 array): {}  → {:.1f} GB/s used "
-          "for the limit".format(args.bandwidth_gib, ", ".join(f"{k} {v:.1f}" for k, v in bw.items()),
-                                 bandwidth))
+    print("read bandwidth (numpy, best of 5 over a {:g} GiB float32 array): {}; the limits use "
+          "the {}-thread sum read again in every round of runs (median)".format(
+              args.bandwidth_gib, ", ".join(f"{k} {v:.1f}" for k, v in bw.items()), threads))
     from phitune import hugepages
     env = hugepages.system_environ()
     print("phitune int4 runs as `phitune infer` does: " + (
@@ -605,34 +629,33 @@ def bench_infer(args: argparse.Namespace) -> None:
         from phitune.measure import available_memory_mb
         together = needed < 0.6 * available_memory_mb() * 2**20
         machine = cpu_jiffies()
-        rows = measure(configs, args.runs, together)
+        rows = measure(configs, args.runs, together, (bandwidth_probe, args.bandwidth_gib, threads))
         others = other_cpu(machine)
         pt = rows["PyTorch fp32 generate"]
         export = "" if built.get("up_to_date") else f" (int4 export {built['wall_s']:.0f} s)"
         order = "interleaved round by round" if together else "one model at a time (memory)"
         print(f"\n-- {name}: {pt['params'] / 1e6:.1f}M params, random weights{export}; runs {order}")
-        limits = {"PyTorch": bandwidth * 1e9 / pt["bytes_per_token"]}
+        read = {"PyTorch fp32 generate": pt["bytes_per_token"]}  # bytes per token of each row
         for block, (model_dir, adapter, _) in exports.items():
             per_token = int4_bytes_per_token(model_dir)
             weights, extra = per_token["weights"], adapter_bytes(adapter)
             kv = per_token["kv_per_position"] * (args.prompt_tokens + args.new_tokens / 2)
-            limits[f"phitune int4 b{block}"] = bandwidth * 1e9 / weights
-            limits[f"phitune int4 b{block} + adapter"] = bandwidth * 1e9 / (weights + extra)
+            read[f"phitune int4 b{block}"] = weights
+            read[f"phitune int4 b{block} + adapter active"] = weights + extra
             print(f"bytes read per token, block {block}: int4 graph {weights / 2**20:.1f} MiB = "
                   f"model.onnx.data {per_token['data_file'] / 2**20:.1f} MiB minus "
                   f"{per_token['indexed_tables'] / 2**20:.1f} MiB of tables read one row each "
                   f"({', '.join(per_token['indexed_names'])}); adapter r={args.lora_r} "
                   f"+{extra / 2**20:.1f} MiB; not counted: KV cache ~{kv / 2**20:.1f} MiB at the mean context")
         print(f"PyTorch fp32 reads {pt['bytes_per_token'] / 2**20:.1f} MiB per token")
-        print(f"{'':46} {'TTFT ms':>8} {'decode tok/s':>13} {'× PyTorch':>10} {'limit tok/s':>12} "
-              f"{'% of limit':>11} {'cores busy':>11}")
+        limits = {label: r["bandwidth_GBps"] * 1e9 / read[label] for label, r in rows.items()}
+        print(f"{'':46} {'TTFT ms':>8} {'decode tok/s':>13} {'× PyTorch':>10} {'read GB/s':>10} "
+              f"{'limit tok/s':>12} {'% of limit':>11} {'cores busy':>11}")
         for label, r in rows.items():
-            lim = limits[next(k for k in sorted(limits, key=len, reverse=True)
-                              if label.startswith(k.replace(" + adapter", "")) and
-                              ("+ adapter" in label) == ("+ adapter" in k))]
+            lim = limits[label]
             print(f"{label:46} {r['ttft_s'] * 1e3:8.1f} {r['tok_per_s']:13.1f} "
-                  f"{r['tok_per_s'] / pt['tok_per_s']:9.2f}× {lim:12.0f} {r['tok_per_s'] / lim:10.0%} "
-                  f"{r['cores']:11.2f}")
+                  f"{r['tok_per_s'] / pt['tok_per_s']:9.2f}× {r['bandwidth_GBps']:10.1f} {lim:12.0f} "
+                  f"{r['tok_per_s'] / lim:10.0%} {r['cores']:11.2f}")
         for block in exports:
             label = f"phitune int4 b{block}"
             base, with_adapter = rows[label], rows[f"{label} + adapter active"]
