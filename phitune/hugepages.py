@@ -43,10 +43,15 @@ def environ(env: dict[str, str], mode: str | None, glibc: tuple[int, ...] | None
     """`env` with the tunable added, or None when it would change nothing: THP already
     `always` (or `never`), a libc without the tunable, or the user's own setting present."""
     tunables = env.get("GLIBC_TUNABLES", "")
-    if mode != "madvise" or glibc is None or glibc < (2, 35) or TUNABLE + "=" in tunables:
+    if mode != "madvise" or glibc is None or glibc < (2, 35) or _setting(tunables):
         return None
     setting = f"{TUNABLE}=1"
     return {**env, "GLIBC_TUNABLES": f"{tunables}:{setting}" if tunables else setting}
+
+
+def _setting(tunables: str) -> str | None:
+    """The `glibc.malloc.hugetlb=N` entry of a GLIBC_TUNABLES value, if it has one."""
+    return next((t for t in tunables.split(":") if t.startswith(TUNABLE + "=")), None)
 
 
 def system_environ() -> dict[str, str] | None:
@@ -83,6 +88,5 @@ def describe() -> str:
     mode = thp_mode()
     if mode == "always":
         return f"transparent huge pages: always{held}"
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    setting = next((t for t in tunables.split(":") if t.startswith(TUNABLE + "=")), None)
+    setting = _setting(os.environ.get("GLIBC_TUNABLES", ""))
     return f"transparent huge pages: {mode or 'unavailable'}, {setting or TUNABLE + ' unset'}{held}"

@@ -336,8 +336,7 @@ def read_bandwidth(gib: float, repeats: int, threads: int) -> dict:
 
     def best(fn) -> float:
         fn()
-        seconds = min(_timed(fn) for _ in range(repeats))
-        return a.nbytes / seconds / 1e9
+        return _best_gbps(fn, a.nbytes, repeats)
 
     out = {}
     with ThreadPoolExecutor(threads) as pool:
@@ -346,6 +345,11 @@ def read_bandwidth(gib: float, repeats: int, threads: int) -> dict:
             out[f"{kernel} 1 thread"] = best(lambda: f(a))
             out[f"{kernel} {threads} threads"] = best(lambda: list(pool.map(f, parts)))
     return out
+
+
+def _best_gbps(read, nbytes: int, repeats: int) -> float:
+    """GB/s of the fastest of `repeats` calls of `read`, which reads `nbytes`."""
+    return nbytes / min(_timed(read) for _ in range(repeats)) / 1e9
 
 
 def bandwidth_probe(gib: float, threads: int):
@@ -359,8 +363,7 @@ def bandwidth_probe(gib: float, threads: int):
     parts, pool = np.array_split(a, threads), ThreadPoolExecutor(threads)
 
     def once() -> tuple[float, float]:
-        seconds = min(_timed(lambda: list(pool.map(np.sum, parts))) for _ in range(3))
-        return 0.0, a.nbytes / seconds / 1e9
+        return 0.0, _best_gbps(lambda: list(pool.map(np.sum, parts)), a.nbytes, 3)
     return {"": once}, {}
 
 
