@@ -58,4 +58,4 @@ def choose_checkpointing(requested: bool | None, large: bool, config, tokens: in
     free /= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     on = need > CHECKPOINT_SHARE * free
     return Choice(on, f"a pass keeps ~{need / 1024:.1f} GB of activations, "
-                                   f"{free / 1024:.1f} GB free")
+                      f"{free / 1024:.1f} GB free")

@@ -180,9 +180,10 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
 
 def _compile(model, requested: bool | None, large: bool, device: str, say: bool) -> bool:
     from phitune.finetune import layer_compile
+    from phitune.finetune.memory import Choice
     choice = layer_compile.choose_compile(requested, large, device)
     if choice.on and not layer_compile.compile_layers(model):
-        choice = layer_compile.Choice(False, "no decoder layer list found")
+        choice = Choice(False, "no decoder layer list found")
     if say and (large or requested):
         ui.info(f"torch.compile {'on' if choice.on else 'off'} ({choice.reason})"
                 + ("; the first step compiles" if choice.on else ""))
