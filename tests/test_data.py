@@ -124,7 +124,7 @@ def test_text_cols_without_template_join_with_newlines():
     (dict(text_template="{} and {0}"), "positional"),
     (dict(text_template="{prompt} {answer}", text_cols="prompt,response"), "{answer}"),
     (dict(text_template="{prompt"), "not a valid template"),
-    (dict(use_chat_template=True, text_cols="a,b"), "one messages column"),
+    (dict(use_chat_template=True, text_cols="a,b,c,d"), "at most 3 columns"),
 ])
 def test_option_misuse_is_an_option_error(kwargs, needle):
     with pytest.raises(OptionError) as err:
@@ -322,6 +322,54 @@ def test_chat_records_are_validated(tmp_path):
         D.load_and_validate([no_reply], "json", D.make_spec(use_chat_template=True,
                                                             text_cols="conversation"))
     assert "'conversation'" in err.value.what and "messages" in err.value.what
+
+
+def test_chat_template_renders_prompt_response_columns(tok, tmp_path):
+    """--use_chat_template on column data: the known pairs by default, or named columns; the
+    text is the model's template over a user and an assistant turn, loss on the reply only."""
+    rows = [{"prompt": "What to see in Chicago?", "response": "The Art Institute."}]
+    path = jsonl(tmp_path / "pr.jsonl", rows)
+    expected = tok.apply_chat_template([{"role": "user", "content": rows[0]["prompt"]},
+                                        {"role": "assistant", "content": rows[0]["response"]}],
+                                       tokenize=False)
+    for spec in (D.make_spec(use_chat_template=True),
+                 D.make_spec(use_chat_template=True, text_cols="prompt,response")):
+        records = D.load_and_validate([path], "json", spec)
+        examples, _ = D.tokenize_examples(records, tok, spec, 256)
+        assert tok.decode(examples[0]["input_ids"]) == expected
+        assert trained_segments(tok, examples[0]["labels"]) == ["The Art Institute.<|end|>"]
+    qa = jsonl(tmp_path / "qa.jsonl", [{"question": "Q?", "answer": "A.", "id": 1}])
+    spec = D.make_spec(use_chat_template=True)
+    text, _ = D.render(D.load_and_validate([qa], "json", spec)[0], spec, tok)
+    assert "Q?" in text and "A." in text
+    system = D.make_spec(use_chat_template=True, text_cols="sys,q,a")
+    conv = D.conversation(D.Record({"sys": "Be brief.", "q": "Q?", "a": "A."}, "x:1"), system)
+    assert [m["role"] for m in conv] == ["system", "user", "assistant"]
+
+
+def test_chat_template_column_data_errors_name_the_way_out(tmp_path):
+    odd = jsonl(tmp_path / "odd.jsonl", [{"ask": "Q?", "reply": "A."}])
+    with pytest.raises(DataError) as err:
+        D.load_and_validate([odd], "json", D.make_spec(use_chat_template=True))
+    assert "prompt/response" in err.value.what and "ask, reply" in err.value.what
+    assert "--text_cols PROMPT,RESPONSE" in err.value.fix and err.value.where == f"{odd}:1"
+    named = D.make_spec(use_chat_template=True, text_cols="ask,reply")
+    assert D.load_and_validate([odd], "json", named)
+    numeric = jsonl(tmp_path / "num.jsonl", [{"ask": "Q?", "reply": 3}])
+    with pytest.raises(DataError) as err:
+        D.load_and_validate([numeric], "json", named)
+    assert "non-text value" in err.value.what
+
+
+def test_chat_template_on_a_model_without_one_is_one_line(tok):
+    import copy
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    spec = D.make_spec(use_chat_template=True)
+    record = D.Record({"prompt": "Q?", "response": "A."}, "x:1")
+    with pytest.raises(OptionError) as err:
+        D.render(record, spec, plain)
+    assert "no chat template" in err.value.what or "has none" in err.value.what
 
 
 # ---------------------------------------------------------------- overflow

@@ -49,9 +49,13 @@ def record_options(data_files_help: str, train_on_prompt_help: str, max_seq_len_
                     help=r"Text with {column} placeholders and \n escapes; loss on the part from "
                          "the last one."),
         dual_option("text_cols", metavar="A,B",
-                    help="Columns the template uses (joined by newlines without one)."),
+                    help="Columns the template uses (joined by newlines without one); with "
+                         "--use_chat_template: the messages column, or PROMPT,RESPONSE "
+                         "(SYSTEM,PROMPT,RESPONSE) columns."),
         dual_option("use_chat_template", is_flag=True,
-                    help="Apply the tokenizer's chat template to 'messages'."),
+                    help="Render records with the model's own chat template: a 'messages' "
+                         "list, or prompt/response, instruction/output or question/answer "
+                         "columns; loss on the assistant turns."),
         dual_option("train_on_prompt", is_flag=True, help=train_on_prompt_help),
         dual_option("max_seq_len", type=int, default=1024, show_default=True, help=max_seq_len_help),
         click.option("--overflow", type=click.Choice(["truncate", "drop"]), default="truncate",

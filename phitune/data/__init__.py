@@ -28,12 +28,12 @@ from phitune.data.render import render, render_chat
 from phitune.data.spec import OVERFLOW, TextSpec, make_spec, placeholders, unescape, validate_options
 from phitune.data.split import split_records
 from phitune.data.tokens import IGNORE_INDEX, Overflow, tokenize_examples
-from phitune.data.validate import load_and_validate, messages_of, validate_records
+from phitune.data.validate import conversation, load_and_validate, messages_of, validate_records
 
 __all__ = [
     "FORMATS", "IGNORE_INDEX", "OVERFLOW", "SUFFIXES", "Overflow", "Prepared", "Record",
     "RecordOptions", "TextSpec", "additive_mask", "as_records", "block_causal_mask",
-    "collate_packed", "describe", "load_and_validate", "load_records", "make_spec",
+    "collate_packed", "conversation", "describe", "load_and_validate", "load_records", "make_spec",
     "messages_of", "pack", "pad_batch", "pad_id_of", "placeholders", "prepare", "render",
     "render_chat", "split_records", "tokenize_examples", "unescape", "validate_options",
     "validate_records",

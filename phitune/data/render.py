@@ -8,7 +8,7 @@ from typing import Any
 
 from phitune.data.records import Record
 from phitune.data.spec import TextSpec, _parse
-from phitune.data.validate import messages_of
+from phitune.data.validate import conversation
 from phitune.errors import DataError, OptionError
 
 
@@ -28,7 +28,7 @@ def render(record: Record, spec: TextSpec, tokenizer=None) -> tuple[str, list[tu
     `{response}<|end|>`); a chat record's are its assistant turns.
     """
     if spec.chat:
-        return render_chat(messages_of(record, spec.messages_col), tokenizer)
+        return render_chat(conversation(record, spec), tokenizer)
     if spec.template is None:  # text columns alone: joined with newlines, the last is the response
         values = [_value_text(record.get(c)) for c in spec.text_cols]
         text = "\n".join(values)

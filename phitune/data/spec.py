@@ -25,14 +25,27 @@ class TextSpec:
     text_cols: tuple[str, ...] = ()
     chat: bool = False
     messages_col: str = "messages"
+    # Chat from plain columns: (user, assistant) or (system, user, assistant) column names.
+    turn_cols: tuple[str, ...] = ()
+    # Chat with no column named: a 'messages' list, else the first CHAT_COLUMN_PAIRS pair a
+    # record has (decided per record, so the spec needs no look at the data).
+    auto_columns: bool = False
     option: str = "--text_template"  # the option to name when the data does not fit
 
     @property
     def columns(self) -> tuple[str, ...]:
         """The columns every record needs."""
         if self.chat:
-            return (self.messages_col,)
+            if self.auto_columns:
+                return ()
+            return self.turn_cols or (self.messages_col,)
         return tuple(dict.fromkeys([*placeholders(self.template), *self.text_cols]))
+
+
+# Column pairs that `--use_chat_template` reads as a user turn and an assistant turn when no
+# column is named and a record has no 'messages' list (the common instruction-data layouts).
+CHAT_COLUMN_PAIRS = (("prompt", "response"), ("instruction", "output"), ("question", "answer"))
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 def unescape(template: str) -> str:
@@ -61,7 +74,8 @@ def make_spec(text_template: str | None = None, text_cols: str | Sequence[str] |
 
     `text_cols` names the columns the template uses (Olive's seed configs); without a template
     they are joined with newlines, which is the same as the template `{a}\\n{b}`. With
-    `use_chat_template` a single text column names the messages column.
+    `use_chat_template`, one text column names the messages column; two name the user and
+    assistant columns (three: system, user, assistant), rendered with the model's template.
     """
     if isinstance(text_cols, str):
         text_cols = [c.strip() for c in text_cols.split(",")]
@@ -75,11 +89,15 @@ def make_spec(text_template: str | None = None, text_cols: str | Sequence[str] |
                               "--text_template / --use_chat_template",
                               "pass one: a template for text columns, or the chat template "
                               "for a messages column")
+        if len(cols) > len(CHAT_ROLES):
+            raise OptionError(f"--use_chat_template reads at most {len(CHAT_ROLES)} columns, "
+                              f"--text_cols names {len(cols)}", "--text_cols",
+                              "name one messages column, or PROMPT,RESPONSE (or "
+                              "SYSTEM,PROMPT,RESPONSE) columns")
         if len(cols) > 1:
-            raise OptionError(f"--use_chat_template reads one messages column, --text_cols names "
-                              f"{len(cols)}", "--text_cols",
-                              "name the single column that holds [{role, content}] lists")
+            return TextSpec(chat=True, turn_cols=cols, text_cols=cols, option="--text_cols")
         return TextSpec(chat=True, messages_col=cols[0] if cols else "messages", text_cols=cols,
+                        auto_columns=not cols,
                         option="--text_cols" if cols else "--use_chat_template")
     if not text_template and not cols:
         raise OptionError("no text format given", "--text_template / --text_cols / "

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from phitune.data.readers import load_records
 from phitune.data.records import Record, as_records
-from phitune.data.spec import TextSpec
+from phitune.data.spec import CHAT_COLUMN_PAIRS, CHAT_ROLES, TextSpec
 from phitune.errors import DataError
 
 _MAX_LISTED = 12  # columns named in an error message
@@ -54,7 +54,7 @@ def validate_records(records: Sequence[Record], spec: TextSpec, train_on_prompt:
                             f"(missing or null), first at {missing[0].source}", missing[0].source,
                             f"fill in '{column}' or remove those records")
     if spec.chat:
-        _validate_messages(records, spec.messages_col, train_on_prompt)
+        _validate_conversations(records, spec, train_on_prompt)
 
 
 def _sources(records: Sequence[Record]) -> str:
@@ -84,8 +84,43 @@ def messages_of(record: Record, column: str = "messages") -> list[dict] | None:
     return value
 
 
-def _validate_messages(records: Sequence[Record], column: str, train_on_prompt: bool) -> None:
-    bad = [r for r in records if messages_of(r, column) is None]
+def conversation(record: Record, spec: TextSpec) -> list[dict] | None:
+    """The record as a chat for the model's template: its messages list, or a user turn and an
+    assistant turn (and a system turn) from plain columns; None if it is neither."""
+    if spec.turn_cols:
+        return _turns(record, spec.turn_cols)
+    messages = messages_of(record, spec.messages_col)
+    if messages is not None or not spec.auto_columns:
+        return messages
+    for pair in CHAT_COLUMN_PAIRS:
+        if all(isinstance(record.get(c), str) for c in pair):
+            return _turns(record, pair)
+    return None
+
+
+def _turns(record: Record, columns: Sequence[str]) -> list[dict] | None:
+    values = [record.get(c) for c in columns]
+    if not all(isinstance(v, str) for v in values):
+        return None
+    return [{"role": role, "content": value}
+            for role, value in zip(CHAT_ROLES[-len(columns):], values)]
+
+
+def _validate_conversations(records: Sequence[Record], spec: TextSpec,
+                            train_on_prompt: bool) -> None:
+    bad = [r for r in records if conversation(r, spec) is None]
+    if bad and spec.turn_cols:
+        raise DataError(f"{len(bad)} of {len(records)} records have a non-text value in "
+                        f"{', '.join(spec.turn_cols)}, first at {bad[0].source}", bad[0].source,
+                        "make those columns strings or remove the records")
+    if bad and spec.auto_columns and bad[0].get(spec.messages_col) is None:
+        pairs = ", ".join("/".join(p) for p in CHAT_COLUMN_PAIRS)
+        found = ", ".join(list(bad[0])[:_MAX_LISTED]) or "none"
+        raise DataError(f"--use_chat_template found no '{spec.messages_col}' list and no column "
+                        f"pair it knows ({pairs}) in {len(bad)} of {len(records)} records "
+                        f"(columns: {found}), first at {bad[0].source}", bad[0].source,
+                        "name the columns: --text_cols PROMPT,RESPONSE, or --text_cols MESSAGES")
+    column = spec.messages_col
     if bad:
         raise DataError(f"{len(bad)} of {len(records)} records have a '{column}' that is not a "
                         "non-empty list of {role, content} objects with string values, first at "
@@ -93,7 +128,7 @@ def _validate_messages(records: Sequence[Record], column: str, train_on_prompt: 
                         'write it as [{"role": "user", "content": "..."}, '
                         '{"role": "assistant", "content": "..."}]')
     if not train_on_prompt and not any(m["role"] == "assistant" for r in records
-                                       for m in messages_of(r, column)):
+                                       for m in conversation(r, spec)):
         raise DataError(f"no record has an assistant turn in '{column}', so there is nothing to "
                         "train on", _sources(records),
                         "add assistant replies, or pass --train_on_prompt to train on all text")
