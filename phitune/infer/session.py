@@ -1,6 +1,10 @@
 """One onnxruntime-genai model with its tokenizer and adapters, loaded once; generation with
 streaming and timings.
 
+An answer in progress is a `Decoding`: its own generator (its own KV cache and adapter),
+advanced one token at a time. `phitune infer` runs one to the end; `phitune serve` interleaves
+several, each with its own adapter, on the one loaded model.
+
 A chat keeps its generator between turns, so a turn prefills only the tokens the conversation
 gained since the last answer, not the whole history. The kept KV cache is reused only for
 the prompt prefix it already holds, under the same adapter and search options; anything else
@@ -163,6 +167,23 @@ class Session:
 
     # ------------------------------------------------------------ generation
 
+    def check_length(self, ids: Sequence[int]) -> None:
+        if len(ids) >= self.context_length:
+            raise InputError(f"the prompt is {len(ids)} tokens; the model's context holds "
+                             f"{self.context_length}", str(self.model_dir),
+                             "shorten the prompt (in a chat, /reset starts over)")
+
+    def start(self, ids: Sequence[int], sampling: Sampling, adapter: str | None) -> "Decoding":
+        """A fresh answer to `ids` under `adapter` (None: the base model), its KV cache sized
+        for this answer only; it does not touch the active adapter or the kept chat cache, so
+        any number can run side by side."""
+        self.check_length(ids)
+        if adapter is not None and adapter not in self.adapter_names:
+            raise InputError(f"no adapter named '{adapter}' ({describe(self.adapter_names)})")
+        needed = min(len(ids) + sampling.max_new_tokens, self.context_length)
+        generator = self._new_generator(needed, sampling.search_options(), adapter)
+        return Decoding(self, generator, ids, sampling.max_new_tokens)
+
     def generate(self, ids: Sequence[int], sampling: Sampling,
                  on_text: Callable[[str], None] | None = None,
                  interruptible: bool = False, keep: bool = False) -> Answer:
@@ -173,10 +194,7 @@ class Session:
         answer early instead of propagating. With `keep`, the generator is kept for the
         next call, which then prefills only what its prompt adds to this one's tokens.
         """
-        if len(ids) >= self.context_length:
-            raise InputError(f"the prompt is {len(ids)} tokens; the model's context holds "
-                             f"{self.context_length}", str(self.model_dir),
-                             "shorten the prompt (in a chat, /reset starts over)")
+        self.check_length(ids)
         start = time.perf_counter()
         search = sampling.search_options()
         needed = min(len(ids) + sampling.max_new_tokens, self.context_length)
@@ -187,38 +205,21 @@ class Session:
         else:
             cached, capacity = 0, _capacity(needed, self.context_length) if keep else needed
             generator = self._new_generator(capacity, search, self.active)
-        stream = self.tokenizer.create_stream()
-        new: list[int] = []
-        pieces: list[str] = []
-        first = None
+        decoding = Decoding(self, generator, ids, sampling.max_new_tokens, cached, start)
         interrupted = False
         try:
-            generator.append_tokens(list(ids[cached:]))
+            decoding.prefill()
             if keep:
                 self._kept = _KeptGenerator(generator, self.active, search, capacity)
-            while not generator.is_done() and len(new) < sampling.max_new_tokens:
-                generator.generate_next_token()
-                token = int(generator.get_next_tokens()[0])
-                new.append(token)
-                if first is None:
-                    first = time.perf_counter()
-                if token in self.eos_ids:
-                    continue  # is_done() now holds; the marker is not part of the text
-                piece = stream.decode(token)
-                if piece:
-                    pieces.append(piece)
-                    if on_text:
-                        on_text(piece)
+            while not decoding.done:
+                piece = decoding.step()
+                if piece and on_text:
+                    on_text(piece)
         except KeyboardInterrupt:
             if not interruptible:
                 raise
             interrupted = True
-        end = time.perf_counter()
-        first = first or end
-        tokens = len(new) - (1 if new and new[-1] in self.eos_ids else 0)
-        rate = (len(new) - 1) / (end - first) if len(new) > 1 and end > first else None
-        return Answer("".join(pieces), new, tokens, first - start, rate, interrupted,
-                      len(ids), cached)
+        return decoding.answer(interrupted)
 
     def chat_ready(self, sampling: Sampling) -> bool:
         """Whether a kept KV cache can serve the next turn's adapter and search options."""
@@ -269,6 +270,75 @@ class Session:
             return None
         kept.generator.rewind_to(shared)
         return kept.generator, shared, kept.capacity
+
+
+class Decoding:
+    """One answer in progress on its own generator: the prompt fed (in chunks if asked), then
+    a token per step(). Only the thread that drives it may touch it."""
+
+    def __init__(self, session: Session, generator, ids: Sequence[int], max_new_tokens: int,
+                 cached: int = 0, start: float | None = None):
+        self.session = session
+        self.generator = generator
+        self.prompt = list(ids)
+        self.max_new_tokens = max_new_tokens
+        self.cached = cached  # prompt tokens already in the generator's KV cache
+        self.fed = cached
+        self.start = time.perf_counter() if start is None else start
+        self.stream = session.tokenizer.create_stream()
+        self.new: list[int] = []
+        self.pieces: list[str] = []
+        self.first: float | None = None
+
+    @property
+    def prefilled(self) -> bool:
+        return self.fed >= len(self.prompt)
+
+    def prefill(self, chunk: int | None = None) -> bool:
+        """Feed the next `chunk` prompt tokens (all by default); True once all are in.
+        Chunks let a scheduler interleave a long prompt with other answers' tokens."""
+        end = len(self.prompt) if chunk is None else min(len(self.prompt), self.fed + chunk)
+        if end > self.fed:
+            self.generator.append_tokens(self.prompt[self.fed:end])
+            self.fed = end
+        return self.prefilled
+
+    @property
+    def eos(self) -> bool:
+        return bool(self.new) and self.new[-1] in self.session.eos_ids
+
+    @property
+    def done(self) -> bool:
+        return (self.eos or len(self.new) >= self.max_new_tokens
+                or (self.prefilled and self.generator.is_done()))
+
+    def step(self) -> str:
+        """Generate one token; its text ('' for an end-of-sequence token, or while the token
+        is an incomplete UTF-8 sequence)."""
+        self.generator.generate_next_token()
+        token = int(self.generator.get_next_tokens()[0])
+        self.new.append(token)
+        if self.first is None:
+            self.first = time.perf_counter()
+        if token in self.session.eos_ids:
+            return ""  # is_done() now holds; the marker is not part of the text
+        piece = self.stream.decode(token)
+        if piece:
+            self.pieces.append(piece)
+        return piece
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the answer, a closing end-of-sequence token not counted."""
+        return len(self.new) - (1 if self.eos else 0)
+
+    def answer(self, interrupted: bool = False) -> Answer:
+        end = time.perf_counter()
+        first = self.first or end
+        new = self.new
+        rate = (len(new) - 1) / (end - first) if len(new) > 1 and end > first else None
+        return Answer("".join(self.pieces), list(new), self.tokens, first - self.start, rate,
+                      interrupted, len(self.prompt), self.cached)
 
 
 def _first_line(exc: BaseException) -> str:
