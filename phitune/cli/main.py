@@ -22,12 +22,25 @@ COMMANDS = {
     "run": ("phitune.cli.run", "run"),
     "cache": ("phitune.cli.cache", "cache"),
     "eval": ("phitune.cli.eval", "eval_"),
+    "serve": ("phitune.cli.serve", "serve"),
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else None
+        if name and not name.startswith("-") and name not in COMMANDS:
+            import difflib
+
+            from phitune.errors import OptionError
+            close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.6)
+            raise OptionError(f"no such command '{name}'", "phitune",
+                              (f"did you mean '{close[0]}'? " if close else "")
+                              + "see 'phitune --help'")
+        return super().resolve_command(ctx, args)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
@@ -68,7 +81,7 @@ def _quiet_libraries() -> None:
 
 
 # Commands whose speed is memory bandwidth (decoding): run with huge pages (hugepages.py).
-HUGE_PAGE_COMMANDS = {"infer"}
+HUGE_PAGE_COMMANDS = {"infer", "serve"}
 
 
 def _command(args: list[str]) -> str | None:
@@ -91,11 +104,17 @@ def main(argv: list[str] | None = None) -> None:
     except PhituneError as exc:
         _fail(exc.line(), exc.exit_code)
     except click.ClickException as exc:  # bad flags, missing options, bad values
-        where = f"phitune {exc.ctx.command_path.split(' ', 1)[-1]}" if getattr(exc, "ctx", None) \
-            else "phitune"
+        path = exc.ctx.command_path.split() if getattr(exc, "ctx", None) else []
+        where = " ".join(["phitune"] + path[1:])  # the group's own path is just its name
         _fail(f"error: {exc.format_message()} — {where} — see '{where} --help'", exc.exit_code)
     except (KeyboardInterrupt, click.Abort):
         _fail("error: interrupted — no output was published", 130)
+    except Exception as exc:  # a full/read-only disk or a damaged file, met outside a step's
+        from phitune import oserrors  # own checks: one line (oserrors.py); else a bug
+        error = oserrors.translate(exc)
+        if error is None:
+            raise
+        _fail(error.line(), error.exit_code)
     finally:
         sys.stdout = stdout
     sys.exit(code if isinstance(code, int) else 0)
