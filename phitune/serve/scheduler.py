@@ -103,6 +103,7 @@ class Scheduler:
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="phitune-scheduler", daemon=True)
         self.failures = 0  # jobs that ended in an unexpected error (a bug, not bad input)
+        self.cut = 0  # jobs cancelled by close() at its timeout
 
     def start(self) -> None:
         self._thread.start()
@@ -134,6 +135,8 @@ class Scheduler:
         finished = not self.pending()
         with self._lock:
             for job in self._active + list(self._waiting):
+                if not job.cancelled.is_set():
+                    self.cut += 1
                 job.cancel()
         if self._thread.is_alive():
             self._thread.join(timeout=5)

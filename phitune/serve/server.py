@@ -68,9 +68,9 @@ def run(options: ServeOptions) -> None:
     try:
         _server(app, options, scheduler).run()
     finally:
-        finished = scheduler.close(options.shutdown_timeout)
-    ui.info("stopped" + ("" if finished else ": answers still running at --shutdown_timeout "
-                                              "were cancelled"))
+        scheduler.close(options.shutdown_timeout)
+    ui.info("stopped" + (f": {scheduler.cut} answer(s) still running at --shutdown_timeout "
+                         "were cancelled" if scheduler.cut else ""))
 
 
 def check_port(host: str, port: int) -> None:
