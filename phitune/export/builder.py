@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from phitune import ui
-from phitune.errors import PhituneError
+from phitune import children, oserrors, ui
+from phitune.errors import InputError, PhituneError
 
 EXECUTION_PROVIDERS = {"cpu": "cpu", "gpu": "cuda"}
 
@@ -36,10 +36,16 @@ def run_builder(source: Path, out_dir: Path, precision: str, device: str, work_d
     log_file = work_dir / "builder.log"
     ui.debug(" ".join(cmd))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    with open(log_file, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work_dir, env=env)
+    with open(log_file, "w") as log:  # the child dies with phitune (children.py)
+        proc = children.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work_dir, env=env)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     if proc.returncode != 0:
+        last = _last_error(log_file)
+        problem = oserrors.translate(OSError(last))
+        if problem is not None and not isinstance(problem, InputError):
+            # the disk filled up or went read-only under the builder: an OS error, which the
+            # step's output staging reports against -o (oserrors.writing)
+            raise OSError(f"the model builder: {last}")
         raise ExportError(f"the onnxruntime-genai model builder failed: {_last_error(log_file)}",
                           f"building {source}", "run with -v to see the builder's log; "
                           "report it if the model is a supported architecture")

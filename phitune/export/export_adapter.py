@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from phitune.artifacts import resolve_model
+from phitune import oserrors
+from phitune.artifacts import check_not_overlapping, check_parent_writable, resolve_model
 from phitune.errors import InputError, OutputError
 from phitune.measure import Stopwatch
 
@@ -28,10 +29,15 @@ def run(adapter: str, base: str, output: str, force: bool = False) -> dict:
     if not adapter_dir.is_dir():
         raise InputError(f"no such adapter directory: {adapter}", "-a",
                          "pass the adapter/ dir written by phitune finetune")
+    # -o ends in .onnx_adapter, so it can't be one of the base's graph files; a new file beside
+    # the graph is the normal use. Writing into the adapter dir being read is refused.
+    check_not_overlapping(out, [adapter_dir])
+    check_parent_writable(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        metrics = convert(adapter_dir, model.path, tmp)
-        os.replace(tmp, out)
+        with oserrors.writing(out):
+            metrics = convert(adapter_dir, model.path, tmp)
+            os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        oserrors.quietly(tmp.unlink, True)  # on a full or read-only disk: no second error
     return metrics | {"size_mb": round(out.stat().st_size / 2**20, 2), "seconds": round(watch.seconds, 2)}

@@ -10,7 +10,7 @@ from pathlib import Path
 from phitune import ui
 from phitune.artifacts import Output, content_digest, resolve_model
 from phitune.data import RecordOptions
-from phitune.errors import OptionError
+from phitune.errors import Interrupted, OptionError
 from phitune.measure import Stopwatch, return_large_frees_to_os
 
 
@@ -55,6 +55,10 @@ def _check(opts: FinetuneOptions) -> None:
             raise OptionError(f"--{name} must be ≥ 1", f"--{name}", "pass a positive integer")
     if opts.learning_rate <= 0:
         raise OptionError("--learning_rate must be positive", "--learning_rate", "e.g. 2e-4")
+    if opts.max_steps == 0 or opts.max_steps < -1:
+        raise OptionError(f"--max_steps {opts.max_steps} trains nothing", "--max_steps",
+                          "pass a positive number of steps, or -1 (the default) to train "
+                          "--num_train_epochs")
     if opts.max_steps <= 0 and opts.num_train_epochs <= 0:
         raise OptionError("nothing to train: --max_steps and --num_train_epochs are both ≤ 0",
                           "--max_steps", "pass --max_steps N or --num_train_epochs N")
@@ -80,7 +84,8 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
               "data": [str(p) for p in data_paths],
               "data_digest": [content_digest(p) for p in data_paths]}
     out = Output(opts.output, "finetuned", "finetune", inputs, params)
-    out.check_writable(force=opts.force)
+    out.check_writable(force=opts.force, reads=(*model_ref.paths, *data_paths,
+                                                 *map(Path, opts.data_files)))
     if out.up_to_date() and not opts.force:
         return out.existing(), True
     return _train_and_publish(opts, model_ref, spec, records, out), False
@@ -93,7 +98,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     from phitune.finetune import lora, memory
     from phitune.finetune.base import load_base
     from phitune.finetune.loop import Checkpoint, TrainConfig, World, eval_loss, train
-    from phitune.models import load_tokenizer, resolve_device
+    from phitune.models import load_tokenizer, quiet_gptqmodel, resolve_device
 
     device = resolve_device(opts.device)
     world = World.from_env(device)
@@ -125,6 +130,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     targets = lora.target_modules(base.config.model_type, opts.target_modules, base)
+    quiet_gptqmodel()  # peft imports it when installed: no banner, no environment edits
     model = lora.wrap(base, opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
     model.train()  # before any forward: some quantized kernels latch inference-only paths
     compiled = _compile(model, opts.compile, large, device, world.main)
@@ -139,16 +145,32 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
                       autocast_dtype=None if dtype == torch.float32 else dtype,
                       micro_batch_rows=passes)
     checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
-    if not opts.resume and checkpoint.load() and world.main:
+    saved = checkpoint.load()
+    if world.main and not opts.resume and saved:
         ui.info("a checkpoint of an interrupted run exists: --resume continues from it; "
                 "starting over")
+    if world.main and opts.resume and not saved:
+        ui.info(f"--resume: no checkpoint of an interrupted run with these options and data "
+                f"({checkpoint.file}{' was made with others' if checkpoint.file.is_file() else ' does not exist'}); "
+                "starting at step 0")
+    if world.main and opts.resume and saved:
+        ui.info(f"--resume: continuing from step {saved['step']}")
 
     before = eval_loss(model, prepared.eval, collate, cfg, device)
     with ui.progress("training", 1, "loss", "tok/s") as (bar, task):
         def on_step(step: int, steps: int, loss: float, rate: float) -> None:
             bar.update(task, total=steps, completed=step, loss=f"{loss:.4f}", **{"tok/s": f"{rate:.0f}"})
-        result = train(model, prepared.train, collate, cfg, device, world, checkpoint,
-                       resume=opts.resume, on_step=on_step)
+        try:
+            result = train(model, prepared.train, collate, cfg, device, world, checkpoint,
+                           resume=opts.resume, on_step=on_step)
+        except KeyboardInterrupt:
+            state = checkpoint.load() if world.main else None
+            if state is None:
+                raise
+            raise Interrupted(f"interrupted after step {state['step']} — no output was "
+                              f"published; a checkpoint is in {checkpoint.dir}",
+                              "phitune finetune",
+                              "run the same command with --resume to continue from it") from None
     after = eval_loss(model, prepared.eval, collate, cfg, device)
     if not world.main:
         world.barrier()

@@ -205,6 +205,9 @@ def run(options: InferOptions) -> None:
     sampling = Sampling(options.max_new_tokens, options.temperature, options.top_p,
                         options.top_k, options.seed)
     sampling.validate()
+    if options.prompt is None and sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise OptionError("no --prompt and stdin is closed", "phitune infer",
+                          "pass --prompt TEXT, pipe prompts on stdin, or run it in a terminal")
     model_dir = resolve(options.model)
     adapters, active = plan(model_dir, options.adapter, options.adapter_name, options.no_adapter)
     chat = Chat(Session(model_dir, adapters, active), sampling, template, options.stats)

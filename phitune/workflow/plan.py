@@ -23,8 +23,7 @@ from typing import Any
 
 import click
 
-from phitune.artifacts import (EMBEDDED_MODELS, EMBEDDED_NAMES, content_digest,
-                               embedded_path, make_key, read_manifest)
+from phitune.artifacts import EMBEDDED_MODELS, content_digest, data_dir, make_key, read_manifest
 from phitune.errors import InputError, OptionError, OutputError
 
 STEP_TYPES = ("quantize", "finetune", "auto-opt", "eval")
@@ -351,7 +350,7 @@ def _check_inputs(value: Any, option: str, step: str, key: str, where: str) -> N
                 and not Path(item).expanduser().exists() and not _HUB_ID.match(item):
             raise InputError(f"step '{step}': model {item} is not a directory, a hub id or an "
                              "@step", where, "check the path, or write @<step> for an earlier "
-                             f"step's output, or {EMBEDDED_NAMES}")
+                             "step's output, or 'tiny-phi3'")
 
 
 # ---------------------------------------------------------------- keys
@@ -378,7 +377,7 @@ def _keyed(value: Any, option: str, keys: dict, digests: dict) -> Any:
     if ref:
         return {"step": keys[ref.group(1)], "path": ref.group(2) or ""}
     if option == "model" and value in EMBEDDED_MODELS:
-        return {"digest": _digest(embedded_path(value), digests)}
+        return {"digest": _digest(data_dir() / EMBEDDED_MODELS[value], digests)}
     parts = [p.strip() for p in value.split(",")] if "," in value else [value]
     if option != "text_template" and all(p and Path(p).expanduser().exists() for p in parts):
         found = [{"digest": _digest(Path(p).expanduser(), digests)} for p in parts]
@@ -413,8 +412,10 @@ def _check_output_dir(wf: Workflow) -> None:
 
 
 def entry_complete(entry: Path | None) -> bool:
+    from phitune.artifacts import changed_files
     manifest = read_manifest(entry) if entry is not None else None
-    return bool(manifest and manifest.get("key"))
+    # a weights file truncated or removed since publishing makes the entry incomplete
+    return bool(manifest and manifest.get("key")) and not changed_files(entry, manifest)
 
 
 def make_plan(wf: Workflow, force: tuple[str, ...] = ()) -> list[Planned]:
