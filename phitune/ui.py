@@ -43,6 +43,10 @@ def json_mode() -> bool:
     return _state["json"]
 
 
+def verbose() -> bool:
+    return _state["verbose"]
+
+
 def info(message: str) -> None:
     console.print(message)
 

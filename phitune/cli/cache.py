@@ -10,7 +10,17 @@ def _cache_dir_options(f):
                      help="Use the cache_dir of this workflow / Olive config.")(f)
     f = click.option("--cache_dir", "--cache-dir", "cache_dir", metavar="DIR",
                      help="The cache directory (default: .phitune-cache).")(f)
+    f = click.option("--gguf", is_flag=True,
+                     help="The GGUF conversions (-m FILE.gguf) in $PHITUNE_CACHE/gguf "
+                          "(default ~/.cache/phitune/gguf) instead.")(f)
     return f
+
+
+def _path(cache_dir: str | None, config: str | None, gguf: bool):
+    if gguf:
+        from phitune.gguf import conversions_dir
+        return conversions_dir()
+    return _resolve(cache_dir, config)
 
 
 def _resolve(cache_dir: str | None, config: str | None):
@@ -46,19 +56,21 @@ def cache() -> None:
       phitune cache clean --unused            # what no workflow output uses
       phitune cache clean --older-than 7d     # not used by any run for a week
       phitune cache clean --all
+    --gguf: the same for the GGUF files `-m FILE.gguf` converted (made again when next used):
+      phitune cache ls --gguf; phitune cache clean --gguf --older-than 30d
     """
 
 
 @cache.command("ls", context_settings={"help_option_names": ["-h", "--help"]})
 @_cache_dir_options
-def ls(cache_dir: str | None, config: str | None) -> None:
+def ls(cache_dir: str | None, config: str | None, gguf: bool) -> None:
     """List the entries: type, size, last use, and which workflow outputs use them."""
     from rich.table import Table
 
     from phitune import ui
     from phitune.workflow.cache import entries, leftovers
 
-    path = _resolve(cache_dir, config)
+    path = _path(cache_dir, config, gguf)
     found = entries(path)
     if ui.json_mode():
         import json
@@ -80,6 +92,12 @@ def ls(cache_dir: str | None, config: str | None) -> None:
     for leftover, why in leftovers(path):
         say(f"{leftover.name}: " + ("checkpoint of an interrupted finetune" if why == "checkpoint"
                                     else "leftover of a killed run"))
+    if not gguf:
+        from phitune.gguf import conversions_dir
+        converted = entries(conversions_dir())
+        if converted:
+            say(f"{conversions_dir()}: {len(converted)} GGUF conversion(s), "
+                f"{sum(e.size_mb for e in converted):.1f} MB (phitune cache ls --gguf)")
 
 
 def _linked(entry, found) -> bool:
@@ -94,13 +112,13 @@ def _linked(entry, found) -> bool:
               help="Remove entries no run used for AGE (30m, 12h, 7d, 2w); with --unused, both.")
 @click.option("--dry-run", "--dry_run", "dry_run", is_flag=True,
               help="Say what would be removed; remove nothing.")
-def clean(cache_dir: str | None, config: str | None, all_: bool, unused: bool,
+def clean(cache_dir: str | None, config: str | None, gguf: bool, all_: bool, unused: bool,
           older_than: str | None, dry_run: bool) -> None:
     """Remove cache entries (never one that a kept entry links into)."""
     from phitune import ui
     from phitune.workflow import cache as cache_mod
 
-    path = _resolve(cache_dir, config)
+    path = _path(cache_dir, config, gguf)
     age = cache_mod.parse_age(older_than) if older_than is not None else None
     result = cache_mod.clean(path, all_=all_, unused=unused, older_than=age, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"

@@ -10,7 +10,8 @@ from phitune.cli.options import device_option, model_option, record_options, spl
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @model_option("Model: a float or AWQ checkpoint, a finetune output (D or D/model), an "
-              "onnx-genai dir (D or D/model), a hub id, or 'tiny-phi3'.")
+              "onnx-genai dir (D or D/model), a .gguf file, a hub id, or 'tiny-phi3' / "
+              "'smollm2-135m-instruct'.")
 @click.option("--adapter", metavar="PATH",
               help="Torch model: a PEFT adapter dir; onnx-genai: an .onnx_adapter file. Default: "
                    "a finetune output's adapter/, an onnx dir's adapter_weights.onnx_adapter.")

@@ -12,7 +12,8 @@ from phitune.cli.options import (device_option, force_option, model_option, outp
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--method", type=click.Choice(["lora", "qlora"]), default="lora", show_default=True,
               help="lora: on a float or AWQ base (CPU or GPU); qlora: nf4 base, CUDA only.")
-@model_option("Base model: a float or phitune AWQ checkpoint dir, a hub id, or 'tiny-phi3'.")
+@model_option("Base model: a float or phitune AWQ checkpoint dir, a .gguf file, a hub id, or "
+              "'tiny-phi3' / 'smollm2-135m-instruct'.")
 @output_option()
 @record_options("Training data (json, jsonl, csv, parquet); repeat or comma-separate for several.",
                 "Also train on the prompt part.")

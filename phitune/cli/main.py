@@ -46,7 +46,13 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name]
-        return getattr(importlib.import_module(module), attr)
+        command = getattr(importlib.import_module(module), attr)
+        if GLOBAL_NOTE not in (command.epilog or ""):  # its --help then names them too
+            command.epilog = f"{command.epilog}\n\n{GLOBAL_NOTE}" if command.epilog else GLOBAL_NOTE
+        return command
+
+
+GLOBAL_NOTE = "Global options --json, -v/--verbose and --version work here too (see phitune --help)."
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,6 +66,7 @@ def cli(verbose: bool, json_output: bool) -> None:
     \b
     Each step reads a path and writes a self-describing directory, so steps chain:
       phitune quantize -m tiny-phi3 --algorithm awq -o models/tiny/awq
+    The options below go before or after the subcommand: phitune infer ... --json.
     """
     from phitune import ui
     ui.configure(verbose=verbose, json_output=json_output, guard_stdout=not _HELP_ASKED[0])
@@ -91,16 +98,59 @@ def _command(args: list[str]) -> str | None:
 
 _HELP_ASKED = [False]  # `phitune CMD --help` prints its help on stdout, like any CLI
 
+# The group's own options, which users also put at the end of a command line.
+GLOBAL_FLAGS = ("--json", "-v", "--verbose", "--version")
+
+
+def hoist_global_flags(args: list[str]) -> list[str]:
+    """`phitune infer -m D --json` means `phitune --json infer -m D`: click reads the group's
+    options only before the subcommand, so global flags found after it move to the front.
+    A token that is an option's value (`--prompt --json`) or follows `--` stays where it is;
+    the subcommand's options are read from its click definition to know which take values."""
+    first = _command(args)
+    if first is None or not any(a in GLOBAL_FLAGS for a in args[args.index(first) + 1:]):
+        return args  # the common case decides without importing any subcommand
+    moved, kept = [], []
+    command: click.Command = cli
+    takes: dict[str, int] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            kept += args[i:]
+            break
+        if arg in GLOBAL_FLAGS and command is not cli:
+            moved.append(arg)
+        elif arg in takes:  # an option and its value(s), whatever they look like
+            kept += args[i:i + 1 + takes[arg]]
+            i += takes[arg]
+        else:
+            if not arg.startswith("-") and isinstance(command, click.Group):
+                sub = command.get_command(None, arg)  # type: ignore[arg-type]
+                if sub is not None:
+                    command, takes = sub, _value_options(sub)
+            kept.append(arg)
+        i += 1
+    return moved + kept
+
+
+def _value_options(command: click.Command) -> dict[str, int]:
+    """Option spelling → how many values follow it."""
+    return {spelling: param.nargs for param in command.params
+            if isinstance(param, click.Option) and not param.is_flag and not param.count
+            for spelling in param.opts}
+
 
 def main(argv: list[str] | None = None) -> None:
     from phitune.errors import PhituneError
-    _HELP_ASKED[0] = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
+    args = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
+    _HELP_ASKED[0] = any(a in ("-h", "--help") for a in args)
     if argv is None and not _HELP_ASKED[0] and _command(sys.argv[1:]) in HUGE_PAGE_COMMANDS:
         from phitune import hugepages
         hugepages.reexec()  # this process, run again with huge pages on: see hugepages.py
     stdout = sys.stdout  # ui.configure points sys.stdout at stderr while a command runs
     try:
-        code = cli.main(args=argv, prog_name="phitune", standalone_mode=False)
+        code = cli.main(args=args, prog_name="phitune", standalone_mode=False)
     except PhituneError as exc:
         _fail(exc.line(), exc.exit_code)
     except click.ClickException as exc:  # bad flags, missing options, bad values

@@ -10,7 +10,8 @@ def dual_option(name: str, **kwargs):
     return click.option(f"--{name}", f"--{name.replace('_', '-')}", name, **kwargs)
 
 
-def model_option(help_text: str = "Model: a directory, a hub id, or the embedded 'tiny-phi3'."):
+def model_option(help_text: str = "Model: a directory, a .gguf file, a hub id, or an embedded "
+                                   "model: 'tiny-phi3', 'smollm2-135m-instruct'."):
     return click.option("-m", "--model", "model", required=True, metavar="PATH|ID", help=help_text)
 
 

@@ -13,8 +13,9 @@ from phitune.cli.options import device_option, force_option, model_option, outpu
 @click.option("--algorithm", type=click.Choice(["awq", "rtn"]), default="awq", show_default=True,
               help="awq: activation-aware scale + clip search; rtn: plain round-to-nearest baseline.")
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bits (4).")
-@click.option("--group_size", "--group-size", "group_size", type=int, default=128,
-              show_default=True, help="Input channels per quantization group: 32, 64 or 128.")
+@click.option("--group_size", "--group-size", "group_size", type=int,
+              help="Input channels per quantization group: 32, 64 or 128 (default: 128 if it "
+                   "divides every quantized width of the model, else 64, else 32).")
 @click.option("--zero_point/--no-zero_point", "--zero-point/--no-zero-point", "zero_point",
               default=True, show_default=True, help="Asymmetric groups with a zero point.")
 @click.option("--calib_data", "--calib-data", "calib_data", metavar="FILE",

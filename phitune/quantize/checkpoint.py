@@ -21,9 +21,11 @@ def save_awq_checkpoint(model: nn.Module, packed: dict, out_dir: Path, qconfig: 
     """Quantized linears as qweight/qzeros/scales, every other tensor in fp16 (as AutoAWQ)."""
     from huggingface_hub import save_torch_state_dict
     state = {}
+    # A tied LM head is the embedding: written once, as the original checkpoint has it.
+    tied = "lm_head.weight" if getattr(model.config, "tie_word_embeddings", False) else None
     for name, tensor in model.state_dict().items():
         module, _, leaf = name.rpartition(".")
-        if module in packed and leaf == "weight":
+        if module in packed and leaf == "weight" or name == tied:
             continue
         state[name] = tensor.detach().to(torch.float16).contiguous()
     for module, tensors in packed.items():

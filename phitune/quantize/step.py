@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from phitune import ui
@@ -10,6 +10,7 @@ from phitune.artifacts import Output, content_digest, data_dir, resolve_model
 from phitune.errors import OptionError
 from phitune.measure import Stopwatch, dir_size_mb
 from phitune.models import architecture
+from phitune.quantize import groups
 
 SMALL_MODEL_PARAMS = 1_000_000_000  # below this, --eval defaults to on and compute to fp32
 GROUP_SIZES = (32, 64, 128)
@@ -21,7 +22,7 @@ class QuantizeOptions:
     output: str
     algorithm: str = "awq"
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = None  # None: the largest of GROUP_SIZES that fits the model
     zero_point: bool = True
     calib_data: str | None = None
     calib_samples: int = 64
@@ -45,19 +46,30 @@ def _validate(opts: QuantizeOptions, config: dict, where: str) -> None:
     if opts.bits != 4:
         raise OptionError(f"--bits {opts.bits} is not supported", "--bits",
                           "the AWQ GEMM layout is 4-bit: use --bits 4")
-    if opts.group_size not in GROUP_SIZES:
+    if opts.group_size is not None and opts.group_size not in GROUP_SIZES:
         raise OptionError(f"--group_size {opts.group_size} is not supported", "--group_size",
                           f"use one of {', '.join(map(str, GROUP_SIZES))}")
-    widths = {"hidden_size": config.get("hidden_size"),
-              "intermediate_size": config.get("intermediate_size")}
-    for name, width in widths.items():
-        if width and width % opts.group_size:
-            raise OptionError(f"--group_size {opts.group_size} does not divide the model's "
-                              f"{name} ({width})", f"{where}/config.json",
-                              "pick a group size that divides it, e.g. 32")
+    bad = groups.misfit(config, opts.group_size) if opts.group_size is not None else None
+    if bad:
+        fits = groups.choose(config, GROUP_SIZES[::-1])[0]
+        raise OptionError(f"--group_size {opts.group_size} does not divide the model's "
+                          f"{bad[0]} ({bad[1]})", f"{where}/config.json",
+                          f"pick a group size that divides it, e.g. {fits or 32}, or leave "
+                          "--group_size out to get the largest that fits")
     if opts.calib_samples < 1 or opts.calib_seq_len < 8:
         raise OptionError("--calib_samples must be ≥ 1 and --calib_seq_len ≥ 8", "quantize options",
                           "raise them")
+
+
+def _group_size(opts: QuantizeOptions, config: dict, where: str) -> tuple[int, str]:
+    """--group_size as given, else 128, 64 or 32: the largest dividing every quantized width."""
+    if opts.group_size is not None:
+        return opts.group_size, "--group_size"
+    size, why = groups.choose(config, GROUP_SIZES[::-1])
+    if size is None:
+        raise OptionError(f"no supported group size fits the model ({why})", f"{where}/config.json",
+                          "this model's widths cannot be quantized in the AWQ layout")
+    return size, why
 
 
 def run(opts: QuantizeOptions) -> tuple[dict, bool]:
@@ -71,6 +83,8 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     model_ref = resolve_model(opts.model, accept=("hf-model",), step="quantize")
     arch = architecture(model_ref.config, model_ref.path)
     _validate(opts, model_ref.config, str(model_ref.path))
+    group_size, group_choice = _group_size(opts, model_ref.config, str(model_ref.path))
+    opts = replace(opts, group_size=group_size)
     use_awq = opts.algorithm == "awq"
     calib_path = Path(opts.calib_data) if opts.calib_data else default_calib_data()
     texts = calib.read_texts(calib_path) if use_awq else None
@@ -98,13 +112,15 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     size_before = _weights_mb(model_ref.path)
     load_dtype = torch.float32 if size_before < 4 * SMALL_MODEL_PARAMS / 2**20 else None
     with out.staging() as work:
-        ui.info(f"loading {opts.model} ({arch}, {size_before:.0f} MB)")
+        ui.info(f"loading {opts.model} ({arch}, {size_before:.0f} MB); group size "
+                f"{opts.group_size} ({group_choice})")
         model = load_causal_lm(model_ref.path, dtype=load_dtype or _config_dtype(model_ref.config))
         tokenizer = load_tokenizer(model_ref.path)
         n_params = sum(p.numel() for p in model.parameters())
         do_eval = opts.eval if opts.eval is not None else n_params < SMALL_MODEL_PARAMS
         eval_texts = calib.read_texts(eval_path) if do_eval else None
-        metrics: dict = {"params_m": round(n_params / 1e6, 2)}
+        metrics: dict = {"params_m": round(n_params / 1e6, 2), "group_size": opts.group_size,
+                         "group_size_choice": group_choice}
         if do_eval:
             ui.info("measuring held-out perplexity of the float model")
             metrics["ppl_before"] = _ppl(model, tokenizer, eval_texts, "cpu")

@@ -23,7 +23,8 @@ from typing import Any
 
 import click
 
-from phitune.artifacts import EMBEDDED_MODELS, content_digest, data_dir, make_key, read_manifest
+from phitune.artifacts import (EMBEDDED_MODELS, EMBEDDED_NAMES, content_digest,
+                               embedded_path, make_key, read_manifest)
 from phitune.errors import InputError, OptionError, OutputError
 
 STEP_TYPES = ("quantize", "finetune", "auto-opt", "eval")
@@ -350,7 +351,7 @@ def _check_inputs(value: Any, option: str, step: str, key: str, where: str) -> N
                 and not Path(item).expanduser().exists() and not _HUB_ID.match(item):
             raise InputError(f"step '{step}': model {item} is not a directory, a hub id or an "
                              "@step", where, "check the path, or write @<step> for an earlier "
-                             "step's output, or 'tiny-phi3'")
+                             f"step's output, or {EMBEDDED_NAMES}")
 
 
 # ---------------------------------------------------------------- keys
@@ -377,7 +378,7 @@ def _keyed(value: Any, option: str, keys: dict, digests: dict) -> Any:
     if ref:
         return {"step": keys[ref.group(1)], "path": ref.group(2) or ""}
     if option == "model" and value in EMBEDDED_MODELS:
-        return {"digest": _digest(data_dir() / EMBEDDED_MODELS[value], digests)}
+        return {"digest": _digest(embedded_path(value), digests)}
     parts = [p.strip() for p in value.split(",")] if "," in value else [value]
     if option != "text_template" and all(p and Path(p).expanduser().exists() for p in parts):
         found = [{"digest": _digest(Path(p).expanduser(), digests)} for p in parts]

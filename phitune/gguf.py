@@ -1,0 +1,230 @@
+"""A GGUF file as a model input: dequantized once into a Hugging Face checkpoint dir.
+
+Every step reads Hugging Face checkpoints, so `-m FILE.gguf` is converted once (transformers
+reads GGUF and dequantizes it to float) into `<cache>/gguf/gguf-<key>/`: config.json,
+model.safetensors, tokenizer files with the chat template, generation_config.json and a
+`phitune.json` manifest. The key is the sha256 of the file's bytes, so a second run, from any
+path or name of the same file, reuses the conversion. `<cache>` is $PHITUNE_CACHE, else
+$XDG_CACHE_HOME/phitune, else ~/.cache/phitune; `phitune cache ls|clean --gguf` manages it.
+
+The conversion is written into a hidden staging dir renamed into place when complete, so a
+killed conversion never leaves a dir that looks done. Files transformers could not read, or
+would read wrongly (zeros for missing bytes), are refused first with one line: a wrong magic,
+tensor data past the end of the file, a LoRA adapter, an architecture it has no GGUF reader for.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from phitune import __version__, ui
+from phitune.artifacts import MANIFEST, make_key, read_manifest
+from phitune.errors import InputError
+
+SUFFIX = ".gguf"
+ENTRY_PREFIX = "gguf-"  # entries are `gguf-<16 hex>`: the shape `phitune cache` lists
+_MAGIC = b"GGUF"
+_TMP_MARK = ".phitune-tmp-"  # the leftover pattern `phitune cache clean` removes
+_FP32_LIMIT = 2_000_000_000  # parameters; above, the dequantized weights are kept in bf16
+_FIX_FILE = "re-download or re-copy the file (its size or bytes are not a complete GGUF)"
+
+
+def is_gguf(spec: str | Path) -> bool:
+    return str(spec).lower().endswith(SUFFIX)
+
+
+def cache_root() -> Path:
+    if os.environ.get("PHITUNE_CACHE"):
+        return Path(os.environ["PHITUNE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "phitune"
+
+
+def conversions_dir() -> Path:
+    return cache_root() / "gguf"
+
+
+def file_sha256(file: Path) -> str:
+    with open(file, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def conversion_key(sha256: str) -> str:
+    return make_key("gguf", {"gguf_sha256": sha256}, {})
+
+
+def hf_dir(file: Path, spec: str | None = None) -> Path:
+    """The Hugging Face checkpoint dir holding `file`'s model, converting it on first use."""
+    file = Path(file)
+    spec = spec or str(file)
+    if not file.is_file():
+        raise InputError(f"{spec} is not a file", "-m", "pass the path of a .gguf model file")
+    _check_magic(file, spec)
+    sha = file_sha256(file)
+    key = conversion_key(sha)
+    root = conversions_dir()
+    entry = root / f"{ENTRY_PREFIX}{key[:16]}"
+    manifest = read_manifest(entry)
+    if manifest and manifest.get("key") == key:
+        os.utime(entry)  # last use, for `phitune cache clean --older-than`
+        return entry
+    info = inspect(file, spec)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the GGUF conversion cache {root} ({exc.strerror})",
+                         "-m", "set PHITUNE_CACHE to a writable directory") from None
+    _remove_dead_stagings(root, entry.name)
+    work = root / f".{entry.name}{_TMP_MARK}{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        ui.info(f"converting {spec} ({info['architecture']}, {file.stat().st_size / 2**20:.0f} MB "
+                f"GGUF) into a Hugging Face checkpoint in {entry} (once)")
+        start = time.perf_counter()
+        dtype = _convert(file, work, info)
+        metrics = {"architecture": info["architecture"], "dtype": dtype,
+                   "params_m": round(info["params"] / 1e6, 2),
+                   "gguf_mb": round(file.stat().st_size / 2**20, 1),
+                   "seconds": round(time.perf_counter() - start, 1)}
+        _write_manifest(work, spec, file, sha, key, metrics)
+        try:
+            os.rename(work, entry)
+        except OSError:  # another process published the same conversion first: use it
+            if not (read_manifest(entry) or {}).get("key") == key:
+                shutil.rmtree(entry, ignore_errors=True)  # an old format's dir: replace it
+                os.rename(work, entry)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return entry
+
+
+def _remove_dead_stagings(root: Path, name: str) -> None:
+    """What a killed conversion of the same file left (its process is gone)."""
+    from phitune.artifacts import _alive
+    for stale in root.glob(f".{name}{_TMP_MARK}*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _check_magic(file: Path, spec: str) -> None:
+    with open(file, "rb") as fh:
+        magic = fh.read(4)
+    if magic != _MAGIC:
+        raise InputError(f"{spec} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
+                         "-m", _FIX_FILE)
+
+
+def inspect(file: Path, spec: str) -> dict:
+    """What the header says, after checking that transformers can read the file as a model."""
+    from gguf import GGUFReader
+    try:
+        reader = GGUFReader(str(file))
+    except Exception as exc:  # the reader fails in many ways on cut or damaged files
+        raise InputError(f"{spec} is a truncated or corrupt GGUF file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'})",
+                         "-m", _FIX_FILE) from None
+    size = file.stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:  # missing bytes would otherwise read as zeros, or not at all
+        raise InputError(f"{spec} is truncated: its tensors end at byte {end:,}, the file has "
+                         f"{size:,}", "-m", _FIX_FILE)
+    kind = _field(reader, "general.type") or "model"
+    if kind != "model":
+        what = f"a {_field(reader, 'adapter.type') or ''} adapter".replace("  ", " ")
+        raise InputError(f"{spec} is {what} in GGUF (general.type {kind}), not a model", "-m",
+                         "pass the base model's .gguf; phitune finetune trains PEFT LoRA "
+                         "adapters on it")
+    arch = _field(reader, "general.architecture")
+    readable = _transformers_gguf_architectures()
+    if arch not in readable:
+        raise InputError(f"{spec} holds a '{arch}' model, which transformers cannot read from "
+                         "GGUF", "-m", f"transformers reads GGUF for: {', '.join(readable)}; "
+                                       "pass a Hugging Face checkpoint of this model instead")
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    return {"architecture": arch, "params": params}
+
+
+def _field(reader, name: str):
+    field = reader.fields.get(name)
+    if field is None:
+        return None
+    value = field.contents()
+    return value if not isinstance(value, bytes) else value.decode("utf-8", "replace")
+
+
+def _transformers_gguf_architectures() -> list[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+
+
+def _convert(file: Path, work: Path, info: dict) -> str:
+    """transformers dequantizes the file; save it as a plain float checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # Read from a dir holding only the file: from_pretrained(dir, gguf_file=) would also
+    # pick up a config.json or tokenizer files lying beside it.
+    source = work / ".source"
+    source.mkdir()
+    (source / "model.gguf").symlink_to(file.resolve())
+    dtype = torch.float32 if info["params"] < _FP32_LIMIT else torch.bfloat16
+    bars = hf_logging.is_progress_bar_enabled()
+    if not ui.verbose():
+        hf_logging.disable_progress_bar()  # per-tensor bars; phitune said what it is doing
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file="model.gguf")
+        model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file="model.gguf",
+                                                     dtype=dtype)
+    except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as exc:
+        raise InputError(f"transformers cannot read {file} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})", "-m",
+                         "pass a Hugging Face checkpoint of this model instead") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    # The loaded model still says it is GGUF-quantized, and save_pretrained refuses such a
+    # model ("not serializable"): its weights are plain float now, so drop the marks.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]  # transformers leaves it None
+    model.save_pretrained(str(work))  # tied embeddings stay tied: lm_head is not written
+    tokenizer.save_pretrained(str(work))
+    _template_into_tokenizer_config(work)
+    shutil.rmtree(source)
+    return str(dtype).removeprefix("torch.")
+
+
+def _template_into_tokenizer_config(work: Path) -> None:
+    """Keep the chat template in tokenizer_config.json, where onnxruntime-genai's tokenizer
+    and every older reader look, rather than only in transformers 5's chat_template.jinja."""
+    jinja = work / "chat_template.jinja"
+    config_file = work / "tokenizer_config.json"
+    if not jinja.is_file() or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config.setdefault("chat_template", jinja.read_text())
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    jinja.unlink()
+
+
+def _write_manifest(work: Path, spec: str, file: Path, sha: str, key: str, metrics: dict) -> None:
+    manifest = {
+        "artifact": "hf-model",
+        "created_by": f"phitune gguf {__version__}",
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {"gguf": str(file.resolve()), "spec": spec, "gguf_sha256": sha},
+        "params": {},
+        "key": key,
+        "metrics": metrics,
+    }
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
