@@ -134,3 +134,12 @@ def test_run_config_takes_global_flags_after_it(cli, tmp_path):
     result = cli("run", "--config", str(config), "--dry-run", "--json")
     assert result.code == 0, result.err
     assert json.loads(result.out)["dry_run"] is True
+
+
+def test_global_flag_as_a_workflow_step_option_says_where_it_goes(cli, tmp_path):
+    config = tmp_path / "wf.yaml"
+    config.write_text("output_dir: out\nsteps:\n  - {name: quantize, model: tiny-phi3, json: true}\n")
+    result = cli("run", "--config", str(config), "--dry-run")
+    assert result.code == 2 and len(result.error_lines) == 1
+    assert "global option" in result.error_lines[0]
+    assert f"phitune run --config {config} --json" in result.error_lines[0]
