@@ -23,7 +23,11 @@ from torch import nn
 
 from phitune.models import decoder_layers
 from phitune.quantize.arch import NO_CLIP, ScaleGroup, linear_names, scale_groups
-from phitune.quantize.pack import fake_quantize, pack_gemm, quantize_weight
+from phitune.quantize.pack import fake_quantize_, pack_gemm, quantize_weight
+
+# Bump when the search's choices change, so outputs made by an older search are not reused
+# as up to date (quantize/step.py puts it in the output's key).
+SEARCH_VERSION = 2
 
 
 @dataclass
@@ -36,6 +40,12 @@ class QuantConfig:
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512          # tokens sampled for the clipping search
     chunk_tokens: int = 8192        # tokens per forward chunk (bounds activation memory)
+    # "fast": the scale grid's output error on `search_tokens` (whole sequences spread over the
+    # calibration set; the activation statistics still use every token), alphas coarse to fine
+    # (every other grid point, then the best one's two neighbours), the clip error as
+    # (Q(w) - w) @ x in bf16. "exhaustive": every grid point on every token, fp32 clip error.
+    search: str = "fast"
+    search_tokens: int = 2048
 
 
 Packed = dict[str, dict[str, torch.Tensor]]  # full linear name -> qweight/qzeros/scales
@@ -104,35 +114,63 @@ def _mse(fn: Callable, x: torch.Tensor, ref: torch.Tensor, chunk_tokens: int) ->
     return total / count
 
 
+def search_sample(x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """The sequences the fast scale grid measures its error on: `search_tokens` worth, evenly
+    spread over the calibration blocks (whole sequences: attention needs them)."""
+    if cfg.search == "exhaustive" or x.shape[0] * x.shape[1] <= cfg.search_tokens:
+        return x
+    n = max(1, cfg.search_tokens // x.shape[1])
+    return x[torch.linspace(0, x.shape[0] - 1, n).round().long().to(x.device)]
+
+
+def _grid_steps(n: int, coarse_to_fine: bool, loss_at: Callable[[int], float]) -> int:
+    """The grid step with the least loss: every step, or every other one and then the best's
+    two neighbours (the loss over alpha is smooth: 12 evaluations instead of 20)."""
+    steps = range(0, n, 2) if coarse_to_fine else range(n)
+    best = min(steps, key=loss_at)
+    if coarse_to_fine:
+        best = min([s for s in (best - 1, best, best + 1) if 0 <= s < n], key=loss_at)
+    return best
+
+
 @torch.no_grad()
-def search_scale(group: ScaleGroup, x: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, float]:
-    """Best per-channel scale for a group (over the producer's channels) and its alpha."""
+def search_scale(group: ScaleGroup, x: torch.Tensor, cfg: QuantConfig,
+                 x_search: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Best per-channel scale for a group (over the producer's channels) and its alpha.
+    Statistics come from all of `x`; the output error is measured on `x_search` (default x)."""
     x_mean = group.reduce(x.abs().float().reshape(-1, x.shape[-1]).mean(0))
     weight = torch.cat([fc.weight.float() for fc in group.linears])
     w_abs = weight.view(-1, cfg.group_size).abs()
     w_norm = (w_abs / (w_abs.amax(dim=1, keepdim=True) + 1e-6)).view(weight.shape)
     w_mean = group.reduce(w_norm.mean(0))
+    del weight, w_abs, w_norm
+    xs = x if x_search is None else x_search
 
-    reference = _run(group.inspect, x, cfg.chunk_tokens)
+    reference = _run(group.inspect, xs, cfg.chunk_tokens)
     originals = [fc.weight.detach().clone() for fc in group.linears]
-    best = (float("inf"), None, 0.0)
+    losses: dict[int, float] = {}
+    scales: dict[int, torch.Tensor] = {}
+
+    def loss_at(step: int) -> float:
+        if step in losses:
+            return losses[step]
+        alpha = step / cfg.scale_grid
+        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        s_in = group.expand(s)
+        for fc, original in zip(group.linears, originals):
+            scaled = fake_quantize_(original.float() * s_in, cfg.bits, cfg.group_size, cfg.zero_point)
+            fc.weight.data = scaled.div_(s_in).to(original.dtype)
+        losses[step] = _mse(group.inspect, xs, reference, cfg.chunk_tokens)
+        scales[step] = s
+        return losses[step]
+
     try:
-        for step in range(cfg.scale_grid):
-            alpha = step / cfg.scale_grid
-            s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            s_in = group.expand(s)
-            for fc, original in zip(group.linears, originals):
-                scaled = original.float() * s_in
-                fc.weight.data = (fake_quantize(scaled, cfg.bits, cfg.group_size, cfg.zero_point)
-                                  / s_in).to(original.dtype)
-            loss = _mse(group.inspect, x, reference, cfg.chunk_tokens)
-            if loss < best[0]:
-                best = (loss, s.clone(), alpha)
+        best = _grid_steps(cfg.scale_grid, cfg.search != "exhaustive", loss_at)
     finally:
         for fc, original in zip(group.linears, originals):
             fc.weight.data = original
-    return best[1], best[2]
+    return scales[best], best / cfg.scale_grid
 
 
 @torch.no_grad()
@@ -162,7 +200,10 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, cfg: QuantConfig) -> torc
     n_groups = in_f // g
     tokens = x.reshape(-1, in_f)
     step = max(1, tokens.shape[0] // cfg.clip_tokens)
-    tokens = tokens[::step][:cfg.clip_tokens].float()
+    # The error is (Q(w) - w) @ x: small numbers, so bf16 matmuls (several times fp32's speed
+    # on CPU) keep its relative precision, which (Q(w) @ x) - (w @ x) in bf16 would not.
+    err_dtype = torch.float32 if cfg.search == "exhaustive" else torch.bfloat16
+    tokens = tokens[::step][:cfg.clip_tokens].to(err_dtype)
     xg = tokens.view(-1, n_groups, g).permute(1, 2, 0)           # [groups, g, tokens]
     best_max = torch.empty(out_f, n_groups)
     rows_per_batch = 256 if out_f % 256 == 0 else 64
@@ -170,15 +211,14 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, cfg: QuantConfig) -> torc
         wb = weight[r0:r0 + rows_per_batch].float()
         rows = wb.shape[0]
         wb = wb.view(rows, n_groups, g).permute(1, 0, 2)         # [groups, rows, g]
-        reference = torch.bmm(wb, xg)
         org_max = wb.abs().amax(dim=-1, keepdim=True)
         best = org_max.clone()
         min_err = torch.full_like(org_max, float("inf"))
         for i in range(int(cfg.clip_max_shrink * cfg.clip_grid)):
             max_val = org_max * (1 - i / cfg.clip_grid)
-            clipped = torch.clamp(wb, -max_val, max_val)
-            q = fake_quantize(clipped.reshape(-1, g), cfg.bits, g, cfg.zero_point).view_as(wb)
-            err = (torch.bmm(q, xg) - reference).pow(2).mean(dim=-1, keepdim=True)
+            q = fake_quantize_(torch.clamp(wb, -max_val, max_val).reshape(-1, g), cfg.bits, g,
+                               cfg.zero_point).view_as(wb)
+            err = torch.bmm(q.sub_(wb).to(err_dtype), xg).float().pow(2).mean(dim=-1, keepdim=True)
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best = torch.where(better, max_val, best)
@@ -214,7 +254,8 @@ def quantize_layer(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tenso
     alphas = {}
     if awq:
         feats, outs = _capture_group_inputs(layer, groups, inps, kwargs, cfg.chunk_tokens)
-        best = [(g, *search_scale(g, feats[g.name], cfg)) for g in groups]
+        best = [(g, *search_scale(g, feats[g.name], cfg, search_sample(feats[g.name], cfg)))
+                for g in groups]
         for group, s, alpha in best:
             apply_scale(group, s, feats[group.name])
             alphas[group.name] = alpha

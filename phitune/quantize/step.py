@@ -98,6 +98,8 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     if not use_awq:
         for k in ("calib_samples", "calib_seq_len", "dtype"):
             params.pop(k)
+    else:  # a new search makes outputs of the old one stale
+        params["awq_search"] = awq.SEARCH_VERSION
     inputs = {"model": opts.model, "model_digest": model_ref.digest}
     if use_awq:
         inputs["calib_digest"] = content_digest(calib_path)
@@ -118,12 +120,12 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
         tokenizer = load_tokenizer(model_ref.path)
         n_params = sum(p.numel() for p in model.parameters())
         do_eval = opts.eval if opts.eval is not None else n_params < SMALL_MODEL_PARAMS
-        eval_texts = calib.read_texts(eval_path) if do_eval else None
+        eval_ids = _eval_ids(tokenizer, eval_path) if do_eval else None  # tokenized once, scored twice
         metrics: dict = {"params_m": round(n_params / 1e6, 2), "group_size": opts.group_size,
                          "group_size_choice": group_choice}
         if do_eval:
             ui.info("measuring held-out perplexity of the float model")
-            metrics["ppl_before"] = _ppl(model, tokenizer, eval_texts, "cpu")
+            metrics["ppl_before"] = _ppl(model, eval_ids, metrics)
         compute_dtype = _compute_dtype(opts.dtype, n_params, device, model.dtype)
         samples = calib.token_blocks(texts, tokenizer, opts.calib_samples, opts.calib_seq_len) \
             if use_awq else None
@@ -143,7 +145,7 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
         if do_eval:
             ui.info("measuring held-out perplexity of the quantized checkpoint")
             quantized = checkpoint.load_awq_dequantized(work)
-            metrics["ppl_after"] = _ppl(quantized, tokenizer, eval_texts, "cpu")
+            metrics["ppl_after"] = _ppl(quantized, eval_ids, metrics)
             metrics["ppl_gap"] = round(metrics["ppl_after"] - metrics["ppl_before"], 4)
             del quantized
         if use_awq:
@@ -157,9 +159,22 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     return manifest, False
 
 
-def _ppl(model, tokenizer, texts, device) -> float:
+def _eval_ids(tokenizer, path: Path) -> list[int]:
+    from phitune.evaluate import token_ids
+    from phitune.quantize import calib
+    return token_ids(tokenizer, calib.read_texts(path))
+
+
+def _ppl(model, ids: list[int], metrics: dict) -> float:
+    """Held-out perplexity on CPU; its seconds and tokens add up in `metrics`."""
+    import time
+
     from phitune.evaluate import perplexity
-    return round(perplexity(model, tokenizer, texts, device=device), 4)
+    start = time.perf_counter()
+    ppl = perplexity(model, None, [], device="cpu", ids=ids)
+    metrics["eval_seconds"] = round(metrics.get("eval_seconds", 0) + time.perf_counter() - start, 1)
+    metrics["eval_tokens"] = metrics.get("eval_tokens", 0) + len(ids) - 1
+    return round(ppl, 4)
 
 
 def _weights_mb(path: Path) -> float:
