@@ -233,6 +233,10 @@ def _build_step(name: str, spec: dict, earlier: list[str], all_names: list[str],
         if opt is not None and opt.name in WORKFLOW_OWNED:
             raise OptionError(f"step '{name}': option '{key}' is set by the workflow", where,
                               WORKFLOW_OWNED[opt.name])
+        if opt is None and norm in ("json", "verbose", "v"):  # the group's, for the whole run
+            raise OptionError(f"step '{name}': '{key}' is a global option, not a step's", where,
+                              f"pass it to the run: phitune run --config {source} "
+                              f"--{'verbose' if norm == 'v' else norm}")
         if opt is None:
             raise OptionError(f"step '{name}' ({step_type}): unknown option '{key}'", where,
                               f"see 'phitune {step_type} --help' for its options")
