@@ -60,6 +60,36 @@ def error_line(line: str) -> None:
     console.print(line, style="red", markup=False, soft_wrap=True)
 
 
+class _Progress(Progress):
+    """Rich's live bar on a terminal; in a log or CI, where it is off, a plain line at every
+    tenth of the way, so a long step never runs silent."""
+
+    def __init__(self, *columns, plain: bool, **kwargs):
+        super().__init__(*columns, **kwargs)
+        self._plain = plain
+        self._tenths: dict = {}
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._say(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._say(task_id)
+
+    def _say(self, task_id) -> None:
+        task = self._tasks[task_id]
+        if not self._plain or not task.total:
+            return
+        tenth = int(10 * task.completed / task.total)
+        if tenth <= self._tenths.get(task_id, 0):
+            return
+        self._tenths[task_id] = tenth
+        figures = "".join(f", {name} {value}" for name, value in task.fields.items() if value != "")
+        self.console.print(f"{task.description}: {task.completed:g}/{task.total:g}{figures}, "
+                           f"{task.elapsed or 0:.0f} s", markup=False, highlight=False)
+
+
 @contextmanager
 def progress(description: str, total: int, *fields: str) -> Iterator[Any]:
     """A progress bar; `fields` are extra named figures shown after the bar
@@ -67,8 +97,9 @@ def progress(description: str, total: int, *fields: str) -> Iterator[Any]:
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields]
     columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False,
-                  disable=not console.is_terminal and not _state["verbose"]) as bar:
+    live = console.is_terminal or _state["verbose"]
+    with _Progress(*columns, console=console, transient=False, disable=not live,
+                   plain=not live) as bar:
         task = bar.add_task(description, total=total, **{name: "" for name in fields})
         yield bar, task
 
