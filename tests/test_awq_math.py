@@ -125,3 +125,20 @@ def test_fast_search_matches_the_exhaustive_one():
         print(f"layer {index}: fast {fast:.3e} exhaustive {exhaustive:.3e} rtn {rtn:.3e}")
         assert fast <= 1.10 * exhaustive, (index, fast, exhaustive)
         assert fast < rtn  # and the search still beats plain rounding
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_search_runs_on_cuda_and_matches_cpu(random_phi3):
+    """The same layer quantized on CUDA and on CPU: the packed weights agree on most nibbles
+    (the searches' floating-point sums differ in order, so an alpha may tie differently)."""
+    import copy
+    model, layer, hidden, kwargs = _layer_and_inputs(random_phi3, "Phi3ForCausalLM")
+    cfg = QuantConfig()
+    results = {}
+    for device in ("cpu", "cuda"):
+        dev_layer = copy.deepcopy(layer).to(device)
+        dev_kwargs = {k: awq._to(v, torch.float32, device) for k, v in kwargs.items()}
+        groups = scale_groups("Phi3ForCausalLM", dev_layer, model.config, dev_kwargs)
+        _, results[device] = awq.quantize_layer(dev_layer, groups, hidden.to(device), dev_kwargs, cfg)
+    for name, tensors in results["cpu"]["packed"].items():
+        assert (tensors["qweight"] == results["cuda"]["packed"][name]["qweight"].cpu()).float().mean() > 0.9

@@ -46,6 +46,9 @@ class QuantConfig:
     # (Q(w) - w) @ x in bf16. "exhaustive": every grid point on every token, fp32 clip error.
     search: str = "fast"
     search_tokens: int = 2048
+    # Feed the next layer the quantized layer's output instead of the float one (one more
+    # forward per layer), so each layer's search sees the errors of the layers before it.
+    propagate: bool = False
 
 
 Packed = dict[str, dict[str, torch.Tensor]]  # full linear name -> qweight/qzeros/scales
@@ -205,7 +208,7 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, cfg: QuantConfig) -> torc
     err_dtype = torch.float32 if cfg.search == "exhaustive" else torch.bfloat16
     tokens = tokens[::step][:cfg.clip_tokens].to(err_dtype)
     xg = tokens.view(-1, n_groups, g).permute(1, 2, 0)           # [groups, g, tokens]
-    best_max = torch.empty(out_f, n_groups)
+    best_max = torch.empty(out_f, n_groups, device=weight.device)
     rows_per_batch = 256 if out_f % 256 == 0 else 64
     for r0 in range(0, out_f, rows_per_batch):
         wb = weight[r0:r0 + rows_per_batch].float()
@@ -273,6 +276,8 @@ def quantize_layer(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tenso
         qw = quantize_weight(fc.weight.data, cfg.bits, cfg.group_size, cfg.zero_point)
         packed[name] = pack_gemm(qw)
         fc.weight.data = qw.dequantize(fc.weight.dtype)
+    if awq and cfg.propagate:
+        outs = _run(lambda c: layer(c, **kwargs), inps, cfg.chunk_tokens)
     return outs, {"packed": packed, "alphas": alphas}
 
 

@@ -87,7 +87,7 @@ def _pack_columns(values: torch.Tensor) -> torch.Tensor:
     """[rows, cols] ints in [0, 16) → [rows, cols/8] int32 in AWQ nibble order."""
     rows, cols = values.shape
     v = values.to(torch.int64).view(rows, cols // PACK, PACK)
-    packed = torch.zeros(rows, cols // PACK, dtype=torch.int64)
+    packed = torch.zeros(rows, cols // PACK, dtype=torch.int64, device=values.device)
     for i, col in enumerate(AWQ_ORDER):
         packed |= v[:, :, col] << (4 * i)
     return _to_int32(packed)
@@ -96,7 +96,7 @@ def _pack_columns(values: torch.Tensor) -> torch.Tensor:
 def _unpack_columns(packed: torch.Tensor) -> torch.Tensor:
     rows, cols = packed.shape
     p = packed.to(torch.int64) & 0xFFFFFFFF
-    out = torch.empty(rows, cols, PACK, dtype=torch.uint8)
+    out = torch.empty(rows, cols, PACK, dtype=torch.uint8, device=packed.device)
     for i, col in enumerate(AWQ_ORDER):
         out[:, :, col] = ((p >> (4 * i)) & 0xF).to(torch.uint8)
     return out.view(rows, cols * PACK)
