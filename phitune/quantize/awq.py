@@ -27,7 +27,7 @@ from phitune.quantize.pack import fake_quantize_, pack_gemm, quantize_weight
 
 # Bump when the search's choices change, so outputs made by an older search are not reused
 # as up to date (quantize/step.py puts it in the output's key).
-SEARCH_VERSION = 2
+SEARCH_VERSION = 3
 
 
 @dataclass
@@ -47,8 +47,10 @@ class QuantConfig:
     search: str = "fast"
     search_tokens: int = 2048
     # Feed the next layer the quantized layer's output instead of the float one (one more
-    # forward per layer), so each layer's search sees the errors of the layers before it.
-    propagate: bool = False
+    # forward per layer), so each layer's search sees the errors of the layers before it:
+    # SmolLM2-135M g64, AWQ gap / RTN gap 0.65 → 0.56 (held-out licence text, 512-token windows);
+    # tiny-phi3 0.18 (gap 0.136 vs RTN 0.771).
+    propagate: bool = True
 
 
 Packed = dict[str, dict[str, torch.Tensor]]  # full linear name -> qweight/qzeros/scales
