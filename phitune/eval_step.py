@@ -287,10 +287,10 @@ class _TorchModel:
         return loss, _scored(examples), len(examples)
 
     def text_ppl(self, texts: list[str], opts: EvalOptions) -> tuple[float, int]:
-        from phitune.evaluate import _token_ids, _windows, perplexity
+        from phitune.evaluate import _windows, token_ids, perplexity
         ppl = perplexity(self.model, self.tokenizer, texts, opts.seq_len, opts.max_tokens,
                          self.device)
-        n = sum(len(w) - 1 for w in _windows(_token_ids(self.tokenizer, texts, opts.max_tokens),
+        n = sum(len(w) - 1 for w in _windows(token_ids(self.tokenizer, texts, opts.max_tokens),
                                              opts.seq_len))
         return ppl, n
 
@@ -354,11 +354,11 @@ class _OnnxModel:
         return loss, n, len(examples)
 
     def text_ppl(self, texts: list[str], opts: EvalOptions) -> tuple[float, int]:
-        from phitune.evaluate import _token_ids, _windows, onnx_perplexity
+        from phitune.evaluate import _windows, token_ids, onnx_perplexity
         self._fits(opts.seq_len, "--seq_len")
         ppl = onnx_perplexity(self.dir, self.tokenizer, texts, opts.seq_len, opts.max_tokens,
                               self.adapter)
-        n = sum(len(w) - 1 for w in _windows(_token_ids(self.tokenizer, texts, opts.max_tokens),
+        n = sum(len(w) - 1 for w in _windows(token_ids(self.tokenizer, texts, opts.max_tokens),
                                              opts.seq_len))
         return ppl, n
 

@@ -19,9 +19,6 @@ def token_ids(tokenizer, texts: list[str], max_tokens: int = 65536) -> list[int]
     return ids[:max_tokens]
 
 
-_token_ids = token_ids  # the name eval_step.py imports
-
-
 def _windows(ids: list[int], seq_len: int):
     for start in range(0, len(ids) - 1, seq_len):
         window = ids[start:start + seq_len + 1]
