@@ -52,6 +52,17 @@ def random_llama(tmp_path_factory) -> Path:
     return build_random_model(tmp_path_factory.mktemp("models") / "llama", arch="llama")
 
 
+def help_run(command: str, modules: tuple[str, ...]):
+    """`phitune COMMAND --help` in a fresh interpreter; its last stdout line lists which of
+    `modules` the help imported (a command's help must stay light)."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom phitune.cli.main import main\n"
+            f"try: main([{command!r}, '--help'])\nexcept SystemExit: pass\n"
+            f"print(sorted(m for m in {modules!r} if m in sys.modules))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import help_run
 
 from phitune.errors import InputError
 
@@ -473,11 +474,8 @@ def test_greedy_temperature_with_top_p_is_refused(cli, genai_model):
 
 
 def test_infer_help_imports_no_runtime():
-    code = ("import sys\nfrom phitune.cli.main import main\n"
-            "try: main(['infer', '--help'])\nexcept SystemExit: pass\n"
-            "print(sorted(m for m in ('torch', 'onnxruntime', 'onnxruntime_genai', 'onnx')"
-            " if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = help_run("infer", ("torch", "onnxruntime", "onnxruntime_genai", "onnx"))
+    assert out.returncode == 0, out.stderr
     assert "--max_new_tokens" in out.stdout  # help belongs on stdout
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import help_run
 from test_infer import adapter_file, direct, genai_model, lora_model, lora_params, user, write_adapter  # noqa: F401
 
 openai = pytest.importorskip("openai")
@@ -293,9 +294,5 @@ def test_a_taken_port_is_one_error_line(cli, genai_model):
 
 
 def test_help_imports_no_server_library():
-    code = ("import sys; from phitune.cli.main import main\n"
-            "try: main(['serve', '--help'])\nexcept SystemExit: pass\n"
-            "print(sorted(m for m in ('starlette', 'uvicorn', 'onnxruntime_genai', 'torch') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    out = help_run("serve", ("starlette", "uvicorn", "onnxruntime_genai", "torch"))
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr
