@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 
 from phitune import __version__, ui
-from phitune.artifacts import MANIFEST, make_key, read_manifest
+from phitune.artifacts import _TMP_MARK, MANIFEST, _recover, make_key, read_manifest
 from phitune.errors import InputError
 
 SUFFIX = ".gguf"
 ENTRY_PREFIX = "gguf-"  # entries are `gguf-<16 hex>`: the shape `phitune cache` lists
 _MAGIC = b"GGUF"
-_TMP_MARK = ".phitune-tmp-"  # the leftover pattern `phitune cache clean` removes
 _FP32_LIMIT = 2_000_000_000  # parameters; above, the dequantized weights are kept in bf16
 _FIX_FILE = "re-download or re-copy the file (its size or bytes are not a complete GGUF)"
 
@@ -80,7 +79,7 @@ def hf_dir(file: Path, spec: str | None = None) -> Path:
     except OSError as exc:
         raise InputError(f"cannot create the GGUF conversion cache {root} ({exc.strerror})",
                          "-m", "set PHITUNE_CACHE to a writable directory") from None
-    _remove_dead_stagings(root, entry.name)
+    _recover(entry)  # what a killed conversion of the same file left
     work = root / f".{entry.name}{_TMP_MARK}{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
@@ -103,15 +102,6 @@ def hf_dir(file: Path, spec: str | None = None) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return entry
-
-
-def _remove_dead_stagings(root: Path, name: str) -> None:
-    """What a killed conversion of the same file left (its process is gone)."""
-    from phitune.artifacts import _alive
-    for stale in root.glob(f".{name}{_TMP_MARK}*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _check_magic(file: Path, spec: str) -> None:
