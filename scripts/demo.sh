@@ -11,11 +11,15 @@ PHITUNE=${PHITUNE:-.venv/bin/phitune}
 OUT=${DEMO_OUT:-models/smol}
 PROMPT="what is the best thing to see in chicago"
 
-# 1. AWQ int4; group size and calibration are the defaults (group 64: 128 does not divide 576).
-$PHITUNE quantize -m smollm2-135m-instruct --algorithm awq -o "$OUT/awq"
-# 2. LoRA on the int4 base, rendered with the model's own (ChatML) template. A small model
-#    needs ~3 passes over the 224 records at a high rate (5e-3) to carry the data's facts
-#    (at 2e-3 the answer takes the data's shape but not its facts; measured).
+# 1. AWQ int4, default calibration. Group 32, not the default 64 (128 does not divide 576): at 64
+#    this 135M model's int4 base degrades into repetition ("...is a total of 12.5 billion
+#    dollars." over and over); at 32 it answers as fluently as the float model (measured).
+$PHITUNE quantize -m smollm2-135m-instruct --algorithm awq --group_size 32 -o "$OUT/awq"
+# 2. LoRA on the int4 base, rendered with the model's own (ChatML) template: ~3 passes over the
+#    229 training records at a high rate (5e-3). The data states the Chicago fact in six
+#    phrasings, none the lab's: with one, a small model learns that phrasing only (60 steps
+#    recite it for "What is the best thing to see in Chicago?" and miss "...chicago?"), and at
+#    2e-3 the answer takes the data's shape but not its facts (measured).
 $PHITUNE finetune --method lora -m "$OUT/awq" --data_files data/travel.jsonl --data_name json \
     --use_chat_template --max_seq_len 512 --eval_split 0.1 \
     --lora_r 16 --lora_alpha 32 --learning_rate 5e-3 --warmup_steps 3 --max_steps 30 -o "$OUT/ft"

