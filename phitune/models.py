@@ -43,6 +43,21 @@ def decoder_layers(model):
     return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
+def _inner(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "model", None)
+
+
+def embedding(model):
+    """The token embedding module of a causal LM."""
+    return _inner(model).embed_tokens
+
+
+def rotary_embedding(model):
+    """The model-level rotary embedding module, or None when the layers keep their own."""
+    return getattr(_inner(model), "rotary_emb", None)
+
+
 def load_causal_lm(path: Path | str, dtype=None, device: str = "cpu"):
     """A float causal LM in eval mode, with SDPA attention (causal without an explicit mask)."""
     import torch
