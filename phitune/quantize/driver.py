@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from phitune.formats.awq_gemm import pack_gemm, quantize_weight
-from phitune.models import decoder_layers, embedding, rotary_embedding
+from phitune.models import decoder_layers
 from phitune.quantize.arch import linear_names, scale_groups
 
 
@@ -51,45 +51,74 @@ class _Stop(Exception):
     pass
 
 
-def capture_layer0_inputs(model: nn.Module, samples: torch.Tensor, dtype: torch.dtype,
-                          device: str) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering the first decoder layer and the kwargs the model passes it
-    (rotary embeddings, mask), caught by stopping the forward at that layer."""
-    caught: dict = {}
-
-    def catch(_module, args, kwargs):
-        caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        caught["kwargs"] = kwargs
-        raise _Stop
-
+def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, dtype: torch.dtype,
+                         device: str) -> tuple[torch.Tensor, list[dict]]:
+    """Hidden states entering the first decoder layer, and per layer the kwargs the model
+    passes it (rotary embeddings, mask: they differ between sliding-window and global layers).
+    One forward in which every layer but the last is skipped and the last stops the run."""
     layers = decoder_layers(model)
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    embed, rotary = embedding(model), rotary_embedding(model)
-    embed.to(device)
-    if rotary is not None:
-        rotary.to(device)
+    caught: list[dict] = [{} for _ in layers]
+
+    def catch(index):
+        def hook(_module, args, kwargs):
+            if index == 0:
+                caught[0]["hidden"] = args[0] if args else kwargs["hidden_states"]
+            caught[index]["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if index == len(layers) - 1:
+                raise _Stop
+        return hook
+
+    handles = [layer.register_forward_pre_hook(catch(i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    for layer in layers[:-1]:  # skipped: their inputs are all we need
+        layer.forward = lambda *args, **kwargs: args[0] if args else kwargs["hidden_states"]
+    # The modules around the layers (embedding, rotary tables) run on the compute device.
+    around = [m for m in _layers_parent(model, layers).children() if m is not layers]
     try:
+        for m in around:
+            m.to(device)
         with torch.no_grad():
             model(samples.to(device), use_cache=False)
     except _Stop:
         pass
     finally:
-        handle.remove()
-        embed.to("cpu")
-    kwargs = {k: to_device(v, dtype, device) for k, v in caught["kwargs"].items()
-              if k not in ("past_key_values", "past_key_value", "use_cache")}
-    kwargs["use_cache"] = False
-    return caught["hidden"].to(device=device, dtype=dtype), kwargs
+        for handle in handles:
+            handle.remove()
+        for layer in layers[:-1]:
+            del layer.forward
+        for m in around:
+            m.to("cpu")
+    memo: dict = {}
+    per_layer = [{k: to_device(v, dtype, device, memo) for k, v in c["kwargs"].items()
+                  if k not in ("past_key_values", "past_key_value", "use_cache")} for c in caught]
+    for kwargs in per_layer:
+        kwargs["use_cache"] = False
+    return caught[0]["hidden"].to(device=device, dtype=dtype), per_layer
 
 
-def to_device(value, dtype, device):
-    """A layer kwarg on `device`; floating tensors (also inside tuples) in `dtype`."""
+def capture_layer0_inputs(model: nn.Module, samples: torch.Tensor, dtype: torch.dtype,
+                          device: str) -> tuple[torch.Tensor, dict]:
+    """The first decoder layer's input and kwargs (see capture_layer_inputs)."""
+    hidden, per_layer = capture_layer_inputs(model, samples, dtype, device)
+    return hidden, per_layer[0]
+
+
+def _layers_parent(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
+    return next(m for m in model.modules() if any(c is layers for c in m.children()))
+
+
+def to_device(value, dtype, device, memo: dict | None = None):
+    """A layer kwarg on `device`; floating tensors (also inside tuples) in `dtype`. `memo`
+    converts a tensor shared by several layers' kwargs once."""
     if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        if memo is not None and id(value) in memo:
+            return memo[id(value)][1]
+        moved = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        if memo is not None:
+            memo[id(value)] = (value, moved)  # keeps `value` alive so its id is not reused
+        return moved
     if isinstance(value, tuple):
-        return tuple(to_device(v, dtype, device) for v in value)
-    if isinstance(value, dict):  # per-layer-type masks (sliding-window models)
-        return {k: to_device(v, dtype, device) for k, v in value.items()}
+        return tuple(to_device(v, dtype, device, memo) for v in value)
     return value
 
 
@@ -129,14 +158,15 @@ def quantize_model(model: nn.Module, arch: str, cfg: QuantConfig, samples: torch
     """Quantize every decoder layer with `algorithm` (an entry of quantize.algorithms);
     returns packed tensors by full module name. Layers move to `device` one at a time."""
     layers = decoder_layers(model)
-    inps, kwargs = (None, {})
+    inps, layer_kwargs = None, [{} for _ in layers]
     if algorithm.calibrated:
-        inps, kwargs = capture_layer0_inputs(model, samples, compute_dtype, device)
+        inps, layer_kwargs = capture_layer_inputs(model, samples, compute_dtype, device)
     prefix_of = {layer: name for name, layer in model.named_modules()}
     packed: Packed = {}
     for index, layer in enumerate(layers):
         storage_dtype = next(layer.parameters()).dtype
         layer.to(device=device, dtype=compute_dtype)
+        kwargs = layer_kwargs[index]
         groups = scale_groups(arch, layer, model.config, kwargs) if algorithm.calibrated else []
         outs, result = algorithm.quantize_layer(layer, groups, inps, kwargs, cfg)
         layer.to(device="cpu", dtype=storage_dtype)

@@ -108,12 +108,24 @@ def apply_scale(group: ScaleGroup, s: torch.Tensor, x: torch.Tensor) -> None:
         prev.weight.data[rows] = (prev.weight.data[rows].float() / s.view(-1, 1)).to(prev.weight.dtype)
         if prev.bias is not None:
             prev.bias.data[rows] = (prev.bias.data[rows].float() / s).to(prev.bias.dtype)
-    else:  # RMSNorm: y = w * x / rms(x)
-        prev.weight.data = (prev.weight.data.float() / s).to(prev.weight.dtype)
+    else:
+        prev.weight.data = fold_into_norm(prev.weight.data, s, group.norm)
     s_in = group.expand(s)
     for fc in group.linears:
         fc.weight.data = (fc.weight.data.float() * s_in).to(fc.weight.dtype)
     x.div_(s_in.to(x.dtype))
+
+
+def fold_into_norm(weight: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
+    """A norm's weight after dividing its output by s, for its norm kind (architectures.NORM_KINDS)."""
+    w = weight.float()
+    if kind == "rms":             # y = w · x / rms(x)
+        w = w / s
+    elif kind == "rms_one_plus":  # y = (1 + w) · x / rms(x)
+        w = (1 + w) / s - 1
+    else:
+        raise ValueError(f"unknown norm kind {kind!r}")
+    return w.to(weight.dtype)
 
 
 @torch.no_grad()
