@@ -262,9 +262,12 @@ def check_onnx_graph(model_file: Path | str) -> None:
 
 def model_from_state(config, state: dict, dtype, where: str):
     """A causal LM built on the meta device and given `state`'s tensors (no second copy)."""
-    import torch
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
+
+    # Parameters on the meta device, buffers real: the constructors compute the non-persistent
+    # ones (rotary inv_freq, Gemma's embed_scale) that no checkpoint holds.
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

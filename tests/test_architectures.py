@@ -133,23 +133,53 @@ def _needs_builder(family: str) -> None:
         pytest.skip(GEMMA3_BUILDER)
 
 
+@pytest.fixture(scope="session")
+def finetuned(tiny_models, tmp_path_factory):
+    """family → a directory holding its RTN and AWQ models and a LoRA trained on the AWQ one
+    (a few steps), made as users type it; built once per family, on first use."""
+    from phitune.cli.main import main
+    made: dict[str, Path] = {}
+
+    def run(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(args))
+        assert exit_info.value.code == 0, args
+
+    def get(family: str) -> Path:
+        if family not in made:
+            model, out = tiny_models[family], tmp_path_factory.mktemp(f"chain-{family}")
+            run("quantize", "-m", str(model), "--algorithm", "rtn", "--no-eval", "-o", str(out / "rtn"))
+            run("quantize", "-m", str(model), "--algorithm", "awq", "--calib_samples", "4",
+                "--calib_seq_len", "64", "--no-eval", "-o", str(out / "awq"))
+            run("finetune", "--method", "lora", "-m", str(out / "awq"), "--data_files",
+                str(REPO / "data" / "travel.jsonl"), "--data_name", "json", "--text_template", TEMPLATE,
+                "--max_steps", "4", "--max_seq_len", "128", "--lora_r", "4", "--learning_rate", "5e-2",
+                "-o", str(out / "ft"))
+            made[family] = out
+        return made[family]
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_chain_quantize_finetune_auto_opt_infer(tiny_models, family, cli, tmp_path):
-    """As users type it: AWQ and RTN, a few LoRA steps on the AWQ model, int4 ONNX with the
-    adapter, then generation with and without it."""
-    model = tiny_models[family]
-    _ok(cli, "quantize", "-m", str(model), "--algorithm", "rtn", "--no-eval", "-o", str(tmp_path / "rtn"))
-    _ok(cli, "quantize", "-m", str(model), "--algorithm", "awq", "--calib_samples", "4",
-        "--calib_seq_len", "64", "--no-eval", "-o", str(tmp_path / "awq"))
-    _ok(cli, "finetune", "--method", "lora", "-m", str(tmp_path / "awq"), "--data_files",
-        str(REPO / "data" / "travel.jsonl"), "--data_name", "json", "--text_template", TEMPLATE,
-        "--max_steps", "4", "--max_seq_len", "128", "--lora_r", "4", "--learning_rate", "5e-2",
-        "-o", str(tmp_path / "ft"))
+def test_quantize_awq_and_rtn_then_finetune(finetuned, family):
+    from phitune.formats.awq_gemm import load_awq_dequantized
+    out = finetuned(family)
+    for algorithm in ("rtn", "awq"):
+        config = json.loads((out / algorithm / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == "awq"
+        load_awq_dequantized(out / algorithm)  # every tensor there, in the GEMM layout
+    assert (out / "ft" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_opt_int4_with_adapter_then_infer(finetuned, family, cli):
     _needs_builder(family)
-    _ok(cli, "auto-opt", "-m", str(tmp_path / "ft" / "model"), "--adapter_path",
-        str(tmp_path / "ft" / "adapter"), "-o", str(tmp_path / "onnx"))
-    onnx = tmp_path / "onnx" / "model"
+    out = finetuned(family)
+    _ok(cli, "auto-opt", "-m", str(out / "ft" / "model"), "--adapter_path",
+        str(out / "ft" / "adapter"), "-o", str(out / "onnx"))
+    onnx = out / "onnx" / "model"
     args = ("--prompt", "what is the best thing to see in chicago", "--max_new_tokens", "12")
     tuned = _ok(cli, "infer", "-m", str(onnx), "--adapter", str(onnx / "adapter_weights.onnx_adapter"), *args)
     base = _ok(cli, "infer", "-m", str(onnx), "--no-adapter", *args)
