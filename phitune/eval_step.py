@@ -227,7 +227,7 @@ class _TorchModel:
                 + (f", adapter {self.adapter}" if self.adapter else "") + ")")
         self.tokenizer = load_tokenizer(model_ref.path)
         if self.base_kind == "awq-model":
-            from phitune.quantize.checkpoint import load_awq_dequantized
+            from phitune.formats.awq_gemm import load_awq_dequantized
             model = load_awq_dequantized(model_ref.path, self.dtype).to(self.device).eval()
         else:
             model = load_causal_lm(model_ref.path, dtype=self.dtype, device=self.device)

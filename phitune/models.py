@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from phitune.errors import DeviceError, InputError, UnsupportedModelError
+from phitune.architectures import SUPPORTED_CLASSES, family, family_of_config
+from phitune.errors import DeviceError, InputError
 
-# Architectures whose decoder layers phitune knows how to walk (quantize/arch.py).
-SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
-                           "Qwen2ForCausalLM")
+# Architectures phitune supports: the table's class names (phitune/architectures.py).
+SUPPORTED_ARCHITECTURES = SUPPORTED_CLASSES
 
 
 def resolve_device(choice: str = "auto") -> str:
@@ -25,22 +25,40 @@ def resolve_device(choice: str = "auto") -> str:
 
 
 def architecture(config: dict, path: Path | str) -> str:
+    """config.architectures[0] if the table has it; else one line naming the supported ones."""
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"architecture {arch or 'unknown'} is not supported",
-            f"{path}/config.json", f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    family(arch, f"{path}/config.json")
     return arch
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _path(model, attr: str):
+    """The module at the model's family record path `attr` (Llama's layout when unknown)."""
+    base = _base(model)
+    record = family_of_config(base.config) if hasattr(base, "config") else None
+    path = getattr(record, attr) if record else {"layers": "model.layers",
+                                                 "embedding": "model.embed_tokens"}[attr]
+    try:
+        return base.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def decoder_layers(model):
     """The repeated blocks (an nn.ModuleList) of a Hugging Face causal LM, PEFT-wrapped or not;
     None when the model keeps them elsewhere."""
     import torch
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(getattr(base, "model", None), "layers", None)
+    layers = _path(model, "layers")
     return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
+def embedding(model):
+    """The token embedding module of a causal LM."""
+    return _path(model, "embedding")
 
 
 def load_causal_lm(path: Path | str, dtype=None, device: str = "cpu"):
@@ -244,9 +262,12 @@ def check_onnx_graph(model_file: Path | str) -> None:
 
 def model_from_state(config, state: dict, dtype, where: str):
     """A causal LM built on the meta device and given `state`'s tensors (no second copy)."""
-    import torch
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
+
+    # Parameters on the meta device, buffers real: the constructors compute the non-persistent
+    # ones (rotary inv_freq, Gemma's embed_scale) that no checkpoint holds.
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

@@ -6,16 +6,17 @@ import torch
 from torch import nn
 
 from phitune.models import load_causal_lm
-from phitune.quantize import awq
+from phitune.quantize import driver
+from phitune.quantize.algorithms import awq, rtn
 from phitune.quantize.arch import linear_names, scale_groups
-from phitune.quantize.awq import QuantConfig
-from phitune.quantize.pack import fake_quantize
+from phitune.quantize.driver import QuantConfig
+from phitune.formats.awq_gemm import fake_quantize
 
 
 def _layer_and_inputs(path, arch):
     model = load_causal_lm(path)
     samples = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    hidden, kwargs = awq.capture_layer0_inputs(model, samples, torch.float32, "cpu")
+    hidden, kwargs = driver.capture_layer0_inputs(model, samples, torch.float32, "cpu")
     layer = model.model.layers[0]
     return model, layer, hidden, kwargs
 
@@ -76,7 +77,7 @@ def test_quantize_layer_leaves_dequantized_weights(random_phi3):
     model, layer, hidden, kwargs = _layer_and_inputs(random_phi3, "Phi3ForCausalLM")
     groups = scale_groups("Phi3ForCausalLM", layer, model.config, kwargs)
     _, result = awq.quantize_layer(layer, groups, hidden, kwargs, QuantConfig())
-    from phitune.quantize.pack import unpack_gemm
+    from phitune.formats.awq_gemm import unpack_gemm
     for fc, name in linear_names(layer).items():
         assert torch.equal(unpack_gemm(**result["packed"][name]).dequantize(), fc.weight.data)
 
@@ -105,7 +106,7 @@ def test_fast_search_matches_the_exhaustive_one():
     model = load_causal_lm(tiny, dtype=torch.float32)
     samples = calib.token_blocks(calib.read_texts(data_dir() / "calibration.txt"),
                                  load_tokenizer(tiny), 16, 128)
-    hidden, kwargs = awq.capture_layer0_inputs(model, samples, torch.float32, "cpu")
+    hidden, kwargs = driver.capture_layer0_inputs(model, samples, torch.float32, "cpu")
     rtn_cfg = QuantConfig(group_size=64)
     for index in (0, 3):
         with torch.no_grad():
@@ -120,11 +121,11 @@ def test_fast_search_matches_the_exhaustive_one():
         plain = copy.deepcopy(layer)
         with torch.no_grad():
             reference = layer(hidden, **kwargs)
-            awq.quantize_layer(plain, [], hidden, kwargs, rtn_cfg, awq=False)
-            rtn = (plain(hidden, **kwargs) - reference).pow(2).mean().item()
-        print(f"layer {index}: fast {fast:.3e} exhaustive {exhaustive:.3e} rtn {rtn:.3e}")
+            rtn.quantize_layer(plain, [], hidden, kwargs, rtn_cfg)
+            rtn_err = (plain(hidden, **kwargs) - reference).pow(2).mean().item()
+        print(f"layer {index}: fast {fast:.3e} exhaustive {exhaustive:.3e} rtn {rtn_err:.3e}")
         assert fast <= 1.10 * exhaustive, (index, fast, exhaustive)
-        assert fast < rtn  # and the search still beats plain rounding
+        assert fast < rtn_err  # and the search still beats plain rounding
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -137,7 +138,7 @@ def test_fast_search_runs_on_cuda_and_matches_cpu(random_phi3):
     results = {}
     for device in ("cpu", "cuda"):
         dev_layer = copy.deepcopy(layer).to(device)
-        dev_kwargs = {k: awq._to(v, torch.float32, device) for k, v in kwargs.items()}
+        dev_kwargs = {k: driver.to_device(v, torch.float32, device) for k, v in kwargs.items()}
         groups = scale_groups("Phi3ForCausalLM", dev_layer, model.config, dev_kwargs)
         _, results[device] = awq.quantize_layer(dev_layer, groups, hidden.to(device), dev_kwargs, cfg)
     for name, tensors in results["cpu"]["packed"].items():

@@ -170,7 +170,7 @@ def _matmulnbits_weight(model_file: Path, node_name: str) -> np.ndarray:
 
 
 def test_int4_graph_holds_awqs_weights_not_a_requantization(awq_export):
-    from phitune.quantize.checkpoint import load_awq_dequantized
+    from phitune.formats.awq_gemm import load_awq_dequantized
     awq, onnx_dir = awq_export
     reference = load_awq_dequantized(awq)
     onnx_w = _matmulnbits_weight(onnx_dir / "model" / "model.onnx", "/model/layers.2/attn/o_proj/MatMulNBits")
@@ -182,7 +182,7 @@ def test_int4_perplexity_is_within_1_percent_of_the_pytorch_awq_model(awq_export
     from phitune.evaluate import onnx_perplexity, perplexity
     from phitune.models import load_tokenizer
     from phitune.quantize.calib import read_texts
-    from phitune.quantize.checkpoint import load_awq_dequantized
+    from phitune.formats.awq_gemm import load_awq_dequantized
     awq, onnx_dir = awq_export
     tokenizer = load_tokenizer(TINY)
     texts = read_texts(REPO / "data" / "heldout.txt")

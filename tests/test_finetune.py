@@ -71,7 +71,7 @@ def test_adapter_loads_with_plain_peft_and_changes_generation(trained):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from phitune.quantize.checkpoint import load_awq_dequantized
+    from phitune.formats.awq_gemm import load_awq_dequantized
     tok = AutoTokenizer.from_pretrained(str(trained / "model"))
     prompt = tok("<|user|>\nwhat is the best thing to see in chicago<|end|>\n<|assistant|>\n",
                  return_tensors="pt")
@@ -228,7 +228,7 @@ def test_merge_writes_a_float_model_equal_to_base_plus_adapter(awq_base, cli, tm
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from phitune.quantize.checkpoint import load_awq_dequantized
+    from phitune.formats.awq_gemm import load_awq_dequantized
     out = tmp_path / "ft"
     assert cli(*lab(awq_base, out, "--max_steps", "3", "--merge")).code == 0
     merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32)

@@ -384,7 +384,7 @@ def _tensor_names(directory: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_tied_embeddings_survive_quantize_and_finetune(chain):
-    from phitune.quantize.checkpoint import load_awq_dequantized
+    from phitune.formats.awq_gemm import load_awq_dequantized
     for step in ("q", "ft/merged"):
         assert json.loads((chain / step / "config.json").read_text())["tie_word_embeddings"]
         names = _tensor_names(chain / step)
@@ -404,7 +404,7 @@ def test_tied_lm_head_in_the_onnx_export(chain, converted):
     LM head is the (tied) embedding; the int4 export of the GGUF got the block size that fits."""
     from test_export import greedy_max_diff
 
-    from phitune.quantize.checkpoint import load_awq_dequantized
+    from phitune.formats.awq_gemm import load_awq_dequantized
     reference = load_awq_dequantized(chain / "q")
     assert greedy_max_diff(chain / "onnx-q" / "model", reference, steps=8) < 1e-3
     metrics = json.loads((chain / "onnx" / "phitune.json").read_text())["metrics"]

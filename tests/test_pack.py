@@ -2,7 +2,7 @@
 
 import torch
 
-from phitune.quantize.pack import QuantizedWeight, pack_gemm, quantize_weight, unpack_gemm
+from phitune.formats.awq_gemm import QuantizedWeight, pack_gemm, quantize_weight, unpack_gemm
 
 
 def test_nibble_order_is_awq_gemm():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from phitune.quantize.checkpoint import load_awq_dequantized
+from phitune.formats.awq_gemm import load_awq_dequantized
 
 CALIB = ["--calib_samples", "64", "--calib_seq_len", "256"]  # the defaults
 

@@ -20,8 +20,7 @@ import torch
 from phitune.errors import OptionError
 from phitune.export.slots import HF_MODULE_PIECES
 from phitune.models import copy_tokenizer_files, read_safetensors, safetensors_files
-from phitune.quantize.checkpoint import quantization_config
-from phitune.quantize.pack import pack_gemm, quantize_weight, unpack_gemm
+from phitune.formats.awq_gemm import pack_gemm, quantization_config, quantize_weight, unpack_gemm
 
 _PROJECTION = re.compile(r"^model\.layers\.\d+\.(\w+\.\w+)\.weight$")
 _SHARD_BYTES = 512 * 2**20  # bounded memory; the builder reads shards alike

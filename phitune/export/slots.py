@@ -13,6 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from phitune.architectures import family, family_of_config, piece_offsets, piece_sizes
+
+__all__ = ["GRAPH_SLOT_PIECES", "HF_MODULE_PIECES", "PIECE_INPUT", "Slot", "graph_slots",
+           "piece_offsets", "piece_sizes", "predicted_layout"]
+
 # Graph slot (as the builder names it, relative to a layer) → the pieces of its output rows.
 GRAPH_SLOT_PIECES = {
     "attn.qkv_proj": ("q", "k", "v"),
@@ -38,27 +43,6 @@ PIECE_INPUT = {"q": "hidden", "k": "hidden", "v": "hidden", "o": "attn",
                "gate": "hidden", "up": "hidden", "down": "mlp"}
 
 _NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/(MatMul|MatMulNBits)$")
-
-
-def piece_sizes(config: dict) -> dict[str, tuple[int, int]]:
-    """(out rows, in features) of each piece, from a Hugging Face config."""
-    hidden = config["hidden_size"]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    kv = config.get("num_key_value_heads") or heads
-    inter = config["intermediate_size"]
-    return {"q": (heads * head_dim, hidden), "k": (kv * head_dim, hidden),
-            "v": (kv * head_dim, hidden), "o": (hidden, heads * head_dim),
-            "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
-
-
-def piece_offsets(pieces: tuple[str, ...], sizes: dict) -> dict[str, tuple[int, int]]:
-    """piece → (first row, rows) inside a module made of `pieces`."""
-    offsets, row = {}, 0
-    for piece in pieces:
-        offsets[piece] = (row, sizes[piece][0])
-        row += sizes[piece][0]
-    return offsets
 
 
 @dataclass(frozen=True)
@@ -106,14 +90,13 @@ def graph_slots(nodes, sizes: dict) -> list[Slot]:
     return slots
 
 
-# The projections the model builder writes for the supported architectures (q/k/v packed,
-# gate/up split), to check an adapter before spending a build on it.
-BUILDER_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
 def predicted_layout(config: dict) -> tuple[list[Slot], dict, str]:
     """The slots, piece sizes and dtype `add_lora_inputs` will give the graph of `config`."""
     sizes = piece_sizes(config)
+    # The projections the builder writes for this family (architectures.py: q/k/v packed,
+    # gate/up split), to check an adapter before spending a build on it.
+    record = family_of_config(config) or family((config.get("architectures") or [None])[0])
+    names = record.builder_slots
     slots = [Slot.of(layer, name, sizes) for layer in range(config["num_hidden_layers"])
-             for name in BUILDER_SLOTS]
+             for name in names]
     return slots, sizes, "float"

@@ -18,7 +18,7 @@ def load_base(model_ref, method: str, device: str, dtype):
                               "use --method lora on CPU: on an AWQ base it trains on the 4-bit weights")
         return _load_nf4(model_ref.path, dtype)
     if model_ref.kind == "awq-model":
-        from phitune.quantize.checkpoint import load_awq_dequantized
+        from phitune.formats.awq_gemm import load_awq_dequantized
         model = load_awq_dequantized(model_ref.path, dtype)
     else:
         from phitune.models import load_causal_lm_lean

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
+from phitune.architectures import BY_MODEL_TYPE
 from phitune.errors import OptionError
-
-# Phi-3 fuses q/k/v and gate/up: its four linears cover every projection.
-DEFAULT_TARGETS = {
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 
 
 def target_modules(model_type: str, requested: str | None, model) -> list[str] | str:
     """The user's comma list, checked against the model; else the family default; else every
-    linear but the LM head (PEFT's 'all-linear')."""
+    linear but the LM head (PEFT's 'all-linear'). Family defaults: phitune/architectures.py."""
+    record = BY_MODEL_TYPE.get(model_type)
+    default = list(record.lora_targets) if record else None
     if requested:
         names = [n.strip() for n in requested.split(",") if n.strip()]
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -23,9 +18,9 @@ def target_modules(model_type: str, requested: str | None, model) -> list[str] |
         if missing:
             raise OptionError(f"--target_modules names {', '.join(missing)}, which the model does "
                               f"not have", "--target_modules",
-                              f"use module names such as {', '.join(DEFAULT_TARGETS.get(model_type, ['o_proj']))}")
+                              f"use module names such as {', '.join(default or ['o_proj'])}")
         return names
-    return DEFAULT_TARGETS.get(model_type, "all-linear")
+    return default or "all-linear"
 
 
 def wrap(model, r: int, alpha: float, dropout: float, targets):

@@ -1,4 +1,5 @@
-"""Where AWQ may move scale inside a decoder layer, per architecture family.
+"""Where AWQ may move scale inside a decoder layer: the architecture table's scale groups
+(phitune/architectures.py) bound to one layer's modules.
 
 A scale group is an op that produces some channels (an RMSNorm, or rows of a linear) and
 the linears that consume them. Dividing the producer by s and multiplying the consumers'
@@ -14,6 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from phitune.architectures import FUSED_PIECES, ScaleGroupSpec, family, piece_offsets, piece_sizes
+
 
 @dataclass
 class ScaleGroup:
@@ -22,6 +25,7 @@ class ScaleGroup:
     linears: list[nn.Linear]          # consumers whose input columns are scaled by s
     inspect: Callable[[torch.Tensor], torch.Tensor]  # forward whose output error is minimised
     prev_rows: slice | None = None    # when prev is a fused linear, the rows feeding `linears`
+    norm: str = "rms"                 # when prev is a norm: how it applies its weight (NORM_KINDS)
     kv_repeat: int = 1                # GQA: one scale per value channel, shared by kv_repeat heads
     head_dim: int = 1
 
@@ -52,30 +56,32 @@ def _attn_call(attn: nn.Module, kwargs: dict) -> Callable[[torch.Tensor], torch.
     return lambda x: attn(hidden_states=x, **kwargs)[0]
 
 
+def _rows(spec: ScaleGroupSpec, config) -> slice | None:
+    """The rows of a fused producer that feed the group (e.g. the v rows of qkv_proj)."""
+    if spec.prev_piece is None:
+        return None
+    fused = FUSED_PIECES[spec.prev.rsplit(".", 1)[-1]]
+    first, rows = piece_offsets(fused, piece_sizes(config.to_dict()))[spec.prev_piece]
+    return slice(first, first + rows)
+
+
 def scale_groups(arch: str, layer: nn.Module, config, attn_kwargs: dict) -> list[ScaleGroup]:
-    attn, mlp = layer.self_attn, layer.mlp
+    """The layer's scale groups as its architecture's record (phitune/architectures.py) names them."""
+    record = family(arch)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     kv_repeat = config.num_attention_heads // n_kv
-    if arch == "Phi3ForCausalLM":
-        q_and_k = (config.num_attention_heads + n_kv) * head_dim
-        return [
-            ScaleGroup("attn_in", layer.input_layernorm, [attn.qkv_proj], _attn_call(attn, attn_kwargs)),
-            ScaleGroup("attn_out", attn.qkv_proj, [attn.o_proj], attn.o_proj,
-                       prev_rows=slice(q_and_k, None), kv_repeat=kv_repeat, head_dim=head_dim),
-            ScaleGroup("mlp_in", layer.post_attention_layernorm, [mlp.gate_up_proj], mlp),
-            ScaleGroup("mlp_out", mlp.gate_up_proj, [mlp.down_proj], mlp.down_proj,
-                       prev_rows=slice(config.intermediate_size, None)),  # the `up` half
-        ]
-    # Llama, Mistral, Qwen2: separate projections.
-    return [
-        ScaleGroup("attn_in", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj],
-                   _attn_call(attn, attn_kwargs)),
-        ScaleGroup("attn_out", attn.v_proj, [attn.o_proj], attn.o_proj,
-                   kv_repeat=kv_repeat, head_dim=head_dim),
-        ScaleGroup("mlp_in", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], mlp),
-        ScaleGroup("mlp_out", mlp.up_proj, [mlp.down_proj], mlp.down_proj),
-    ]
+    groups = []
+    for spec in record.scale_groups:
+        inspect = layer.get_submodule(spec.inspect)
+        if spec.inspect.endswith("self_attn"):
+            inspect = _attn_call(inspect, attn_kwargs)
+        groups.append(ScaleGroup(
+            spec.name, layer.get_submodule(spec.prev), [layer.get_submodule(n) for n in spec.linears],
+            inspect, prev_rows=_rows(spec, config), norm=record.norm,
+            kv_repeat=kv_repeat if spec.per_kv_head else 1,
+            head_dim=head_dim if spec.per_kv_head else 1))
+    return groups
 
 
 def linear_names(layer: nn.Module) -> dict[nn.Module, str]:

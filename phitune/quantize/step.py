@@ -77,15 +77,17 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     import torch
 
     from phitune.models import load_causal_lm, load_tokenizer, resolve_device
-    from phitune.quantize import awq, calib, checkpoint
-    from phitune.quantize.awq import QuantConfig
+    from phitune.formats import awq_gemm as checkpoint
+    from phitune.quantize import algorithms, calib, driver
+    from phitune.quantize.driver import QuantConfig
 
     model_ref = resolve_model(opts.model, accept=("hf-model",), step="quantize")
     arch = architecture(model_ref.config, model_ref.path)
     _validate(opts, model_ref.config, str(model_ref.path))
     group_size, group_choice = _group_size(opts, model_ref.config, str(model_ref.path))
     opts = replace(opts, group_size=group_size)
-    use_awq = opts.algorithm == "awq"
+    algorithm = algorithms.get(opts.algorithm)
+    use_awq = algorithm.calibrated  # needs calibration text
     calib_path = Path(opts.calib_data) if opts.calib_data else default_calib_data()
     texts = calib.read_texts(calib_path) if use_awq else None
     eval_path = Path(opts.eval_data) if opts.eval_data else default_eval_data()
@@ -98,8 +100,7 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     if not use_awq:
         for k in ("calib_samples", "calib_seq_len", "dtype"):
             params.pop(k)
-    else:  # a new search makes outputs of the old one stale
-        params["awq_search"] = awq.SEARCH_VERSION
+    params.update(algorithm.key_params)  # a new search makes outputs of the old one stale
     inputs = {"model": opts.model, "model_digest": model_ref.digest}
     if use_awq:
         inputs["calib_digest"] = content_digest(calib_path)
@@ -136,8 +137,8 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
             def on_layer(index: int, layer_alphas: dict) -> None:
                 alphas[index] = layer_alphas
                 bar.advance(task)
-            packed = awq.quantize_model(model, arch, cfg, samples, device, compute_dtype,
-                                        awq=use_awq, on_layer=on_layer)
+            packed = driver.quantize_model(model, arch, cfg, samples, device, compute_dtype,
+                                           algorithm, on_layer=on_layer)
         qconfig = checkpoint.quantization_config(opts.bits, opts.group_size, opts.zero_point)
         checkpoint.save_awq_checkpoint(model, packed, work, qconfig)
         _copy_tokenizer(model_ref.path, work)

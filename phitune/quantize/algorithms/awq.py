@@ -1,7 +1,6 @@
 """Activation-aware weight quantization (AWQ, arXiv 2306.00978) in plain torch.
 
-Calibration text runs through the model one decoder layer at a time, so memory holds one
-layer's activations, never all of them. Per layer:
+Run by quantize/driver.py one decoder layer at a time. Per layer:
 
 1. capture the inputs of each scale group and the float layer's output (next layer's input);
 2. per group, grid-search alpha in s = mean|x|^alpha / mean|w|^(1-alpha), minimising the
@@ -15,105 +14,24 @@ Weights are always restored from a copy between grid steps, never an alias (on C
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
-from phitune.models import decoder_layers
-from phitune.quantize.arch import NO_CLIP, ScaleGroup, linear_names, scale_groups
-from phitune.quantize.pack import fake_quantize_, pack_gemm, quantize_weight
+from phitune.formats.awq_gemm import fake_quantize_
+from phitune.quantize.arch import NO_CLIP, ScaleGroup, linear_names
+from phitune.quantize.driver import QuantConfig, chunks, pack_layer, run_chunked, run_layer
 
 # Bump when the search's choices change, so outputs made by an older search are not reused
 # as up to date (quantize/step.py puts it in the output's key).
 SEARCH_VERSION = 4
 
 
-@dataclass
-class QuantConfig:
-    bits: int = 4
-    group_size: int = 128
-    zero_point: bool = True
-    scale_grid: int = 20
-    clip_grid: int = 20
-    clip_max_shrink: float = 0.5
-    # tokens sampled for the clipping search: SmolLM2-135M g64 gap / RTN gap 0.56 at 512 → 0.48
-    # at 2048 (the bf16 error matmuls keep it cheap: 3.5× a plain forward in all)
-    clip_tokens: int = 2048
-    chunk_tokens: int = 8192        # tokens per forward chunk (bounds activation memory)
-    # "fast": the scale grid's output error on `search_tokens` (whole sequences spread over the
-    # calibration set; the activation statistics still use every token), alphas coarse to fine
-    # (every other grid point, then the best one's two neighbours), the clip error as
-    # (Q(w) - w) @ x in bf16. "exhaustive": every grid point on every token, fp32 clip error.
-    search: str = "fast"
-    search_tokens: int = 2048
-    # Feed the next layer the quantized layer's output instead of the float one (one more
-    # forward per layer), so each layer's search sees the errors of the layers before it:
-    # SmolLM2-135M g64, AWQ gap / RTN gap 0.65 → 0.56 (held-out licence text, 512-token windows);
-    # tiny-phi3 0.18 (gap 0.136 vs RTN 0.771).
-    propagate: bool = True
-
-
-Packed = dict[str, dict[str, torch.Tensor]]  # full linear name -> qweight/qzeros/scales
-
-
-class _Stop(Exception):
-    pass
-
-
-def capture_layer0_inputs(model: nn.Module, samples: torch.Tensor, dtype: torch.dtype,
-                          device: str) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering the first decoder layer and the kwargs the model passes it
-    (rotary embeddings, mask), caught by stopping the forward at that layer."""
-    caught: dict = {}
-
-    def catch(_module, args, kwargs):
-        caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        caught["kwargs"] = kwargs
-        raise _Stop
-
-    layers = decoder_layers(model)
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    model.model.embed_tokens.to(device)
-    model.model.rotary_emb.to(device)
-    try:
-        with torch.no_grad():
-            model(samples.to(device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-        model.model.embed_tokens.to("cpu")
-    kwargs = {k: _to(v, dtype, device) for k, v in caught["kwargs"].items()
-              if k not in ("past_key_values", "past_key_value", "use_cache")}
-    kwargs["use_cache"] = False
-    return caught["hidden"].to(device=device, dtype=dtype), kwargs
-
-
-def _to(value, dtype, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, dtype, device) for v in value)
-    return value
-
-
-def _chunks(x: torch.Tensor, chunk_tokens: int) -> Iterator[torch.Tensor]:
-    per_chunk = max(1, chunk_tokens // x.shape[1])
-    for start in range(0, x.shape[0], per_chunk):
-        yield x[start:start + per_chunk]
-
-
-@torch.no_grad()
-def _run(fn: Callable, x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    return torch.cat([fn(c) for c in _chunks(x, chunk_tokens)])
-
-
 @torch.no_grad()
 def _mse(fn: Callable, x: torch.Tensor, ref: torch.Tensor, chunk_tokens: int) -> float:
     total, count, start = 0.0, 0, 0
-    for c in _chunks(x, chunk_tokens):
+    for c in chunks(x, chunk_tokens):
         out = fn(c).float()
         total += (out - ref[start:start + len(c)].float()).pow(2).sum().item()
         count += out.numel()
@@ -153,7 +71,7 @@ def search_scale(group: ScaleGroup, x: torch.Tensor, cfg: QuantConfig,
     del weight, w_abs, w_norm
     xs = x if x_search is None else x_search
 
-    reference = _run(group.inspect, xs, cfg.chunk_tokens)
+    reference = run_chunked(group.inspect, xs, cfg.chunk_tokens)
     originals = [fc.weight.detach().clone() for fc in group.linears]
     losses: dict[int, float] = {}
     scales: dict[int, torch.Tensor] = {}
@@ -190,12 +108,24 @@ def apply_scale(group: ScaleGroup, s: torch.Tensor, x: torch.Tensor) -> None:
         prev.weight.data[rows] = (prev.weight.data[rows].float() / s.view(-1, 1)).to(prev.weight.dtype)
         if prev.bias is not None:
             prev.bias.data[rows] = (prev.bias.data[rows].float() / s).to(prev.bias.dtype)
-    else:  # RMSNorm: y = w * x / rms(x)
-        prev.weight.data = (prev.weight.data.float() / s).to(prev.weight.dtype)
+    else:
+        prev.weight.data = fold_into_norm(prev.weight.data, s, group.norm)
     s_in = group.expand(s)
     for fc in group.linears:
         fc.weight.data = (fc.weight.data.float() * s_in).to(fc.weight.dtype)
     x.div_(s_in.to(x.dtype))
+
+
+def fold_into_norm(weight: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
+    """A norm's weight after dividing its output by s, for its norm kind (architectures.NORM_KINDS)."""
+    w = weight.float()
+    if kind == "rms":             # y = w · x / rms(x)
+        w = w / s
+    elif kind == "rms_one_plus":  # y = (1 + w) · x / rms(x)
+        w = (1 + w) / s - 1
+    else:
+        raise ValueError(f"unknown norm kind {kind!r}")
+    return w.to(weight.dtype)
 
 
 @torch.no_grad()
@@ -242,7 +172,7 @@ def _capture_group_inputs(layer: nn.Module, groups: list[ScaleGroup], inps: torc
         lambda _m, args, _out, name=g.name: captured[name].append(args[0].detach()))
         for g in groups]
     try:
-        outs = _run(lambda c: layer(c, **kwargs), inps, chunk_tokens)
+        outs = run_layer(layer, inps, kwargs, chunk_tokens)
     finally:
         for h in hooks:
             h.remove()
@@ -250,61 +180,35 @@ def _capture_group_inputs(layer: nn.Module, groups: list[ScaleGroup], inps: torc
 
 
 def quantize_layer(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tensor, kwargs: dict,
-                   cfg: QuantConfig, awq: bool = True) -> tuple[torch.Tensor | None, dict]:
+                   cfg: QuantConfig) -> tuple[torch.Tensor, dict]:
     """Quantize one decoder layer in place (weights become their dequantized values).
 
-    Returns the float layer's output (the next layer's input) and the packed tensors
-    by linear name within the layer.
+    Returns the layer's output (the next layer's input: the quantized layer's when
+    cfg.propagate, else the float one's) and the packed tensors by linear name within the layer.
     """
-    names = linear_names(layer)
-    outs = None
+    feats, outs = _capture_group_inputs(layer, groups, inps, kwargs, cfg.chunk_tokens)
+    best = [(g, *search_scale(g, feats[g.name], cfg, search_sample(feats[g.name], cfg)))
+            for g in groups]
     alphas = {}
-    if awq:
-        feats, outs = _capture_group_inputs(layer, groups, inps, kwargs, cfg.chunk_tokens)
-        best = [(g, *search_scale(g, feats[g.name], cfg, search_sample(feats[g.name], cfg)))
-                for g in groups]
-        for group, s, alpha in best:
-            apply_scale(group, s, feats[group.name])
-            alphas[group.name] = alpha
-        for group in groups:
-            for fc in group.linears:
-                if names[fc].rsplit(".", 1)[-1] in NO_CLIP:
-                    continue
-                max_val = search_clip(fc.weight, feats[group.name], cfg)
-                w = fc.weight.data.float().view(fc.out_features, -1, cfg.group_size)
-                w = torch.clamp(w, -max_val.unsqueeze(-1), max_val.unsqueeze(-1))
-                fc.weight.data = w.view(fc.out_features, fc.in_features).to(fc.weight.dtype)
-        del feats
-    packed = {}
-    for fc, name in names.items():
-        qw = quantize_weight(fc.weight.data, cfg.bits, cfg.group_size, cfg.zero_point)
-        packed[name] = pack_gemm(qw)
-        fc.weight.data = qw.dequantize(fc.weight.dtype)
-    if awq and cfg.propagate:
-        outs = _run(lambda c: layer(c, **kwargs), inps, cfg.chunk_tokens)
+    for group, s, alpha in best:
+        apply_scale(group, s, feats[group.name])
+        alphas[group.name] = alpha
+    _clip(layer, groups, feats, cfg)
+    del feats
+    packed = pack_layer(layer, cfg)
+    if cfg.propagate:
+        outs = run_layer(layer, inps, kwargs, cfg.chunk_tokens)
     return outs, {"packed": packed, "alphas": alphas}
 
 
-def quantize_model(model: nn.Module, arch: str, cfg: QuantConfig, samples: torch.Tensor | None,
-                   device: str, compute_dtype: torch.dtype, awq: bool = True,
-                   on_layer: Callable[[int, dict], None] | None = None) -> Packed:
-    """Quantize every decoder layer (AWQ when `awq`, else round-to-nearest); returns packed
-    tensors by full module name. Layers move to `device` one at a time."""
-    layers = decoder_layers(model)
-    inps, kwargs = (None, {})
-    if awq:
-        inps, kwargs = capture_layer0_inputs(model, samples, compute_dtype, device)
-    packed: Packed = {}
-    for index, layer in enumerate(layers):
-        storage_dtype = next(layer.parameters()).dtype
-        layer.to(device=device, dtype=compute_dtype)
-        groups = scale_groups(arch, layer, model.config, kwargs) if awq else []
-        outs, result = quantize_layer(layer, groups, inps, kwargs, cfg, awq=awq)
-        layer.to(device="cpu", dtype=storage_dtype)
-        prefix = f"model.layers.{index}."
-        packed.update({prefix + name: {k: v.cpu() for k, v in t.items()}
-                       for name, t in result["packed"].items()})
-        inps = outs
-        if on_layer:
-            on_layer(index, result["alphas"])
-    return packed
+def _clip(layer: nn.Module, groups: list[ScaleGroup], feats: dict, cfg: QuantConfig) -> None:
+    """Clip each linear's weights (but the NO_CLIP ones) to its searched per-group range."""
+    names = linear_names(layer)
+    for group in groups:
+        for fc in group.linears:
+            if names[fc].rsplit(".", 1)[-1] in NO_CLIP:
+                continue
+            max_val = search_clip(fc.weight, feats[group.name], cfg)
+            w = fc.weight.data.float().view(fc.out_features, -1, cfg.group_size)
+            w = torch.clamp(w, -max_val.unsqueeze(-1), max_val.unsqueeze(-1))
+            fc.weight.data = w.view(fc.out_features, fc.in_features).to(fc.weight.dtype)
