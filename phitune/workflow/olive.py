@@ -445,8 +445,8 @@ class _Translator:
 
     def _finetune(self, name: str, ptype: str, fields: dict, current: str,
                   datasets: dict) -> dict:
-        from phitune.workflow.plan import command
-        known = {p.name for p in command("finetune").params}
+        from phitune import registry
+        known = {p.name for p in registry.step("finetune").command().params}
         step: dict = {"name": name, "type": "finetune", "model": current,
                       "method": "qlora" if ptype == "QLoRA" else "lora"}
         data = None
