@@ -27,6 +27,7 @@ from typing import ClassVar
 
 from phitune import genai_config, ui
 from phitune import options as O
+from phitune import policy
 from phitune.artifacts import data_dir, hf_kind, resolve_model
 from phitune.data import RecordOptions
 from phitune.data.records import RECORD_FIELDS, split_files
@@ -222,19 +223,6 @@ def check_constraints(opts: EvalOptions, metrics: dict) -> None:
                               metrics=metrics)
 
 
-def _torch_dtype(choice: str, model_dir: Path, device: str):
-    """auto: fp32 for small models, bf16 for large ones — finetune's own rule, so that
-    eval reproduces the loss finetune measured."""
-    import torch
-    if choice != "auto":
-        return getattr(torch, choice)
-    from phitune.measure import dir_size_mb
-    size_mb = dir_size_mb(model_dir)
-    if size_mb < 2048 or device == "cpu" and size_mb < 4096:
-        return torch.float32
-    return torch.bfloat16
-
-
 # ---------------------------------------------------------------- the two runtimes
 
 class _TorchModel:
@@ -244,7 +232,8 @@ class _TorchModel:
         from phitune.models import load_causal_lm, load_tokenizer, resolve_device
         self.adapter = self._adapter_dir(model_ref, opts)
         self.device = resolve_device(opts.device)
-        self.dtype = _torch_dtype(opts.dtype, model_ref.path, self.device)
+        self.dtype = policy.eval_dtype(opts.dtype, model_ref.path, self.device,
+                                       model_ref.manifest)
         self.base_kind = hf_kind(model_ref.config)
         ui.info(f"loading {opts.model} ({model_ref.kind}"
                 + (f", {self.base_kind} base" if model_ref.kind == "finetuned" else "")

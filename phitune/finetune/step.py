@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from phitune import options as O
+from phitune import policy
 from phitune import ui
 from phitune.artifacts import Output, content_digest, resolve_model
 from phitune.data import RecordOptions
@@ -145,8 +146,8 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
         for line in data.describe(prepared.stats):
             ui.info(line)
 
-    dtype = _train_dtype(model_ref, device, opts.dtype)
-    large = _is_large(model_ref)
+    dtype = policy.train_dtype(model_ref.path, device, opts.dtype)
+    large = policy.is_large(model_ref.path)
     if large or opts.gradient_checkpointing:  # a pass's freed activations go back to the OS at once
         return_large_frees_to_os()  # (not for small models: it cost tiny-phi3 35% of its speed)
     torch.manual_seed(opts.seed)
@@ -246,35 +247,6 @@ def _compile(model, requested: bool | None, large: bool, device: str, say: bool)
 
 def _round(value):
     return None if value is None else round(value, 4)
-
-
-def _train_dtype(model_ref, device: str, choice: str = "auto"):
-    """The frozen base's dtype (LoRA weights stay fp32; matmuls autocast to it when half).
-    auto: fp32 for small models (exact; tests compare bit for bit), bf16 for larger ones on
-    CUDA and on CPUs with native bf16 matmul (AVX512-BF16 / AMX: ~5× fp32's throughput here,
-    half the memory of the frozen weights)."""
-    import torch
-    if choice != "auto":
-        return getattr(torch, choice)
-    if not _is_large(model_ref):
-        return torch.float32
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
-
-
-LARGE_FROM_MB = 256  # checkpoint size on disk from which auto picks bf16 and may checkpoint
-
-
-def _is_large(model_ref) -> bool:
-    from phitune.measure import dir_size_mb
-    return dir_size_mb(model_ref.path.resolve()) >= LARGE_FROM_MB
-
-
-def _cpu_has_fast_bf16() -> bool:
-    import torch
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _write_outputs(model, model_ref, work: Path, merge: bool) -> None:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from phitune import options as O
+from phitune import policy
+from phitune.policy import SMALL_MODEL_PARAMS
 from phitune import ui
 from phitune.artifacts import Output, content_digest, data_dir, resolve_model
 from phitune.errors import OptionError
@@ -13,7 +15,6 @@ from phitune.measure import Stopwatch, dir_size_mb
 from phitune.models import architecture
 from phitune.quantize import groups
 
-SMALL_MODEL_PARAMS = 1_000_000_000  # below this, --eval defaults to on and compute to fp32
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -136,7 +137,7 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
         if do_eval:
             ui.info("measuring held-out perplexity of the float model")
             metrics["ppl_before"] = _ppl(model, eval_ids, metrics)
-        compute_dtype = _compute_dtype(opts.dtype, n_params, device, model.dtype)
+        compute_dtype = policy.calibration_dtype(opts.dtype, n_params, device, model.dtype)
         samples = calib.token_blocks(texts, tokenizer, opts.calib_samples, opts.calib_seq_len) \
             if use_awq else None
         cfg = QuantConfig(bits=opts.bits, group_size=opts.group_size, zero_point=opts.zero_point)
@@ -195,19 +196,6 @@ def _config_dtype(config: dict):
     import torch
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, name, torch.float32)
-
-
-def _compute_dtype(choice: str, n_params: int, device: str, model_dtype):
-    """fp32 for small models (exact search); for large ones the half type the hardware is
-    fast at: bf16 on CPU (several times fp32's matmul throughput), the model's on CUDA."""
-    import torch
-    if choice != "auto":
-        return getattr(torch, choice)
-    if n_params < SMALL_MODEL_PARAMS:
-        return torch.float32
-    if device == "cuda":
-        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
-    return torch.bfloat16
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
