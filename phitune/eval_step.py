@@ -31,7 +31,7 @@ from phitune import policy
 from phitune.artifacts import data_dir, hf_kind, resolve_model
 from phitune.data import RecordOptions
 from phitune.data.records import RECORD_FIELDS, split_files
-from phitune.errors import ConstraintError, DataError, InputError, OptionError
+from phitune.errors import ConstraintError, DataError, InputError, OptionError, first_line
 
 KINDS = ("hf-model", "awq-model", "finetuned", "onnx-genai")
 PREFILL_TOKENS = 128
@@ -282,8 +282,7 @@ class _TorchModel:
         try:
             return PeftModel.from_pretrained(model, str(adapter)).eval()
         except (RuntimeError, ValueError, KeyError) as exc:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else \
-                type(exc).__name__
+            reason = first_line(exc)
             raise InputError(f"the adapter does not fit this model ({reason})", str(adapter),
                              "pass an adapter trained on this base") from None
 

@@ -41,6 +41,9 @@ class Spec:
     min: float | None = None         # inclusive bounds, checked by `validate` before any load
     max: float | None = None
     below: float | None = None       # exclusive upper bound
+    above: float | None = None       # exclusive lower bound
+    ranged: bool = False             # click itself refuses values out of the bounds
+    envvar: str | None = None        # read from this environment variable when not given
 
 
 def option(default: Any = None, help: str | None = None, **spec: Any) -> Any:
@@ -87,6 +90,8 @@ def to_click(f: dataclasses.Field, spec: Spec) -> click.Option:
     long = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if spec.dashed and "_" in name else [])
     default = default_of(f)
     kwargs: dict[str, Any] = {"help": spec.help, "metavar": spec.metavar}
+    if spec.envvar:
+        kwargs.update(envvar=spec.envvar, show_envvar=True)
     if spec.negatable:
         spellings += [f"{s}/--no-{s[2:]}" for s in long]
         kwargs.update(default=default)
@@ -109,6 +114,11 @@ def to_click(f: dataclasses.Field, spec: Spec) -> click.Option:
 def _click_type(spec: Spec, default: Any) -> Any:
     if spec.choices is not None:
         return click.Choice(list(spec.choices))
+    if spec.ranged:
+        low = spec.min if spec.min is not None else spec.above
+        kind = click.IntRange if (spec.type or type(default)) is int else click.FloatRange
+        extra = {"min_open": True} if spec.above is not None and kind is click.FloatRange else {}
+        return kind(min=low, max=spec.max, **extra)
     if spec.type is not None:
         return spec.type
     if default is not None and not isinstance(default, (tuple, list)):
@@ -156,6 +166,9 @@ def validate(opts: Any) -> None:
         if spec.max is not None and value > spec.max:
             raise OptionError(f"{flag} {value} is above {spec.max:g}", flag,
                               f"pass a value ≤ {spec.max:g}")
+        if spec.above is not None and value <= spec.above:
+            raise OptionError(f"{flag} {value} must be above {spec.above:g}", flag,
+                              f"pass a value > {spec.above:g}")
         if spec.below is not None and value >= spec.below:
             raise OptionError(f"{flag} {value} must be below {spec.below:g}", flag,
                               f"pass a value < {spec.below:g}")

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from phitune import genai_config, hugepages, ui
+from phitune import options as O
 from phitune.errors import InputError, OptionError
+from phitune.errors import first_line as _first_line
 from phitune.infer.adapters import Adapter, check_fits, describe
 
 
@@ -29,11 +31,15 @@ from phitune.infer.adapters import Adapter, check_fits, describe
 class Sampling:
     """Search options; greedy unless a temperature > 0, --top_p or --top_k asks for sampling."""
 
-    max_new_tokens: int = 256
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
+    max_new_tokens: int = O.option(256, min=1, ranged=True)
+    temperature: float | None = O.option(None, "Sample at this temperature (default: greedy).",
+                                         type=float, min=0.0, ranged=True)
+    top_p: float | None = O.option(None, "Sample from the smallest set of tokens with this total "
+                                   "probability.", type=float, above=0.0, max=1.0, ranged=True)
+    top_k: int | None = O.option(None, "Sample from the k most likely tokens.", type=int, min=1,
+                                 ranged=True)
+    seed: int | None = O.option(None, "Random seed for sampling (repeatable answers).", type=int,
+                                dashed=False)
 
     @property
     def sample(self) -> bool:
@@ -339,11 +345,6 @@ class Decoding:
         rate = (len(new) - 1) / (end - first) if len(new) > 1 and end > first else None
         return Answer("".join(self.pieces), list(new), self.tokens, first - self.start, rate,
                       interrupted, len(self.prompt), self.cached)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _config(og, model_dir: Path):
