@@ -49,6 +49,11 @@ def data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
 
 
+def heldout_text() -> Path:
+    """The shipped held-out text: what quantize reports perplexity on and eval scores by default."""
+    return data_dir() / "heldout.txt"
+
+
 # ---------------------------------------------------------------- manifests and keys
 
 def read_manifest(directory: Path) -> dict | None:

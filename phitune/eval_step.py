@@ -28,7 +28,7 @@ from typing import ClassVar
 from phitune import genai_config, ui
 from phitune import options as O
 from phitune import policy
-from phitune.artifacts import data_dir, hf_kind, resolve_model
+from phitune.artifacts import hf_kind, heldout_text, resolve_model
 from phitune.data import RecordOptions
 from phitune.data.records import RECORD_FIELDS, split_files
 from phitune.errors import ConstraintError, DataError, InputError, OptionError, first_line
@@ -79,10 +79,6 @@ class EvalOptions(RecordOptions):      # records, read as `phitune finetune` rea
     device: str = O.device()
     dtype: str = O.dtype("Torch compute dtype; auto: the dtype finetune trained in when the "
                          "model is a finetune output, else fp32 for small models, bf16 for large.")
-
-
-def default_text_file() -> Path:
-    return data_dir() / "heldout.txt"
 
 
 def run(opts: EvalOptions) -> dict:
@@ -154,7 +150,7 @@ def _check(opts: EvalOptions, files: tuple[str, ...]) -> bool:
     if opts.max_latency_ms is not None and not opts.latency:
         raise OptionError("--max_latency_ms needs the latency measurement that --no-latency skips",
                           "--max_latency_ms / --no-latency", "drop one of them")
-    if opts.dtype not in ("auto", "float32", "bfloat16", "float16"):
+    if opts.dtype not in O.DTYPES:
         raise OptionError(f"unknown --dtype {opts.dtype}", "--dtype",
                           "use auto, float32, bfloat16 or float16")
     return records_mode
@@ -179,7 +175,7 @@ def _records(opts: EvalOptions, files: tuple[str, ...]):
 
 def _texts(opts: EvalOptions) -> tuple[str, list[str]]:
     from phitune.quantize.calib import read_texts
-    path = Path(opts.text_file).expanduser() if opts.text_file else default_text_file()
+    path = Path(opts.text_file).expanduser() if opts.text_file else heldout_text()
     if not path.is_file():
         raise DataError(f"text file not found: {path}", "--text_file",
                         "pass an existing .txt file (one document) or .jsonl with a 'text' field")

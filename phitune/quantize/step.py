@@ -9,7 +9,7 @@ from phitune import options as O
 from phitune import policy
 from phitune.policy import SMALL_MODEL_PARAMS
 from phitune import ui
-from phitune.artifacts import Output, content_digest, data_dir, resolve_model
+from phitune.artifacts import Output, content_digest, data_dir, heldout_text, resolve_model
 from phitune.errors import OptionError
 from phitune.measure import Stopwatch, dir_size_mb
 from phitune.models import architecture
@@ -46,10 +46,6 @@ class QuantizeOptions:
 
 def default_calib_data() -> Path:
     return data_dir() / "calibration.txt"
-
-
-def default_eval_data() -> Path:
-    return data_dir() / "heldout.txt"
 
 
 def _validate(opts: QuantizeOptions, config: dict, where: str) -> None:
@@ -99,7 +95,7 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     use_awq = opts.algorithm == "awq"
     calib_path = Path(opts.calib_data) if opts.calib_data else default_calib_data()
     texts = calib.read_texts(calib_path) if use_awq else None
-    eval_path = Path(opts.eval_data) if opts.eval_data else default_eval_data()
+    eval_path = Path(opts.eval_data) if opts.eval_data else heldout_text()
     if opts.eval and opts.eval_data and not eval_path.is_file():
         raise OptionError(f"evaluation file not found: {eval_path}", "--eval_data",
                           "pass an existing text file")

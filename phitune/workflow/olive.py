@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from phitune.errors import OptionError
+from phitune.export.step import PROVIDERS  # Olive names the execution providers as auto-opt does
 
 PASSES = ("AutoAWQQuantizer", "LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder",
           "ExtractAdapters")
@@ -41,7 +42,6 @@ AZURE_TYPES = ("AzureML", "azureml_model", "azureml_registry_model", "azureml_da
                "azureml_job_output")
 NOT_LOCAL_SYSTEMS = ("AzureML", "Docker", "DockerSystem", "PythonEnvironment", "IsolatedORT")
 LOCAL_FILE_FORMATS = ("json", "csv", "parquet")
-PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "gpu"}
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 TRAINING_ARGS = ("max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed",
@@ -506,8 +506,6 @@ class _Translator:
             self.note(f"passes.{name}", "reads an unmerged LoRA: phitune keeps it as "
                       "adapter_weights.onnx_adapter beside a multi-LoRA model (add "
                       "MergeAdapterWeights before it to fold it into the weights)")
-        if kind == "awq" and precision != "int4":
-            pass  # auto-opt dequantizes an AWQ input for a float build
         if adapter:
             step["adapter_path"] = adapter
         self.steps.append(step)
