@@ -324,6 +324,16 @@ class Output:
         self.params = params
         self.key = make_key(step, inputs, params)
 
+    @classmethod
+    def begin(cls, path: str | Path, artifact: str, step: str, inputs: dict, params: dict,
+              force: bool, reads: tuple = ()) -> tuple["Output", dict | None]:
+        """Every step's first half, once: key the output, refuse one that cannot be written
+        (before any work), and hand back the published manifest when it is up to date (the
+        step then returns it: same inputs and options, nothing to do)."""
+        out = cls(path, artifact, step, inputs, params)
+        out.check_writable(force=force, reads=reads)
+        return out, (out.existing() if out.up_to_date() and not force else None)
+
     def existing(self) -> dict | None:
         return read_manifest(self.path)
 

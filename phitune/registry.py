@@ -47,7 +47,7 @@ class StepDef:
 
 STEPS: dict[str, StepDef] = {s.name: s for s in (
     StepDef("quantize", "phitune.quantize.step", "QuantizeOptions", "awq-model"),
-    StepDef("finetune", "phitune.finetune.step", "FinetuneOptions", "finetune"),
+    StepDef("finetune", "phitune.finetune.step", "FinetuneOptions", "finetuned"),
     StepDef("auto-opt", "phitune.export.step", "AutoOptOptions", "onnx-genai"),
     StepDef("eval", "phitune.eval_step", "EvalOptions", None,
             bounds=("max_ppl", "max_latency_ms")),

@@ -111,8 +111,6 @@ def _adapter_dir(opts: AutoOptOptions, model_ref) -> Path | None:
 def run(opts: AutoOptOptions) -> tuple[dict, bool]:
     """Export `opts.model` into `opts.output`. Returns (manifest, was_up_to_date)."""
     from phitune.export import adapter as adapter_mod
-    from phitune.export.builder import run_builder
-    from phitune.export.lora_graph import add_lora_inputs
     from phitune.export.slots import predicted_layout
 
     opts = validate(opts)
@@ -132,11 +130,24 @@ def run(opts: AutoOptOptions) -> tuple[dict, bool]:
     inputs = {"model": opts.model, "model_digest": model_ref.digest}
     if adapter_dir is not None:
         inputs |= {"adapter": str(adapter_dir), "adapter_digest": content_digest(adapter_dir)}
-    out = Output(opts.output, "onnx-genai", "auto-opt", inputs, params)
-    out.check_writable(force=opts.force, reads=(*model_ref.paths, adapter_dir))
-    if out.up_to_date() and not opts.force:
-        return out.existing(), True
+    out, done = Output.begin(opts.output, "onnx-genai", "auto-opt", inputs, params, opts.force,
+                             reads=(*model_ref.paths, adapter_dir))
+    if done:
+        return done, True
 
+    return _build_and_publish(opts, out, model_ref, base_kind, arch, block_choice,
+                              adapter_dir), False
+
+
+def _build_and_publish(opts: AutoOptOptions, out: Output, model_ref, base_kind: str, arch: str,
+                       block_choice: str, adapter_dir: Path | None) -> dict:
+    """Build the ONNX model into the output's staging dir, add LoRA inputs and the adapter,
+    then publish; returns the manifest."""
+    from phitune.export import adapter as adapter_mod
+    from phitune.export.builder import run_builder
+    from phitune.export.lora_graph import add_lora_inputs
+
+    config = model_ref.config
     watch = Stopwatch()
     with out.staging() as work:
         scratch = work / ".scratch"
@@ -170,7 +181,7 @@ def run(opts: AutoOptOptions) -> tuple[dict, bool]:
         # The builder runs beside this process: count both at once.
         metrics["peak_rss_mb"] = round(max(metrics["peak_rss_mb"], rss_at_build + builder_peak), 1)
         manifest = out.publish(work, metrics)
-    return manifest, False
+    return manifest
 
 
 def _block_size(opts: AutoOptOptions, config: dict, base_kind: str,

@@ -116,22 +116,18 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
     inputs = {"model": opts.model, "model_digest": model_ref.digest,
               "data": [str(p) for p in data_paths],
               "data_digest": [content_digest(p) for p in data_paths]}
-    out = Output(opts.output, "finetuned", "finetune", inputs, params)
-    out.check_writable(force=opts.force, reads=(*model_ref.paths, *data_paths,
-                                                 *map(Path, opts.data_files)))
-    if out.up_to_date() and not opts.force:
-        return out.existing(), True
+    out, done = Output.begin(opts.output, "finetuned", "finetune", inputs, params, opts.force,
+                             reads=(*model_ref.paths, *data_paths, *map(Path, opts.data_files)))
+    if done:
+        return done, True
     return _train_and_publish(opts, model_ref, spec, records, out), False
 
 
 def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     import torch
 
-    from phitune import data
-    from phitune.finetune import lora, memory
-    from phitune.finetune.base import load_base
-    from phitune.finetune.loop import Checkpoint, TrainConfig, World, eval_loss, train
-    from phitune.models import load_tokenizer, quiet_gptqmodel, resolve_device
+    from phitune.finetune.loop import TrainConfig, World, eval_loss
+    from phitune.models import load_tokenizer, resolve_device
 
     device = resolve_device(opts.device)
     world = World.from_env(device)
@@ -139,71 +135,26 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     watch = Stopwatch()
     tokenizer = load_tokenizer(model_ref.path)
-    prepared = data.prepare(records, tokenizer, spec, opts.max_seq_len, opts.overflow,
-                            opts.train_on_prompt, opts.eval_split, opts.eval_dataset_size,
-                            opts.seed, packing=opts.packing)
-    if world.main:
-        for line in data.describe(prepared.stats):
-            ui.info(line)
+    prepared = _prepare(opts, records, tokenizer, spec, world.main)
 
     dtype = policy.train_dtype(model_ref.path, device, opts.dtype)
     large = policy.is_large(model_ref.path)
     if large or opts.gradient_checkpointing:  # a pass's freed activations go back to the OS at once
         return_large_frees_to_os()  # (not for small models: it cost tiny-phi3 35% of its speed)
     torch.manual_seed(opts.seed)
-    base = load_base(model_ref, opts.method, device, dtype)
-    passes = memory.rows_per_pass(device, opts.max_seq_len)
-    pass_rows = min(passes or opts.per_device_train_batch_size, opts.per_device_train_batch_size)
-    choice = memory.choose_checkpointing(opts.gradient_checkpointing, large, base.config,
-                                         pass_rows * opts.max_seq_len, dtype.itemsize, device)
-    checkpointing = choice.on
-    if world.main and large:
-        ui.info(f"gradient checkpointing {'on' if checkpointing else 'off'} ({choice.reason})")
-    if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    targets = lora.target_modules(base.config.model_type, opts.target_modules, base)
-    quiet_gptqmodel()  # peft imports it when installed: no banner, no environment edits
-    model = lora.wrap(base, opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
-    model.train()  # before any forward: some quantized kernels latch inference-only paths
-    compiled = _compile(model, opts.compile, large, device, world.main)
+    model, passes, checkpointing, compiled = _lora_model(opts, model_ref, device, dtype, large,
+                                                         world.main)
 
-    mask_dtype = next(p for p in model.parameters()).dtype
-    collate = (lambda rows: data.collate_packed(rows, dtype=mask_dtype)) if opts.packing else \
-        (lambda rows: data.pad_batch(rows, data.pad_id_of(tokenizer)))
+    collate = _collate(model, tokenizer, opts.packing)
     cfg = TrainConfig(max_steps=opts.max_steps, num_train_epochs=opts.num_train_epochs,
                       learning_rate=opts.learning_rate, batch_size=opts.per_device_train_batch_size,
                       grad_accum=opts.gradient_accumulation_steps, warmup_steps=opts.warmup_steps,
                       max_grad_norm=opts.max_grad_norm, seed=opts.seed, save_steps=opts.save_steps,
                       autocast_dtype=None if dtype == torch.float32 else dtype,
                       micro_batch_rows=passes)
-    checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
-    saved = checkpoint.load()
-    if world.main and not opts.resume and saved:
-        ui.info("a checkpoint of an interrupted run exists: --resume continues from it; "
-                "starting over")
-    if world.main and opts.resume and not saved:
-        ui.info(f"--resume: no checkpoint of an interrupted run with these options and data "
-                f"({checkpoint.file}{' was made with others' if checkpoint.file.is_file() else ' does not exist'}); "
-                "starting at step 0")
-    if world.main and opts.resume and saved:
-        ui.info(f"--resume: continuing from step {saved['step']}")
-
+    checkpoint = _checkpoint(opts, out, world.main)
     before = eval_loss(model, prepared.eval, collate, cfg, device)
-    with ui.progress("training", 1, "loss", "tok/s") as (bar, task):
-        def on_step(step: int, steps: int, loss: float, rate: float) -> None:
-            bar.update(task, total=steps, completed=step, loss=f"{loss:.4f}", **{"tok/s": f"{rate:.0f}"})
-        try:
-            result = train(model, prepared.train, collate, cfg, device, world, checkpoint,
-                           resume=opts.resume, on_step=on_step)
-        except KeyboardInterrupt:
-            state = checkpoint.load() if world.main else None
-            if state is None:
-                raise
-            raise Interrupted(f"interrupted after step {state['step']} — no output was "
-                              f"published; a checkpoint is in {checkpoint.dir}",
-                              "phitune finetune",
-                              "run the same command with --resume to continue from it") from None
+    result = _train(model, prepared.train, collate, cfg, device, world, checkpoint, opts.resume)
     after = eval_loss(model, prepared.eval, collate, cfg, device)
     if not world.main:
         world.barrier()
@@ -231,6 +182,87 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     checkpoint.remove()
     world.barrier()
     return manifest
+
+
+def _prepare(opts, records, tokenizer, spec, say: bool):
+    """Tokenized, split (and packed) records; their figures said once."""
+    from phitune import data
+    prepared = data.prepare(records, tokenizer, spec, opts.max_seq_len, opts.overflow,
+                            opts.train_on_prompt, opts.eval_split, opts.eval_dataset_size,
+                            opts.seed, packing=opts.packing)
+    if say:
+        for line in data.describe(prepared.stats):
+            ui.info(line)
+    return prepared
+
+
+def _collate(model, tokenizer, packing: bool):
+    from phitune import data
+    mask_dtype = next(p for p in model.parameters()).dtype
+    if packing:
+        return lambda rows: data.collate_packed(rows, dtype=mask_dtype)
+    return lambda rows: data.pad_batch(rows, data.pad_id_of(tokenizer))
+
+
+def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
+    """The frozen base with LoRA around its targets, checkpointed and compiled as chosen;
+    returns (model, rows per pass, checkpointing on, compiled)."""
+    from phitune.finetune import lora, memory
+    from phitune.finetune.base import load_base
+    from phitune.models import quiet_gptqmodel
+
+    base = load_base(model_ref, opts.method, device, dtype)
+    passes = memory.rows_per_pass(device, opts.max_seq_len)
+    pass_rows = min(passes or opts.per_device_train_batch_size, opts.per_device_train_batch_size)
+    choice = memory.choose_checkpointing(opts.gradient_checkpointing, large, base.config,
+                                         pass_rows * opts.max_seq_len, dtype.itemsize, device)
+    if say and large:
+        ui.info(f"gradient checkpointing {'on' if choice.on else 'off'} ({choice.reason})")
+    if choice.on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    targets = lora.target_modules(base.config.model_type, opts.target_modules, base)
+    quiet_gptqmodel()  # peft imports it when installed: no banner, no environment edits
+    model = lora.wrap(base, opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
+    model.train()  # before any forward: some quantized kernels latch inference-only paths
+    compiled = _compile(model, opts.compile, large, device, say)
+    return model, passes, choice.on, compiled
+
+
+def _checkpoint(opts, out: Output, say: bool):
+    """The checkpoint of an interrupted run with the same key; says whether --resume uses it."""
+    from phitune.finetune.loop import Checkpoint
+    checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
+    saved = checkpoint.load()
+    if say and not opts.resume and saved:
+        ui.info("a checkpoint of an interrupted run exists: --resume continues from it; "
+                "starting over")
+    if say and opts.resume and not saved:
+        ui.info(f"--resume: no checkpoint of an interrupted run with these options and data "
+                f"({checkpoint.file}{' was made with others' if checkpoint.file.is_file() else ' does not exist'}); "
+                "starting at step 0")
+    if say and opts.resume and saved:
+        ui.info(f"--resume: continuing from step {saved['step']}")
+    return checkpoint
+
+
+def _train(model, rows, collate, cfg, device: str, world, checkpoint, resume: bool):
+    """The training loop with a progress bar; Ctrl-C leaves a checkpoint and one line."""
+    from phitune.finetune.loop import train
+    with ui.progress("training", 1, "loss", "tok/s") as (bar, task):
+        def on_step(step: int, steps: int, loss: float, rate: float) -> None:
+            bar.update(task, total=steps, completed=step, loss=f"{loss:.4f}", **{"tok/s": f"{rate:.0f}"})
+        try:
+            return train(model, rows, collate, cfg, device, world, checkpoint, resume=resume,
+                         on_step=on_step)
+        except KeyboardInterrupt:
+            state = checkpoint.load() if world.main else None
+            if state is None:
+                raise
+            raise Interrupted(f"interrupted after step {state['step']} — no output was "
+                              f"published; a checkpoint is in {checkpoint.dir}",
+                              "phitune finetune",
+                              "run the same command with --resume to continue from it") from None
 
 
 def _compile(model, requested: bool | None, large: bool, device: str, say: bool) -> bool:

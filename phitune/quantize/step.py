@@ -110,11 +110,11 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     inputs = {"model": opts.model, "model_digest": model_ref.digest}
     if use_awq:
         inputs["calib_digest"] = content_digest(calib_path)
-    out = Output(opts.output, "awq-model", "quantize", inputs, params)
-    out.check_writable(force=opts.force, reads=(*model_ref.paths, calib_path if use_awq else None,
-                                                 eval_path if opts.eval_data else None))
-    if out.up_to_date() and not opts.force:
-        return out.existing(), True
+    out, done = Output.begin(opts.output, "awq-model", "quantize", inputs, params, opts.force,
+                             reads=(*model_ref.paths, calib_path if use_awq else None,
+                                    eval_path if opts.eval_data else None))
+    if done:
+        return done, True
 
     device = resolve_device(opts.device)
     watch = Stopwatch()
