@@ -23,3 +23,6 @@ def auto_opt(**kwargs) -> None:
     same base later with `phitune export-adapter`.
     """
     registry.run_publishing("auto-opt", kwargs)
+
+
+command = auto_opt  # the name phitune.cli.main looks up for a registered step

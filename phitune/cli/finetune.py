@@ -20,3 +20,6 @@ def finetune(**kwargs) -> None:
         --max_steps 100 -o models/phi/ft
     """
     registry.run_publishing("finetune", kwargs)
+
+
+command = finetune  # the name phitune.cli.main looks up for a registered step

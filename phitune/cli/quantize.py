@@ -6,7 +6,7 @@ import click
 
 from phitune import registry
 from phitune.options import CONTEXT, click_options
-from phitune.quantize.step import QuantizeOptions
+from phitune.quantize.options import QuantizeOptions
 
 
 @click.command(context_settings=CONTEXT)
@@ -21,3 +21,6 @@ def quantize(**kwargs) -> None:
       phitune quantize -m tiny-phi3 -o models/tiny/awq
     """
     registry.run_publishing("quantize", kwargs)
+
+
+command = quantize  # the name phitune.cli.main looks up for a registered step

@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from phitune import options as O
-from phitune import policy
-from phitune.policy import SMALL_MODEL_PARAMS
-from phitune import ui
+from phitune import policy, ui
 from phitune.artifacts import Output, content_digest, data_dir, heldout_text, resolve_model
 from phitune.errors import OptionError
 from phitune.measure import Stopwatch, dir_size_mb
 from phitune.models import architecture
+from phitune.policy import SMALL_MODEL_PARAMS
 from phitune.quantize import groups
+from phitune.quantize.options import QuantizeOptions  # noqa: F401  (run's argument; re-exported)
 
 GROUP_SIZES = (32, 64, 128)
-
-
-@dataclass
-class QuantizeOptions:
-    model: str = O.model()
-    output: str = O.output()
-    algorithm: str = O.option("awq", "awq: activation-aware scale + clip search; rtn: plain "
-                              "round-to-nearest baseline.", choices=("awq", "rtn"))
-    bits: int = O.option(4, "Weight bits (4).")
-    group_size: int | None = O.option(  # None: the largest of GROUP_SIZES that fits the model
-        None, "Input channels per quantization group: 32, 64 or 128 (default: 128 if it divides "
-        "every quantized width of the model, else 64, else 32).", type=int)
-    zero_point: bool = O.option(True, "Asymmetric groups with a zero point.", negatable=True)
-    calib_data: str | None = O.option(None, "Calibration text (.txt or .jsonl with 'text'); "
-                                      "default: the shipped text.", metavar="FILE")
-    calib_samples: int = O.option(64, "Calibration blocks.")  # range: _validate
-    calib_seq_len: int = O.option(256, "Tokens per calibration block (keep within the context "
-                                  "the model was trained on).")
-    device: str = O.device()
-    dtype: str = O.dtype("Calibration compute dtype; auto: fp32 below 1B parameters, else bf16 "
-                         "on CPU.")
-    eval: bool | None = O.option(None, "Measure held-out perplexity before/after (default: on "
-                                 "below 1B parameters).", negatable=True, dest="eval_")
-    eval_data: str | None = O.option(None, "Held-out text for --eval; default: the shipped "
-                                     "held-out text.", metavar="FILE")
-    force: bool = O.force()
 
 
 def default_calib_data() -> Path:
