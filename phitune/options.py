@@ -207,3 +207,36 @@ def device() -> Any:
 
 def dtype(help: str) -> Any:
     return option("auto", help, choices=DTYPES)
+
+
+class OptionsCommand(click.Command):
+    """A click command whose options come from an options dataclass, imported only when the
+    command parses or shows its own --help: `phitune --help` lists every command without
+    importing the modules that declare their options."""
+
+    def __init__(self, *args: Any, load: Callable[[], type], **kwargs: Any):
+        self._load = load
+        self._params: list | None = None
+        super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def params(self) -> list:
+        if self._params is None:
+            self._params = [to_click(f, s) for f, s in specs(self._load())]
+        return self._params
+
+    @params.setter
+    def params(self, value: list) -> None:
+        self._params = list(value) or None
+
+
+def command(name: str | None, load: Callable[[], type]) -> Callable[[Callable], click.Command]:
+    """`@options.command("auto-opt", lambda: AutoOptOptions)` over a function taking the
+    options as keyword arguments; its docstring is the command's help."""
+    import inspect
+
+    def make(callback: Callable) -> click.Command:
+        return OptionsCommand(name or callback.__name__.replace("_", "-"), load=load,
+                              callback=callback, help=inspect.getdoc(callback),
+                              context_settings=CONTEXT)
+    return make

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import click
-
-from phitune import registry
-from phitune.export.step import AutoOptOptions
-from phitune.options import CONTEXT, click_options
+from phitune import options, registry
 
 
-@click.command("auto-opt", context_settings=CONTEXT)
-@click_options(AutoOptOptions)
+@options.command("auto-opt", registry.step("auto-opt").options)
 def auto_opt(**kwargs) -> None:
     """Export to an onnxruntime-genai model: fused graph, int4 weights, LoRA inputs.
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import click
-
-from phitune.eval_step import EvalOptions
-from phitune.options import CONTEXT, click_options
+from phitune import options, registry
 
 
-@click.command("eval", context_settings=CONTEXT)
-@click_options(EvalOptions)
+@options.command("eval", registry.step("eval").options)
 def eval_(**kwargs) -> None:
     """Measure a model: eval loss / perplexity on held-out data, and latency. Writes nothing.
 
@@ -26,7 +22,7 @@ def eval_(**kwargs) -> None:
 
     title = f"eval {kwargs['model']}"
     try:
-        metrics = run(EvalOptions(**kwargs))
+        metrics = run(registry.step("eval").make(kwargs))
     except ConstraintError as exc:
         ui.summary(title, exc.metrics)
         raise

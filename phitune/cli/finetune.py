@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import click
-
-from phitune import registry
-from phitune.finetune.step import FinetuneOptions
-from phitune.options import CONTEXT, click_options
+from phitune import options, registry
 
 
-@click.command(context_settings=CONTEXT)
-@click_options(FinetuneOptions)
+@options.command("finetune", registry.step("finetune").options)
 def finetune(**kwargs) -> None:
     """Train a LoRA adapter; writes OUTPUT/model (the base) and OUTPUT/adapter (PEFT).
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import click
-
-from phitune.infer.chat import InferOptions
-from phitune.options import CONTEXT, click_options
+from phitune import options
 
 
-@click.command(context_settings=CONTEXT)
-@click_options(InferOptions)
+def _options() -> type:
+    from phitune.infer.chat import InferOptions
+    return InferOptions
+
+
+@options.command("infer", _options)
 def infer(**kwargs) -> None:
     """Chat with an onnxruntime-genai model; answers stream to stdout.
 
@@ -22,4 +23,4 @@ def infer(**kwargs) -> None:
     """
     from phitune.infer.chat import run
 
-    run(InferOptions(**kwargs))
+    run(options.from_kwargs(_options(), kwargs))

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import click
-
-from phitune import registry
-from phitune.options import CONTEXT, click_options
-from phitune.quantize.options import QuantizeOptions
+from phitune import options, registry
 
 
-@click.command(context_settings=CONTEXT)
-@click_options(QuantizeOptions)
+@options.command("quantize", registry.step("quantize").options)
 def quantize(**kwargs) -> None:
     """Quantize a model's linear weights to 4 bits (AutoAWQ GEMM layout).
 

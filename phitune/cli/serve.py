@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import click
-
-from phitune.options import CONTEXT, click_options
-from phitune.serve.server import ServeOptions
+from phitune import options
 
 
-@click.command(context_settings=CONTEXT)
-@click_options(ServeOptions)
+def _options() -> type:
+    from phitune.serve.server import ServeOptions
+    return ServeOptions
+
+
+@options.command("serve", _options)
 def serve(**kwargs) -> None:
     """Serve a model with OpenAI's API; the request's `model` picks the adapter.
 
@@ -21,4 +22,4 @@ def serve(**kwargs) -> None:
     """
     from phitune.serve.server import run
 
-    run(ServeOptions(**kwargs))
+    run(options.from_kwargs(_options(), kwargs))
