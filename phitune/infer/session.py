@@ -241,7 +241,7 @@ class Session:
     def prepare_chat(self, sampling: Sampling) -> None:
         """Allocate a chat's KV cache before its first turn, so the first answer does not
         wait for it: onnxruntime-genai fills the whole cache when it creates a generator,
-        measured 2.6–2.9 s for Phi-3-mini's 1024 tokens (0.8 GB) on a 2-core VM."""
+        seconds for a Phi-3-mini-sized cache (README's chat benchmark has the figure)."""
         start = time.perf_counter()
         search, capacity = sampling.search_options(), min(CHAT_CACHE_TOKENS, self.context_length)
         self._kept = None  # the old cache is freed before the new one is allocated
@@ -349,7 +349,7 @@ class Decoding:
 
 def _config(og, model_dir: Path):
     """The model's config with every core for the CPU session: onnxruntime-genai's default
-    decoded on one of two cores here (measured +53% decode tok/s with both, bench.py infer).
+    decoded on one of two cores here (`bench.py infer` measures the gain from both).
     A thread count the model dir already sets is kept."""
     import os
     config = og.Config(str(model_dir))
