@@ -61,7 +61,8 @@ class EvalOptions(RecordOptions):      # records, read as `phitune finetune` rea
         None, "Torch model: a PEFT adapter dir; onnx-genai: an .onnx_adapter file. Default: a "
         "finetune output's adapter/, an onnx dir's adapter_weights.onnx_adapter.",
         metavar="PATH", type=str)
-    no_adapter: bool = O.option(False, "Measure the base alone.", flag=True)
+    no_adapter: bool = O.option(False, "Measure the base alone.", flag=True,
+                                spellings=("--no-adapter", "--no_adapter"))
     # plain text, windowed as `phitune.evaluate.perplexity`
     text_file: str | None = O.option(
         None, "Plain text (.txt, or .jsonl with 'text') for perplexity; the default without "

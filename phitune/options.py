@@ -34,6 +34,7 @@ class Spec:
     metavar: str | None = None
     short: str | None = None         # "-m"
     aliases: tuple[str, ...] = ()    # more spellings, e.g. "--output_path"
+    spellings: tuple[str, ...] = ()  # the long spellings in --help order, when not the usual
     dashed: bool = True              # also spelled --like-this
     dest: str | None = None          # the click parameter name when it differs (eval → eval_)
     required: bool = False
@@ -87,7 +88,8 @@ def to_click(f: dataclasses.Field, spec: Spec) -> click.Option:
     name = f.name
     dest = spec.dest or name
     spellings = [spec.short] if spec.short else []
-    long = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if spec.dashed and "_" in name else [])
+    long = list(spec.spellings) or \
+        [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if spec.dashed and "_" in name else [])
     default = default_of(f)
     kwargs: dict[str, Any] = {"help": spec.help, "metavar": spec.metavar}
     if spec.envvar:

@@ -22,7 +22,7 @@ class ServeOptions:
         "stem). Default: the model dir's adapter_weights.onnx_adapter when present.",
         multiple=True, metavar="PATH[=NAME]")
     no_adapter: bool = O.option(False, "Serve the base model only (ignore the model dir's own "
-                                "adapter).", flag=True)
+                                "adapter).", flag=True, spellings=("--no-adapter", "--no_adapter"))
     model_name: str | None = O.option(None, "The base model's id in /v1/models (default: the "
                                       "model directory's name).", metavar="ID", type=str)
     host: str = O.option("127.0.0.1", "Address to listen on; 0.0.0.0 exposes the server to the "
