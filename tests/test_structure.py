@@ -69,7 +69,8 @@ def imports(path: Path, package: str | None = None) -> list[tuple[str, bool]]:
 
 def _is_module(name: str) -> bool:
     rel = Path(*name.split("."))
-    return (PKG.parent / rel).with_suffix(".py").is_file() or (PKG.parent / rel / "__init__.py").is_file()
+    return ((PKG.parent / rel).with_suffix(".py").is_file()
+            or (PKG.parent / rel / "__init__.py").is_file())
 
 
 def all_modules() -> dict[str, Path]:
@@ -81,7 +82,8 @@ def test_no_module_imports_a_layer_above_it():
     for name, path in all_modules().items():
         for target, _ in imports(path):
             if layer(target) > layer(name):
-                upward.append(f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})")
+                upward.append(f"{name} (layer {layer(name)}) imports {target} "
+                              f"(layer {layer(target)})")
     assert not upward, "upward imports:\n" + "\n".join(sorted(set(upward)))
 
 

@@ -211,7 +211,8 @@ class InferOptions(Sampling):
     adapter_name: str | None = O.option(None, "The adapter active at start (default: the "
                                         "first).", metavar="NAME", type=str)
     no_adapter: bool = O.option(False, "Start on the base model (adapters given with --adapter "
-                                "stay loaded).", flag=True, spellings=("--no-adapter", "--no_adapter"))
+                                "stay loaded).", flag=True,
+                                spellings=("--no-adapter", "--no_adapter"))
     stats: bool = O.option(False, "Print time to first token and decode tokens/s on stderr.",
                            flag=True)
 
