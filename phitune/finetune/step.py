@@ -40,7 +40,7 @@ class FinetuneOptions(RecordOptions):
     packing: bool = O.option(True, "Pack short records into full rows (no compute spent on "
                              "padding).", negatable=True)
     lora_r: int = O.option(64, min=1)
-    lora_alpha: float = O.option(16.0, below=float("inf"))
+    lora_alpha: float = O.option(16.0)
     lora_dropout: float = O.option(0.05, min=0, below=1)
     target_modules: str | None = O.option(None, "Modules to adapt (default: every projection).",
                                           metavar="A,B", type=str)
