@@ -1,6 +1,6 @@
 """Each step's options are declared once, as fields of its options dataclass: name, type,
 default, choices, range and help live in the field (`option(...)`), the way peft's LoraConfig
-keeps them in `field(metadata=...)`. The click command (`click_options`), the workflow file
+keeps them in `field(metadata=...)`. The click command (`command`), the workflow file
 reader (`command_for`), range checks (`validate`) and manifest params (`params`) derive from it.
 
 This module is a shared library: it imports click and the standard library only, so the
@@ -126,16 +126,6 @@ def _click_type(spec: Spec, default: Any) -> Any:
     if default is not None and not isinstance(default, (tuple, list)):
         return type(default)
     return None
-
-
-def click_options(cls: type) -> Callable:
-    """A decorator adding `cls`'s options to a click command, in --help order."""
-    def apply(command: Callable) -> Callable:
-        params = [to_click(f, s) for f, s in specs(cls)]
-        existing = getattr(command, "__click_params__", [])
-        command.__click_params__ = existing + params[::-1]  # click reverses decorator order
-        return command
-    return apply
 
 
 def command_for(name: str, cls: type) -> click.Command:
