@@ -49,6 +49,11 @@ def data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
 
 
+def heldout_text() -> Path:
+    """The shipped held-out text: what quantize reports perplexity on and eval scores by default."""
+    return data_dir() / "heldout.txt"
+
+
 # ---------------------------------------------------------------- manifests and keys
 
 def read_manifest(directory: Path) -> dict | None:
@@ -318,6 +323,16 @@ class Output:
         self.inputs = inputs
         self.params = params
         self.key = make_key(step, inputs, params)
+
+    @classmethod
+    def begin(cls, path: str | Path, artifact: str, step: str, inputs: dict, params: dict,
+              force: bool, reads: tuple = ()) -> tuple["Output", dict | None]:
+        """Every step's first half, once: key the output, refuse one that cannot be written
+        (before any work), and hand back the published manifest when it is up to date (the
+        step then returns it: same inputs and options, nothing to do)."""
+        out = cls(path, artifact, step, inputs, params)
+        out.check_writable(force=force, reads=reads)
+        return out, (out.existing() if out.up_to_date() and not force else None)
 
     def existing(self) -> dict | None:
         return read_manifest(self.path)

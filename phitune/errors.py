@@ -65,3 +65,16 @@ class ConstraintError(PhituneError):
                  metrics: dict | None = None):
         super().__init__(what, where, fix)
         self.metrics = metrics or {}
+
+
+class ExportError(PhituneError):
+    """The model builder failed on an input phitune accepted."""
+
+
+def first_line(exc: BaseException, limit: int = 200, empty: str | None = None) -> str:
+    """An exception's first non-blank line, cut to `limit` characters, for a one-line error;
+    without any text: `empty`, or the exception's type name."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if lines:
+        return lines[0][:limit]
+    return type(exc).__name__ if empty is None else empty

@@ -23,11 +23,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from phitune import genai_config, ui
-from phitune.artifacts import data_dir, hf_kind, resolve_model
+from phitune import options as O
+from phitune import policy
+from phitune.artifacts import hf_kind, heldout_text, resolve_model
 from phitune.data import RecordOptions
-from phitune.errors import ConstraintError, DataError, InputError, OptionError
+from phitune.data.records import RECORD_FIELDS, split_files
+from phitune.errors import ConstraintError, DataError, InputError, OptionError, first_line
 
 KINDS = ("hf-model", "awq-model", "finetuned", "onnx-genai")
 PREFILL_TOKENS = 128
@@ -38,23 +42,44 @@ _RECORD_OPTIONS = ("text_template", "text_cols", "use_chat_template", "train_on_
 
 @dataclass(kw_only=True)
 class EvalOptions(RecordOptions):      # records, read as `phitune finetune` reads them
-    model: str
-    adapter: str | None = None          # torch: a PEFT adapter dir; onnx: an .onnx_adapter file
-    no_adapter: bool = False            # the base alone (a finetune output's or onnx dir's own)
+    ORDER: ClassVar[tuple] = ("model", "adapter", "no_adapter", *RECORD_FIELDS)
+    HELP: ClassVar[dict] = {
+        "data_files": "Records (json, jsonl, csv, parquet) scored as finetune scores them: loss "
+                      "on the response tokens. Repeat or comma-separate for several.",
+        "train_on_prompt": "Score the prompt part too (as finetune trained).",
+        "max_seq_len": "Tokens per record (pass finetune's value to reproduce its eval loss).",
+        "eval_split": "Score only the fraction finetune held out with the same --eval_split and "
+                      "--seed.",
+        "eval_dataset_size": "Score only the records finetune held out with the same "
+                             "--eval_dataset_size and --seed.",
+        "seed": "The split's seed."}
+
+    model: str = O.model("Model: a float or AWQ checkpoint, a finetune output (D or D/model), an "
+                         "onnx-genai dir (D or D/model), a .gguf file, a hub id, or 'tiny-phi3' "
+                         "/ 'smollm2-135m-instruct'.")
+    adapter: str | None = O.option(
+        None, "Torch model: a PEFT adapter dir; onnx-genai: an .onnx_adapter file. Default: a "
+        "finetune output's adapter/, an onnx dir's adapter_weights.onnx_adapter.",
+        metavar="PATH", type=str)
+    no_adapter: bool = O.option(False, "Measure the base alone.", flag=True,
+                                spellings=("--no-adapter", "--no_adapter"))
     # plain text, windowed as `phitune.evaluate.perplexity`
-    text_file: str | None = None
-    seq_len: int = 256
-    max_tokens: int = 65536
+    text_file: str | None = O.option(
+        None, "Plain text (.txt, or .jsonl with 'text') for perplexity; the default without "
+        "records is the shipped held-out text quantize reports ppl on.", metavar="FILE", type=str)
+    seq_len: int = O.option(256, "Perplexity window (tokens).", min=2)
+    max_tokens: int = O.option(65536, "Text tokens scored at most.", min=2)
     # latency and constraints
-    latency: bool = True
-    max_ppl: float | None = None
-    max_latency_ms: float | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-
-
-def default_text_file() -> Path:
-    return data_dir() / "heldout.txt"
+    latency: bool = O.option(True, "Time a 128-token prefill and 1-token decode steps with a KV "
+                             "cache.", negatable=True)
+    max_ppl: float | None = O.option(None, "Fail (exit 3) when the perplexity is above X.",
+                                     metavar="X", type=float)
+    max_latency_ms: float | None = O.option(
+        None, "Fail (exit 3) when the decode latency per token is above MS.", metavar="MS",
+        type=float)
+    device: str = O.device()
+    dtype: str = O.dtype("Torch compute dtype; auto: the dtype finetune trained in when the "
+                         "model is a finetune output, else fp32 for small models, bf16 for large.")
 
 
 def run(opts: EvalOptions) -> dict:
@@ -62,6 +87,7 @@ def run(opts: EvalOptions) -> dict:
     figures) when a `max_ppl` / `max_latency_ms` bound is missed."""
     files = _files(opts.data_files)
     records_mode = _check(opts, files)
+    O.validate(opts)  # declared ranges and choices, before any model loads
     watch = time.perf_counter()
     if records_mode:
         source, held, spec, split = _records(opts, files)
@@ -88,17 +114,13 @@ def run(opts: EvalOptions) -> dict:
         metrics.update(measure.latency())
     metrics.update(measure.describe())
     metrics["seconds"] = round(time.perf_counter() - watch, 2)
-    _constraints(opts, metrics)
+    check_constraints(opts, metrics)
     return metrics
 
 
 # ---------------------------------------------------------------- options and data
 
-def _files(data_files) -> tuple[str, ...]:
-    if isinstance(data_files, (str, Path)):
-        data_files = [data_files]
-    return tuple(f.strip() for group in data_files or () for f in str(group).split(",")
-                 if f.strip())
+_files = split_files
 
 
 def _check(opts: EvalOptions, files: tuple[str, ...]) -> bool:
@@ -129,7 +151,7 @@ def _check(opts: EvalOptions, files: tuple[str, ...]) -> bool:
     if opts.max_latency_ms is not None and not opts.latency:
         raise OptionError("--max_latency_ms needs the latency measurement that --no-latency skips",
                           "--max_latency_ms / --no-latency", "drop one of them")
-    if opts.dtype not in ("auto", "float32", "bfloat16", "float16"):
+    if opts.dtype not in O.DTYPES:
         raise OptionError(f"unknown --dtype {opts.dtype}", "--dtype",
                           "use auto, float32, bfloat16 or float16")
     return records_mode
@@ -154,7 +176,7 @@ def _records(opts: EvalOptions, files: tuple[str, ...]):
 
 def _texts(opts: EvalOptions) -> tuple[str, list[str]]:
     from phitune.quantize.calib import read_texts
-    path = Path(opts.text_file).expanduser() if opts.text_file else default_text_file()
+    path = Path(opts.text_file).expanduser() if opts.text_file else heldout_text()
     if not path.is_file():
         raise DataError(f"text file not found: {path}", "--text_file",
                         "pass an existing .txt file (one document) or .jsonl with a 'text' field")
@@ -182,7 +204,7 @@ def _scored(examples: list[dict]) -> int:
     return sum(sum(1 for x in e["labels"][1:] if x != IGNORE_INDEX) for e in examples)
 
 
-def _constraints(opts: EvalOptions, metrics: dict) -> None:
+def check_constraints(opts: EvalOptions, metrics: dict) -> None:
     bounds = [("ppl", "max_ppl", opts.max_ppl), ("latency_ms", "max_latency_ms",
                                                  opts.max_latency_ms)]
     bounds = [b for b in bounds if b[2] is not None]
@@ -198,19 +220,6 @@ def _constraints(opts: EvalOptions, metrics: dict) -> None:
                               metrics=metrics)
 
 
-def _torch_dtype(choice: str, model_dir: Path, device: str):
-    """auto: fp32 for small models, bf16 for large ones — finetune's own rule, so that
-    eval reproduces the loss finetune measured."""
-    import torch
-    if choice != "auto":
-        return getattr(torch, choice)
-    from phitune.measure import dir_size_mb
-    size_mb = dir_size_mb(model_dir)
-    if size_mb < 2048 or device == "cpu" and size_mb < 4096:
-        return torch.float32
-    return torch.bfloat16
-
-
 # ---------------------------------------------------------------- the two runtimes
 
 class _TorchModel:
@@ -220,7 +229,8 @@ class _TorchModel:
         from phitune.models import load_causal_lm, load_tokenizer, resolve_device
         self.adapter = self._adapter_dir(model_ref, opts)
         self.device = resolve_device(opts.device)
-        self.dtype = _torch_dtype(opts.dtype, model_ref.path, self.device)
+        self.dtype = policy.eval_dtype(opts.dtype, model_ref.path, self.device,
+                                       model_ref.manifest)
         self.base_kind = hf_kind(model_ref.config)
         ui.info(f"loading {opts.model} ({model_ref.kind}"
                 + (f", {self.base_kind} base" if model_ref.kind == "finetuned" else "")
@@ -269,8 +279,7 @@ class _TorchModel:
         try:
             return PeftModel.from_pretrained(model, str(adapter)).eval()
         except (RuntimeError, ValueError, KeyError) as exc:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else \
-                type(exc).__name__
+            reason = first_line(exc)
             raise InputError(f"the adapter does not fit this model ({reason})", str(adapter),
                              "pass an adapter trained on this base") from None
 

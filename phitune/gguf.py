@@ -25,7 +25,7 @@ from pathlib import Path
 
 from phitune import __version__, ui
 from phitune.artifacts import _TMP_MARK, MANIFEST, _recover, make_key, read_manifest
-from phitune.errors import InputError
+from phitune.errors import InputError, first_line
 
 SUFFIX = ".gguf"
 ENTRY_PREFIX = "gguf-"  # entries are `gguf-<16 hex>`: the shape `phitune cache` lists
@@ -119,7 +119,7 @@ def inspect(file: Path, spec: str) -> dict:
         reader = GGUFReader(str(file))
     except Exception as exc:  # the reader fails in many ways on cut or damaged files
         raise InputError(f"{spec} is a truncated or corrupt GGUF file ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'})",
+                         f"{first_line(exc, 120, 'unreadable')})",
                          "-m", _FIX_FILE) from None
     size = file.stat().st_size
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
@@ -176,7 +176,7 @@ def _convert(file: Path, work: Path, info: dict) -> str:
                                                      dtype=dtype)
     except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as exc:
         raise InputError(f"transformers cannot read {file} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})", "-m",
+                         f"{first_line(exc, 160, '')})", "-m",
                          "pass a Hugging Face checkpoint of this model instead") from None
     finally:
         if bars:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from phitune.errors import InputError, OutputError, PhituneError
+from phitune.errors import InputError, OutputError, PhituneError, first_line
 
 _REDO = "re-download it, or re-run the phitune step that wrote it"
 
@@ -57,7 +57,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return first_line(exc, 160)
 
 
 def translate(exc: BaseException, path: Path | str | None = None,

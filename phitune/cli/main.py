@@ -11,17 +11,17 @@ import sys
 
 import click
 
-from phitune import __version__
+from phitune import __version__, registry
 
+# name → (module, click command in it). The steps a workflow can run come from the step
+# registry (phitune/registry.py), each with a module phitune/cli/<name>.py naming its command
+# `command`; the rest are the CLI's own.
 COMMANDS = {
-    "quantize": ("phitune.cli.quantize", "quantize"),
-    "finetune": ("phitune.cli.finetune", "finetune"),
+    **{name: (f"phitune.cli.{name.replace('-', '_')}", "command") for name in registry.STEPS},
     "infer": ("phitune.cli.infer", "infer"),
-    "auto-opt": ("phitune.cli.auto_opt", "auto_opt"),
     "export-adapter": ("phitune.cli.export_adapter", "export_adapter"),
     "run": ("phitune.cli.run", "run"),
     "cache": ("phitune.cli.cache", "cache"),
-    "eval": ("phitune.cli.eval", "eval_"),
     "serve": ("phitune.cli.serve", "serve"),
 }
 

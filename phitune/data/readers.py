@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from phitune.data.records import Record
-from phitune.errors import DataError, OptionError
+from phitune.errors import DataError, OptionError, first_line
 
 FORMATS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
 SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
@@ -249,7 +249,7 @@ def _read_parquet(path: Path) -> list[Record]:
         import pyarrow.parquet as pq
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # ArrowInvalid, OSError: not a parquet file or a damaged one
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 160)
         raise DataError(f"{path} cannot be read as parquet ({reason})", str(path),
                         "check that the file is a complete parquet file, or pass the right "
                         "--data_name") from None
@@ -262,7 +262,7 @@ def _read_saved_dataset(directory: Path) -> list[Record]:
         import datasets
         loaded = datasets.load_from_disk(str(directory))
     except Exception as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 160)
         raise DataError(f"{directory} is not a dataset saved with save_to_disk ({reason})",
                         "--data_name", "pass a directory written by Dataset.save_to_disk, or "
                         "--data_name json|csv|parquet with --data_files") from None

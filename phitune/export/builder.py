@@ -14,13 +14,9 @@ import sys
 from pathlib import Path
 
 from phitune import children, oserrors, ui
-from phitune.errors import InputError, PhituneError
+from phitune.errors import ExportError, InputError
 
 EXECUTION_PROVIDERS = {"cpu": "cpu", "gpu": "cuda"}
-
-
-class ExportError(PhituneError):
-    """The model builder failed on an input phitune accepted."""
 
 
 def run_builder(source: Path, out_dir: Path, precision: str, device: str, work_dir: Path,

@@ -14,6 +14,9 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import click
+
+from phitune import options as O
 from phitune import ui
 from phitune.artifacts import Output, hf_kind, content_digest, resolve_model
 from phitune.errors import InputError, OptionError
@@ -29,16 +32,37 @@ FLOAT_BLOCK_SIZE = 32  # closest to float among the fast ones (tiny-phi3 ppl +0.
 
 @dataclass
 class AutoOptOptions:
-    model: str
-    output: str
-    adapter_path: str | None = None
-    device: str = "cpu"
-    provider: str | None = None
-    precision: str | None = None     # int4 default
-    block_size: int | None = None    # None: fits the model (see _block_size)
-    accuracy_level: int | None = None
-    multi_lora: bool = True
-    force: bool = False
+    model: str = O.model("Model: a float or AWQ checkpoint, a .gguf file, an embedded model "
+                         "('tiny-phi3', 'smollm2-135m-instruct'), or a finetune output (D or "
+                         "D/model).")
+    output: str = O.output()
+    adapter_path: str | None = O.option(
+        None, "PEFT LoRA adapter to convert into model/adapter_weights.onnx_adapter (default: the "
+        "adapter/ beside a finetune output's model/).", metavar="DIR", type=str)
+    device: str = O.option("cpu", "Target device of the ONNX model.", choices=("cpu", "gpu"))
+    provider: str | None = O.option(None, "Execution provider; must agree with --device "
+                                    "(default: the device's).", choices=tuple(PROVIDERS))
+    precision: str = O.option(
+        "int4", "int4: MatMulNBits (an AWQ input keeps its weights; a float input is rounded to "
+        "nearest); fp32/fp16: float weights (an AWQ input dequantized).",
+        choices=("int4", "fp16", "fp32"))
+    block_size: int | None = O.option(  # None: fits the model (see _block_size)
+        None, "int4 block size of the LM head and of a float input's layers (rounded to "
+        "nearest; 128 decodes faster on CPU, 32 stays closer to float). An AWQ input's "
+        "layers keep their group size. Default: an AWQ input's group size; for a float input 32, "
+        "or 16 where 32 does not divide the model's widths.", type=int)
+    accuracy_level: int | None = O.option(
+        None, "MatMulNBits compute: 4 = int8 (CPU default), 3 = bf16, 2 = fp16, 1 = fp32.",
+        type=click.IntRange(0, 4))
+    multi_lora: bool = O.option(True, "Give every projection optional LoRA inputs so any adapter "
+                                "loads at run time.", negatable=True)
+    use_ort_genai: bool = O.option(False, "Accepted for the lab's command line: the output is "
+                                   "always an onnxruntime-genai model dir.", flag=True)
+    force: bool = O.force()
+
+
+# Options that do not change the output (the workflow keys on the same split).
+NOT_IN_KEY = ("model", "output", "adapter_path", "force", "use_ort_genai")
 
 
 def validate(opts: AutoOptOptions) -> AutoOptOptions:
@@ -87,8 +111,6 @@ def _adapter_dir(opts: AutoOptOptions, model_ref) -> Path | None:
 def run(opts: AutoOptOptions) -> tuple[dict, bool]:
     """Export `opts.model` into `opts.output`. Returns (manifest, was_up_to_date)."""
     from phitune.export import adapter as adapter_mod
-    from phitune.export.builder import run_builder
-    from phitune.export.lora_graph import add_lora_inputs
     from phitune.export.slots import predicted_layout
 
     opts = validate(opts)
@@ -104,18 +126,30 @@ def run(opts: AutoOptOptions) -> tuple[dict, bool]:
         adapter_mod.slot_tensors(adapter_mod.read_peft_adapter(adapter_dir),
                                  *predicted_layout(config), where=str(adapter_dir))
 
-    params = {k: v for k, v in asdict(opts).items()
-              if k not in ("model", "output", "adapter_path", "force")}
+    params = O.params(opts, NOT_IN_KEY)
     if opts.precision == "int4":
         params["lm_head"] = LM_HEAD_QUANT  # in the key: exports with an int4 head are stale
     inputs = {"model": opts.model, "model_digest": model_ref.digest}
     if adapter_dir is not None:
         inputs |= {"adapter": str(adapter_dir), "adapter_digest": content_digest(adapter_dir)}
-    out = Output(opts.output, "onnx-genai", "auto-opt", inputs, params)
-    out.check_writable(force=opts.force, reads=(*model_ref.paths, adapter_dir))
-    if out.up_to_date() and not opts.force:
-        return out.existing(), True
+    out, done = Output.begin(opts.output, "onnx-genai", "auto-opt", inputs, params, opts.force,
+                             reads=(*model_ref.paths, adapter_dir))
+    if done:
+        return done, True
 
+    return _build_and_publish(opts, out, model_ref, base_kind, arch, block_choice,
+                              adapter_dir), False
+
+
+def _build_and_publish(opts: AutoOptOptions, out: Output, model_ref, base_kind: str, arch: str,
+                       block_choice: str, adapter_dir: Path | None) -> dict:
+    """Build the ONNX model into the output's staging dir, add LoRA inputs and the adapter,
+    then publish; returns the manifest."""
+    from phitune.export import adapter as adapter_mod
+    from phitune.export.builder import run_builder
+    from phitune.export.lora_graph import add_lora_inputs
+
+    config = model_ref.config
     watch = Stopwatch()
     with out.staging() as work:
         scratch = work / ".scratch"
@@ -152,7 +186,7 @@ def run(opts: AutoOptOptions) -> tuple[dict, bool]:
         # The builder runs beside this process: count both at once.
         metrics["peak_rss_mb"] = round(max(metrics["peak_rss_mb"], rss_at_build + builder_peak), 1)
         manifest = out.publish(work, metrics)
-    return manifest, False
+    return manifest
 
 
 def _block_size(opts: AutoOptOptions, config: dict, base_kind: str,

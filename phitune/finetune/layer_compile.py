@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from phitune.errors import first_line
 from phitune.finetune.memory import Choice
 from phitune.models import decoder_layers
 
@@ -42,7 +43,7 @@ def _toolchain_problem(device: str) -> str | None:
     try:
         torch.compile(lambda x: (x * 2).sin(), dynamic=False)(torch.ones(8, device=device))
     except Exception as e:  # noqa: BLE001 - any failure means: stay eager
-        return f"torch.compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return f"torch.compile failed here ({type(e).__name__}: {first_line(e, 120, '')})"
     return None
 
 

@@ -4,41 +4,72 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
+from phitune import options as O
+from phitune import policy
 from phitune import ui
 from phitune.artifacts import Output, content_digest, resolve_model
 from phitune.data import RecordOptions
+from phitune.data.records import RECORD_FIELDS, split_files
 from phitune.errors import Interrupted, OptionError
 from phitune.measure import Stopwatch, return_large_frees_to_os
 
 
 @dataclass(kw_only=True)
 class FinetuneOptions(RecordOptions):
-    model: str
-    output: str
-    method: str = "lora"
-    packing: bool = True
-    lora_r: int = 64
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    target_modules: str | None = None
-    merge: bool = False
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    learning_rate: float = 2e-4
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool | None = None  # None: on when a pass's activations don't fit
-    compile: bool | None = None  # None: on for large models on CPU
-    dtype: str = "auto"
-    save_steps: int = 50
-    resume: bool = False
-    device: str = "auto"
-    force: bool = False
+    ORDER: ClassVar[tuple] = (
+        "method", "model", "output", *RECORD_FIELDS[:8], "packing", "lora_r", "lora_alpha",
+        "lora_dropout", "target_modules", "merge", "max_steps", "num_train_epochs",
+        "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+        "warmup_steps", "max_grad_norm")
+    HELP: ClassVar[dict] = {
+        "data_files": "Training data (json, jsonl, csv, parquet); repeat or comma-separate for "
+                      "several.",
+        "train_on_prompt": "Also train on the prompt part.",
+        "eval_split": "Fraction of records held out for eval loss.",
+        "eval_dataset_size": "Number of records held out for eval loss."}
+
+    model: str = O.model("Base model: a float or phitune AWQ checkpoint dir, a .gguf file, a hub "
+                         "id, or 'tiny-phi3' / 'smollm2-135m-instruct'.")
+    output: str = O.output()
+    method: str = O.option("lora", "lora: on a float or AWQ base (CPU or GPU); qlora: nf4 base, "
+                           "CUDA only.", choices=("lora", "qlora"))
+    packing: bool = O.option(True, "Pack short records into full rows (no compute spent on "
+                             "padding).", negatable=True)
+    lora_r: int = O.option(64, min=1)
+    lora_alpha: float = O.option(16.0)
+    lora_dropout: float = O.option(0.05, min=0, below=1)
+    target_modules: str | None = O.option(None, "Modules to adapt (default: every projection).",
+                                          metavar="A,B", type=str)
+    merge: bool = O.option(False, "Also write merged/: base + adapter in float.", flag=True)
+    max_steps: int = O.option(-1, "Optimizer steps (wins over epochs).")
+    num_train_epochs: float = O.option(1.0)
+    learning_rate: float = O.option(2e-4)
+    per_device_train_batch_size: int = O.option(
+        4, "Rows per optimizer step and device. CPU runs them a row at a time (rows under 512 "
+        "tokens: up to 512 tokens a pass): same gradient, less memory.", min=1)
+    gradient_accumulation_steps: int = O.option(1, min=1)
+    warmup_steps: int = O.option(0, min=0)
+    max_grad_norm: float = O.option(1.0)
+    gradient_checkpointing: bool | None = O.option(
+        None, "Recompute activations in backward: less memory, more time (default: on when a "
+        "pass's activations would take over half the free memory; never below 256 MB models).",
+        negatable=True)
+    compile: bool | None = O.option(
+        None, "torch.compile the decoder layers: fused elementwise kernels, a slower first step "
+        "(default: on for 256 MB+ models on CPU with a C++ compiler).", negatable=True,
+        dashed=False)
+    dtype: str = O.dtype("Frozen base dtype (LoRA stays fp32, matmuls autocast); auto: fp32 "
+                         "below 256 MB, else bf16 on CUDA and bf16-capable CPUs.")
+    save_steps: int = O.option(50, "Checkpoint every N steps (and on Ctrl-C) for --resume.",
+                               min=1)
+    resume: bool = O.option(False, "Continue an interrupted run from its last checkpoint.",
+                            flag=True)
+    device: str = O.device()
+    force: bool = O.force()
     extra: dict = field(default_factory=dict)
 
 
@@ -70,7 +101,9 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
     """Fine-tune; returns (manifest, was_up_to_date). Under torchrun every rank trains and
     rank 0 alone writes the output."""
     from phitune import data
+    opts = replace(opts, data_files=split_files(opts.data_files))
     _check(opts)
+    O.validate(opts)  # declared ranges and choices, before any data or model loads
     spec = data.make_spec(opts.text_template, opts.text_cols, opts.use_chat_template)
     data.validate_options(opts.max_seq_len, opts.overflow, opts.eval_split, opts.eval_dataset_size)
     records = data.load_and_validate(list(opts.data_files), opts.data_name, spec,
@@ -83,22 +116,18 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
     inputs = {"model": opts.model, "model_digest": model_ref.digest,
               "data": [str(p) for p in data_paths],
               "data_digest": [content_digest(p) for p in data_paths]}
-    out = Output(opts.output, "finetuned", "finetune", inputs, params)
-    out.check_writable(force=opts.force, reads=(*model_ref.paths, *data_paths,
-                                                 *map(Path, opts.data_files)))
-    if out.up_to_date() and not opts.force:
-        return out.existing(), True
+    out, done = Output.begin(opts.output, "finetuned", "finetune", inputs, params, opts.force,
+                             reads=(*model_ref.paths, *data_paths, *map(Path, opts.data_files)))
+    if done:
+        return done, True
     return _train_and_publish(opts, model_ref, spec, records, out), False
 
 
 def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     import torch
 
-    from phitune import data
-    from phitune.finetune import lora, memory
-    from phitune.finetune.base import load_base
-    from phitune.finetune.loop import Checkpoint, TrainConfig, World, eval_loss, train
-    from phitune.models import load_tokenizer, quiet_gptqmodel, resolve_device
+    from phitune.finetune.loop import TrainConfig, World, eval_loss
+    from phitune.models import load_tokenizer, resolve_device
 
     device = resolve_device(opts.device)
     world = World.from_env(device)
@@ -106,71 +135,26 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     watch = Stopwatch()
     tokenizer = load_tokenizer(model_ref.path)
-    prepared = data.prepare(records, tokenizer, spec, opts.max_seq_len, opts.overflow,
-                            opts.train_on_prompt, opts.eval_split, opts.eval_dataset_size,
-                            opts.seed, packing=opts.packing)
-    if world.main:
-        for line in data.describe(prepared.stats):
-            ui.info(line)
+    prepared = _prepare(opts, records, tokenizer, spec, world.main)
 
-    dtype = _train_dtype(model_ref, device, opts.dtype)
-    large = _is_large(model_ref)
+    dtype = policy.train_dtype(model_ref.path, device, opts.dtype)
+    large = policy.is_large(model_ref.path)
     if large or opts.gradient_checkpointing:  # a pass's freed activations go back to the OS at once
         return_large_frees_to_os()  # (not for small models: it cost tiny-phi3 35% of its speed)
     torch.manual_seed(opts.seed)
-    base = load_base(model_ref, opts.method, device, dtype)
-    passes = memory.rows_per_pass(device, opts.max_seq_len)
-    pass_rows = min(passes or opts.per_device_train_batch_size, opts.per_device_train_batch_size)
-    choice = memory.choose_checkpointing(opts.gradient_checkpointing, large, base.config,
-                                         pass_rows * opts.max_seq_len, dtype.itemsize, device)
-    checkpointing = choice.on
-    if world.main and large:
-        ui.info(f"gradient checkpointing {'on' if checkpointing else 'off'} ({choice.reason})")
-    if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    targets = lora.target_modules(base.config.model_type, opts.target_modules, base)
-    quiet_gptqmodel()  # peft imports it when installed: no banner, no environment edits
-    model = lora.wrap(base, opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
-    model.train()  # before any forward: some quantized kernels latch inference-only paths
-    compiled = _compile(model, opts.compile, large, device, world.main)
+    model, passes, checkpointing, compiled = _lora_model(opts, model_ref, device, dtype, large,
+                                                         world.main)
 
-    mask_dtype = next(p for p in model.parameters()).dtype
-    collate = (lambda rows: data.collate_packed(rows, dtype=mask_dtype)) if opts.packing else \
-        (lambda rows: data.pad_batch(rows, data.pad_id_of(tokenizer)))
+    collate = _collate(model, tokenizer, opts.packing)
     cfg = TrainConfig(max_steps=opts.max_steps, num_train_epochs=opts.num_train_epochs,
                       learning_rate=opts.learning_rate, batch_size=opts.per_device_train_batch_size,
                       grad_accum=opts.gradient_accumulation_steps, warmup_steps=opts.warmup_steps,
                       max_grad_norm=opts.max_grad_norm, seed=opts.seed, save_steps=opts.save_steps,
                       autocast_dtype=None if dtype == torch.float32 else dtype,
                       micro_batch_rows=passes)
-    checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
-    saved = checkpoint.load()
-    if world.main and not opts.resume and saved:
-        ui.info("a checkpoint of an interrupted run exists: --resume continues from it; "
-                "starting over")
-    if world.main and opts.resume and not saved:
-        ui.info(f"--resume: no checkpoint of an interrupted run with these options and data "
-                f"({checkpoint.file}{' was made with others' if checkpoint.file.is_file() else ' does not exist'}); "
-                "starting at step 0")
-    if world.main and opts.resume and saved:
-        ui.info(f"--resume: continuing from step {saved['step']}")
-
+    checkpoint = _checkpoint(opts, out, world.main)
     before = eval_loss(model, prepared.eval, collate, cfg, device)
-    with ui.progress("training", 1, "loss", "tok/s") as (bar, task):
-        def on_step(step: int, steps: int, loss: float, rate: float) -> None:
-            bar.update(task, total=steps, completed=step, loss=f"{loss:.4f}", **{"tok/s": f"{rate:.0f}"})
-        try:
-            result = train(model, prepared.train, collate, cfg, device, world, checkpoint,
-                           resume=opts.resume, on_step=on_step)
-        except KeyboardInterrupt:
-            state = checkpoint.load() if world.main else None
-            if state is None:
-                raise
-            raise Interrupted(f"interrupted after step {state['step']} — no output was "
-                              f"published; a checkpoint is in {checkpoint.dir}",
-                              "phitune finetune",
-                              "run the same command with --resume to continue from it") from None
+    result = _train(model, prepared.train, collate, cfg, device, world, checkpoint, opts.resume)
     after = eval_loss(model, prepared.eval, collate, cfg, device)
     if not world.main:
         world.barrier()
@@ -200,6 +184,87 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     return manifest
 
 
+def _prepare(opts, records, tokenizer, spec, say: bool):
+    """Tokenized, split (and packed) records; their figures said once."""
+    from phitune import data
+    prepared = data.prepare(records, tokenizer, spec, opts.max_seq_len, opts.overflow,
+                            opts.train_on_prompt, opts.eval_split, opts.eval_dataset_size,
+                            opts.seed, packing=opts.packing)
+    if say:
+        for line in data.describe(prepared.stats):
+            ui.info(line)
+    return prepared
+
+
+def _collate(model, tokenizer, packing: bool):
+    from phitune import data
+    mask_dtype = next(p for p in model.parameters()).dtype
+    if packing:
+        return lambda rows: data.collate_packed(rows, dtype=mask_dtype)
+    return lambda rows: data.pad_batch(rows, data.pad_id_of(tokenizer))
+
+
+def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
+    """The frozen base with LoRA around its targets, checkpointed and compiled as chosen;
+    returns (model, rows per pass, checkpointing on, compiled)."""
+    from phitune.finetune import lora, memory
+    from phitune.finetune.base import load_base
+    from phitune.models import quiet_gptqmodel
+
+    base = load_base(model_ref, opts.method, device, dtype)
+    passes = memory.rows_per_pass(device, opts.max_seq_len)
+    pass_rows = min(passes or opts.per_device_train_batch_size, opts.per_device_train_batch_size)
+    choice = memory.choose_checkpointing(opts.gradient_checkpointing, large, base.config,
+                                         pass_rows * opts.max_seq_len, dtype.itemsize, device)
+    if say and large:
+        ui.info(f"gradient checkpointing {'on' if choice.on else 'off'} ({choice.reason})")
+    if choice.on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    targets = lora.target_modules(base.config.model_type, opts.target_modules, base)
+    quiet_gptqmodel()  # peft imports it when installed: no banner, no environment edits
+    model = lora.wrap(base, opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
+    model.train()  # before any forward: some quantized kernels latch inference-only paths
+    compiled = _compile(model, opts.compile, large, device, say)
+    return model, passes, choice.on, compiled
+
+
+def _checkpoint(opts, out: Output, say: bool):
+    """The checkpoint of an interrupted run with the same key; says whether --resume uses it."""
+    from phitune.finetune.loop import Checkpoint
+    checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
+    saved = checkpoint.load()
+    if say and not opts.resume and saved:
+        ui.info("a checkpoint of an interrupted run exists: --resume continues from it; "
+                "starting over")
+    if say and opts.resume and not saved:
+        ui.info(f"--resume: no checkpoint of an interrupted run with these options and data "
+                f"({checkpoint.file}{' was made with others' if checkpoint.file.is_file() else ' does not exist'}); "
+                "starting at step 0")
+    if say and opts.resume and saved:
+        ui.info(f"--resume: continuing from step {saved['step']}")
+    return checkpoint
+
+
+def _train(model, rows, collate, cfg, device: str, world, checkpoint, resume: bool):
+    """The training loop with a progress bar; Ctrl-C leaves a checkpoint and one line."""
+    from phitune.finetune.loop import train
+    with ui.progress("training", 1, "loss", "tok/s") as (bar, task):
+        def on_step(step: int, steps: int, loss: float, rate: float) -> None:
+            bar.update(task, total=steps, completed=step, loss=f"{loss:.4f}", **{"tok/s": f"{rate:.0f}"})
+        try:
+            return train(model, rows, collate, cfg, device, world, checkpoint, resume=resume,
+                         on_step=on_step)
+        except KeyboardInterrupt:
+            state = checkpoint.load() if world.main else None
+            if state is None:
+                raise
+            raise Interrupted(f"interrupted after step {state['step']} — no output was "
+                              f"published; a checkpoint is in {checkpoint.dir}",
+                              "phitune finetune",
+                              "run the same command with --resume to continue from it") from None
+
+
 def _compile(model, requested: bool | None, large: bool, device: str, say: bool) -> bool:
     from phitune.finetune import layer_compile
     from phitune.finetune.memory import Choice
@@ -214,35 +279,6 @@ def _compile(model, requested: bool | None, large: bool, device: str, say: bool)
 
 def _round(value):
     return None if value is None else round(value, 4)
-
-
-def _train_dtype(model_ref, device: str, choice: str = "auto"):
-    """The frozen base's dtype (LoRA weights stay fp32; matmuls autocast to it when half).
-    auto: fp32 for small models (exact; tests compare bit for bit), bf16 for larger ones on
-    CUDA and on CPUs with native bf16 matmul (AVX512-BF16 / AMX: ~5× fp32's throughput here,
-    half the memory of the frozen weights)."""
-    import torch
-    if choice != "auto":
-        return getattr(torch, choice)
-    if not _is_large(model_ref):
-        return torch.float32
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
-
-
-LARGE_FROM_MB = 256  # checkpoint size on disk from which auto picks bf16 and may checkpoint
-
-
-def _is_large(model_ref) -> bool:
-    from phitune.measure import dir_size_mb
-    return dir_size_mb(model_ref.path.resolve()) >= LARGE_FROM_MB
-
-
-def _cpu_has_fast_bf16() -> bool:
-    import torch
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _write_outputs(model, model_ref, work: Path, merge: bool) -> None:

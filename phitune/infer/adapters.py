@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phitune import genai_config
-from phitune.errors import InputError, OptionError
+from phitune.errors import InputError, OptionError, first_line
 
 SUFFIX = ".onnx_adapter"
 _FIX = "use an adapter exported for this model (phitune auto-opt writes both together)"
@@ -147,7 +147,7 @@ def graph_inputs(model_dir: Path) -> dict[str, tuple[str, tuple[int | str | None
     try:
         graph = onnx.load(str(model_dir / filename), load_external_data=False).graph
     except Exception as exc:  # missing or corrupt protobuf: user-fixable
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 120)
         raise InputError(f"cannot read the model graph {model_dir / filename} ({reason})", "-m",
                          "re-export the model with phitune auto-opt") from None
     out = {}

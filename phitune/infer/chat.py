@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
+from phitune import options as O
 from phitune import ui
 from phitune.errors import OptionError, PhituneError
 from phitune.infer.session import Answer, Sampling, Session
+
+MODEL_HELP = ("onnxruntime-genai model: a phitune auto-opt output D, D/model, or any dir with "
+              "genai_config.json.")
 
 PLACEHOLDER = "{input}"
 HELP = ("/adapter NAME switches adapter (/adapter none: the base model, /adapter alone lists "
@@ -182,28 +187,41 @@ def _end_prompt_line() -> None:
     out.flush()
 
 
-@dataclass
-class InferOptions:
-    model: str
-    prompt: str | None = None
-    template: str | None = None
-    adapter: tuple[str, ...] = ()
-    adapter_name: str | None = None
-    no_adapter: bool = False
-    max_new_tokens: int = 256
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stats: bool = False
+@dataclass(kw_only=True)
+class InferOptions(Sampling):
+    """`phitune infer`'s options: the sampling ones are Sampling's own fields."""
+
+    ORDER: ClassVar[tuple] = ("model", "prompt", "template", "adapter", "adapter_name",
+                              "no_adapter", "max_new_tokens", "temperature", "top_p", "top_k",
+                              "seed", "stats")
+
+    model: str = O.model(MODEL_HELP)
+    prompt: str | None = O.option(
+        None, "Answer this one prompt on stdout and exit. Without it: a chat on a terminal, else "
+        "one prompt per stdin line (blank lines skipped), one answer each.", metavar="TEXT",
+        type=str)
+    template: str | None = O.option(
+        None, r"Prompt format with {input} and \n escapes, e.g. "
+        r"'<|user|>\n{input}<|end|>\n<|assistant|>\n' (default: the model's chat template).",
+        metavar="TEMPLATE", type=str)
+    adapter: tuple[str, ...] = O.option(
+        (), "A .onnx_adapter file to load (repeatable; NAME defaults to the file stem). Default: "
+        "the model dir's adapter_weights.onnx_adapter when present.", multiple=True,
+        metavar="PATH[=NAME]")
+    adapter_name: str | None = O.option(None, "The adapter active at start (default: the "
+                                        "first).", metavar="NAME", type=str)
+    no_adapter: bool = O.option(False, "Start on the base model (adapters given with --adapter "
+                                "stay loaded).", flag=True,
+                                spellings=("--no-adapter", "--no_adapter"))
+    stats: bool = O.option(False, "Print time to first token and decode tokens/s on stderr.",
+                           flag=True)
 
 
 def run(options: InferOptions) -> None:
     """Check every option, load once, then answer in the mode stdin and --prompt select."""
     from phitune.infer.adapters import plan
     template = make_template(options.template)
-    sampling = Sampling(options.max_new_tokens, options.temperature, options.top_p,
-                        options.top_k, options.seed)
+    sampling = Sampling(**{f.name: getattr(options, f.name) for f in fields(Sampling)})
     sampling.validate()
     if options.prompt is None and sys.stdin is None:  # started with stdin closed (`<&-`)
         raise OptionError("no --prompt and stdin is closed", "phitune infer",

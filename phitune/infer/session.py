@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from phitune import genai_config, hugepages, ui
+from phitune import options as O
 from phitune.errors import InputError, OptionError
+from phitune.errors import first_line as _first_line
 from phitune.infer.adapters import Adapter, check_fits, describe
 
 
@@ -29,11 +31,15 @@ from phitune.infer.adapters import Adapter, check_fits, describe
 class Sampling:
     """Search options; greedy unless a temperature > 0, --top_p or --top_k asks for sampling."""
 
-    max_new_tokens: int = 256
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
+    max_new_tokens: int = O.option(256, min=1, ranged=True)
+    temperature: float | None = O.option(None, "Sample at this temperature (default: greedy).",
+                                         type=float, min=0.0, ranged=True)
+    top_p: float | None = O.option(None, "Sample from the smallest set of tokens with this total "
+                                   "probability.", type=float, above=0.0, max=1.0, ranged=True)
+    top_k: int | None = O.option(None, "Sample from the k most likely tokens.", type=int, min=1,
+                                 ranged=True)
+    seed: int | None = O.option(None, "Random seed for sampling (repeatable answers).", type=int,
+                                dashed=False)
 
     @property
     def sample(self) -> bool:
@@ -235,7 +241,7 @@ class Session:
     def prepare_chat(self, sampling: Sampling) -> None:
         """Allocate a chat's KV cache before its first turn, so the first answer does not
         wait for it: onnxruntime-genai fills the whole cache when it creates a generator,
-        measured 2.6–2.9 s for Phi-3-mini's 1024 tokens (0.8 GB) on a 2-core VM."""
+        seconds for a Phi-3-mini-sized cache (README's chat benchmark has the figure)."""
         start = time.perf_counter()
         search, capacity = sampling.search_options(), min(CHAT_CACHE_TOKENS, self.context_length)
         self._kept = None  # the old cache is freed before the new one is allocated
@@ -341,14 +347,9 @@ class Decoding:
                       interrupted, len(self.prompt), self.cached)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(exc).__name__
-
-
 def _config(og, model_dir: Path):
     """The model's config with every core for the CPU session: onnxruntime-genai's default
-    decoded on one of two cores here (measured +53% decode tok/s with both, bench.py infer).
+    decoded on one of two cores here (`bench.py infer` measures the gain from both).
     A thread count the model dir already sets is kept."""
     import os
     config = og.Config(str(model_dir))

@@ -2,44 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from phitune import ui
-from phitune.artifacts import Output, content_digest, data_dir, resolve_model
+from phitune import options as O
+from phitune import policy, ui
+from phitune.artifacts import Output, content_digest, data_dir, heldout_text, resolve_model
 from phitune.errors import OptionError
 from phitune.measure import Stopwatch, dir_size_mb
 from phitune.models import architecture
+from phitune.policy import SMALL_MODEL_PARAMS
 from phitune.quantize import groups
+from phitune.quantize.options import QuantizeOptions  # noqa: F401  (run's argument; re-exported)
 
-SMALL_MODEL_PARAMS = 1_000_000_000  # below this, --eval defaults to on and compute to fp32
 GROUP_SIZES = (32, 64, 128)
-
-
-@dataclass
-class QuantizeOptions:
-    model: str
-    output: str
-    algorithm: str = "awq"
-    bits: int = 4
-    group_size: int | None = None  # None: the largest of GROUP_SIZES that fits the model
-    zero_point: bool = True
-    calib_data: str | None = None
-    calib_samples: int = 64
-    calib_seq_len: int = 256
-    device: str = "auto"
-    dtype: str = "auto"
-    eval: bool | None = None
-    eval_data: str | None = None
-    force: bool = False
 
 
 def default_calib_data() -> Path:
     return data_dir() / "calibration.txt"
-
-
-def default_eval_data() -> Path:
-    return data_dir() / "heldout.txt"
 
 
 def _validate(opts: QuantizeOptions, config: dict, where: str) -> None:
@@ -81,6 +61,7 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     from phitune.quantize import algorithms, calib, driver
     from phitune.quantize.driver import QuantConfig
 
+    O.validate(opts)  # declared ranges and choices, before the model resolves or loads
     model_ref = resolve_model(opts.model, accept=("hf-model",), step="quantize")
     arch = architecture(model_ref.config, model_ref.path)
     _validate(opts, model_ref.config, str(model_ref.path))
@@ -90,7 +71,7 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     use_awq = algorithm.calibrated  # needs calibration text
     calib_path = Path(opts.calib_data) if opts.calib_data else default_calib_data()
     texts = calib.read_texts(calib_path) if use_awq else None
-    eval_path = Path(opts.eval_data) if opts.eval_data else default_eval_data()
+    eval_path = Path(opts.eval_data) if opts.eval_data else heldout_text()
     if opts.eval and opts.eval_data and not eval_path.is_file():
         raise OptionError(f"evaluation file not found: {eval_path}", "--eval_data",
                           "pass an existing text file")
@@ -104,11 +85,11 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     inputs = {"model": opts.model, "model_digest": model_ref.digest}
     if use_awq:
         inputs["calib_digest"] = content_digest(calib_path)
-    out = Output(opts.output, "awq-model", "quantize", inputs, params)
-    out.check_writable(force=opts.force, reads=(*model_ref.paths, calib_path if use_awq else None,
-                                                 eval_path if opts.eval_data else None))
-    if out.up_to_date() and not opts.force:
-        return out.existing(), True
+    out, done = Output.begin(opts.output, "awq-model", "quantize", inputs, params, opts.force,
+                             reads=(*model_ref.paths, calib_path if use_awq else None,
+                                    eval_path if opts.eval_data else None))
+    if done:
+        return done, True
 
     device = resolve_device(opts.device)
     watch = Stopwatch()
@@ -127,7 +108,7 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
         if do_eval:
             ui.info("measuring held-out perplexity of the float model")
             metrics["ppl_before"] = _ppl(model, eval_ids, metrics)
-        compute_dtype = _compute_dtype(opts.dtype, n_params, device, model.dtype)
+        compute_dtype = policy.calibration_dtype(opts.dtype, n_params, device, model.dtype)
         samples = calib.token_blocks(texts, tokenizer, opts.calib_samples, opts.calib_seq_len) \
             if use_awq else None
         cfg = QuantConfig(bits=opts.bits, group_size=opts.group_size, zero_point=opts.zero_point)
@@ -186,19 +167,6 @@ def _config_dtype(config: dict):
     import torch
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, name, torch.float32)
-
-
-def _compute_dtype(choice: str, n_params: int, device: str, model_dtype):
-    """fp32 for small models (exact search); for large ones the half type the hardware is
-    fast at: bf16 on CPU (several times fp32's matmul throughput), the model's on CUDA."""
-    import torch
-    if choice != "auto":
-        return getattr(torch, choice)
-    if n_params < SMALL_MODEL_PARAMS:
-        return torch.float32
-    if device == "cuda":
-        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
-    return torch.bfloat16
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

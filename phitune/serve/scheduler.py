@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from phitune.errors import first_line
 from phitune.infer.session import Decoding, Sampling, Session
 
 
@@ -193,5 +194,5 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 — one request fails, the server lives on
             self.failures += 1
             job._finish("error", f"generation failed: {type(exc).__name__}: "
-                                 f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+                                 f"{first_line(exc, 200, '')}")
             return True

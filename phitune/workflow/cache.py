@@ -24,11 +24,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phitune import registry
 from phitune.artifacts import read_manifest
 from phitune.errors import OptionError
 from phitune.workflow.run import RECORD, REGISTRY, read_registry
 
-ENTRY = re.compile(r"^(?P<type>[a-z][a-z-]*)-(?P<key>[0-9a-f]{16})$")
+# <step type>-<key>: the workflow names each step's entry so (registry.STEPS lists the types)
+ENTRY = re.compile(r"^(?P<type>" + "|".join(map(re.escape, registry.STEPS))
+                   + r")-(?P<key>[0-9a-f]{16})$")
 _TMP = re.compile(r"^\..+\.phitune-tmp-(?P<pid>\d+)$")
 _CKPT = re.compile(r"^\..+\.phitune-ckpt$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

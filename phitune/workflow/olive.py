@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from phitune.errors import OptionError
+from phitune.export.step import PROVIDERS  # Olive names the execution providers as auto-opt does
 
 PASSES = ("AutoAWQQuantizer", "LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder",
           "ExtractAdapters")
@@ -41,7 +42,6 @@ AZURE_TYPES = ("AzureML", "azureml_model", "azureml_registry_model", "azureml_da
                "azureml_job_output")
 NOT_LOCAL_SYSTEMS = ("AzureML", "Docker", "DockerSystem", "PythonEnvironment", "IsolatedORT")
 LOCAL_FILE_FORMATS = ("json", "csv", "parquet")
-PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "gpu"}
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 TRAINING_ARGS = ("max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed",
@@ -307,7 +307,17 @@ class _Translator:
         if kind != "HuggingfaceContainer":
             self.fail(f"{base}.type", f"'{kind}' is not supported",
                       "use a HuggingfaceContainer over local json/jsonl/csv/parquet files")
+        load, load_path, pre, pre_path = self._data_blocks(dc, base)
         opts: dict = {}
+        self._load_options(load, load_path, opts)
+        self._pre_options(pre, pre_path, opts)
+        if not opts.get("data_files") and not opts.get("data_name"):
+            self.fail(base, "names no local data", "add load_dataset_config.params.data_files")
+        return opts
+
+    def _data_blocks(self, dc: dict, base: str) -> tuple[dict, str, dict, str]:
+        """A data config's loader and pre-processing parameters (and where they are), from
+        either Olive layout; every other key is noted or refused."""
         load, load_path, pre, pre_path = {}, "", {}, ""
         for key, value in dc.items():
             kpath = f"{base}.{key}"
@@ -348,6 +358,9 @@ class _Translator:
                 self.note(kpath, "not needed without custom components; not applied")
             else:
                 self.note(kpath)
+        return load, load_path, pre, pre_path
+
+    def _load_options(self, load: dict, load_path: str, opts: dict) -> None:
         for key, value in load.items():
             kpath = f"{load_path}.{key}"
             if key == "data_name":
@@ -366,6 +379,8 @@ class _Translator:
                               "(hold some out with eval_dataset_size); not applied")
             else:
                 self.note(kpath)
+
+    def _pre_options(self, pre: dict, pre_path: str, opts: dict) -> None:
         for key, value in pre.items():
             kpath = f"{pre_path}.{key}"
             if key in ("text_cols", "text_template"):
@@ -383,9 +398,6 @@ class _Translator:
                 continue
             else:
                 self.note(kpath)
-        if not opts.get("data_files") and not opts.get("data_name"):
-            self.fail(base, "names no local data", "add load_dataset_config.params.data_files")
-        return opts
 
     # ---- passes
     def _passes(self, model: str, adapter: str | None, datasets: dict, engine: dict) -> None:
@@ -445,8 +457,8 @@ class _Translator:
 
     def _finetune(self, name: str, ptype: str, fields: dict, current: str,
                   datasets: dict) -> dict:
-        from phitune.workflow.plan import command
-        known = {p.name for p in command("finetune").params}
+        from phitune import registry
+        known = {p.name for p in registry.step("finetune").command().params}
         step: dict = {"name": name, "type": "finetune", "model": current,
                       "method": "qlora" if ptype == "QLoRA" else "lora"}
         data = None
@@ -506,8 +518,6 @@ class _Translator:
             self.note(f"passes.{name}", "reads an unmerged LoRA: phitune keeps it as "
                       "adapter_weights.onnx_adapter beside a multi-LoRA model (add "
                       "MergeAdapterWeights before it to fold it into the weights)")
-        if kind == "awq" and precision != "int4":
-            pass  # auto-opt dequantizes an AWQ input for a float build
         if adapter:
             step["adapter_path"] = adapter
         self.steps.append(step)

@@ -13,7 +13,6 @@ an existing one is complete (outputs are published atomically), so the step is s
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import shlex
@@ -25,17 +24,12 @@ import click
 
 from phitune.artifacts import (EMBEDDED_MODELS, EMBEDDED_NAMES, content_digest,
                                embedded_path, make_key, read_manifest)
+from phitune import registry
 from phitune.errors import InputError, OptionError, OutputError
 
-STEP_TYPES = ("quantize", "finetune", "auto-opt", "eval")
 DEFAULT_CACHE_DIR = ".phitune-cache"
 RESERVED = ("name", "type", "publish")
 TOP_LEVEL = ("output_dir", "cache_dir", "steps", "description")
-# Options that never shape a step's output; `output` and `force` belong to the workflow.
-NOT_IN_KEY = ("output", "force", "resume", "save_steps")
-# Bounds do not change what a step measures: an eval's figures are cached without them and
-# checked against the bounds of every run, so tightening a bound costs no re-measurement.
-BOUNDS = {"eval": ("max_ppl", "max_latency_ms")}
 WORKFLOW_OWNED = {"output": "the workflow writes each step to <cache_dir>/<type>-<key> and links "
                             "the final ones into output_dir",
                   "force": "pass --force STEP to phitune run"}
@@ -138,14 +132,12 @@ def load_workflow(path: str | Path, output_dir: str | None = None,
 # ---------------------------------------------------------------- validating the steps
 
 def step_types() -> tuple[str, ...]:
-    from phitune.cli.main import COMMANDS
-    return tuple(t for t in STEP_TYPES if t in COMMANDS)
+    return tuple(registry.STEPS)
 
 
 def command(step_type: str) -> click.Command:
-    from phitune.cli.main import COMMANDS
-    module, attr = COMMANDS[step_type]
-    return getattr(importlib.import_module(module), attr)
+    """The parse-only command of a step, built from its options dataclass."""
+    return registry.step(step_type).command()
 
 
 def build(raw: dict, source: Path, fmt: str = "phitune", notes: list[str] | None = None,
@@ -252,8 +244,9 @@ def _build_step(name: str, spec: dict, earlier: list[str], all_names: list[str],
     except click.ClickException as exc:
         raise OptionError(f"step '{name}' ({step_type}): {exc.format_message()}", str(source),
                           f"see 'phitune {step_type} --help'") from None
-    bounds = {k: ctx.params.get(k) for k in BOUNDS.get(step_type, ())}
-    params = {k: v for k, v in ctx.params.items() if k not in NOT_IN_KEY and k not in bounds}
+    spec = registry.step(step_type)
+    bounds = {k: ctx.params.get(k) for k in spec.bounds}
+    params = {k: v for k, v in ctx.params.items() if k not in spec.not_in_key and k not in bounds}
     return Step(name, step_type, args, params, list(dict.fromkeys(deps)), publish, has_output,
                 bounds=bounds)
 

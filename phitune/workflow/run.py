@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from phitune import ui
+from phitune import registry, ui
 from phitune.artifacts import read_manifest
 from phitune.errors import OptionError, PhituneError
 from phitune.workflow.plan import REF, Planned, Workflow, command
@@ -110,12 +110,11 @@ def _run_step(wf: Workflow, p: Planned) -> None:
             args.append("--force")
     cmd = command(step.type)
     with _step_output():
-        ctx = cmd.make_context(step.type, args)
-        with ctx:
-            if step.has_output:
-                cmd.invoke(ctx)
-            else:
-                _run_measure(step, ctx.params)
+        params = cmd.make_context(step.type, args).params
+        if step.has_output:
+            registry.run_publishing(step.type, params)
+        else:
+            _run_measure(step, params)
 
 
 def _run_measure(step, params: dict) -> None:
@@ -124,8 +123,8 @@ def _run_measure(step, params: dict) -> None:
     then checked: a missed bound fails this run (ConstraintError, exit 3) and every later run
     with the same bound, without measuring again; a relaxed bound passes on the same figures."""
     from phitune.artifacts import Output
-    from phitune.eval_step import EvalOptions, run
-    metrics = run(EvalOptions(**(params | {k: None for k in step.bounds})))
+    spec = registry.step(step.type)
+    metrics = spec.runner()(spec.make(params | {k: None for k in step.bounds}))
     ui.summary(f"eval {params['model']}", metrics)
     out = Output(step.entry, "eval-result", step.type, {"workflow_key": step.key},
                  dict(step.params))
@@ -135,7 +134,7 @@ def _run_measure(step, params: dict) -> None:
 
 
 def _check_bounds(step, metrics: dict, cached: bool = False) -> None:
-    from phitune.eval_step import EvalOptions, _constraints
+    from phitune.eval_step import EvalOptions, check_constraints
     if not any(v is not None for v in step.bounds.values()):
         return
     figures = {"max_ppl": "ppl", "max_latency_ms": "latency_ms"}
@@ -146,7 +145,7 @@ def _check_bounds(step, metrics: dict, cached: bool = False) -> None:
                               "drop the bound, or `latency: false` for max_latency_ms")
     opts = EvalOptions(model=str(step.entry), **step.bounds)
     try:
-        _constraints(opts, dict(metrics))
+        check_constraints(opts, dict(metrics))
     except PhituneError as exc:
         exc.where = f"step '{step.name}'" + (" (cached figures)" if cached else "")
         raise

@@ -1,0 +1,234 @@
+"""Each step's options are declared once, as fields of its options dataclass: name, type,
+default, choices, range and help live in the field (`option(...)`), the way peft's LoraConfig
+keeps them in `field(metadata=...)`. The click command (`command`), the workflow file
+reader (`command_for`), range checks (`validate`) and manifest params (`params`) derive from it.
+
+This module is a shared library: it imports click and the standard library only, so the
+workflow layer can parse a step's options without importing `phitune.cli`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import click
+
+from phitune.errors import OptionError
+
+_KEY = "phitune.option"
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one field reads on a command line."""
+
+    help: str | None = None
+    type: Any = None                 # a Python type or a click type; None: the default's type
+    choices: tuple | None = None
+    flag: bool = False               # --x (True when given)
+    negatable: bool = False          # --x/--no-x (default may be None: "decide for me")
+    multiple: bool = False
+    metavar: str | None = None
+    short: str | None = None         # "-m"
+    aliases: tuple[str, ...] = ()    # more spellings, e.g. "--output_path"
+    spellings: tuple[str, ...] = ()  # the long spellings in --help order, when not the usual
+    dashed: bool = True              # also spelled --like-this
+    dest: str | None = None          # the click parameter name when it differs (eval → eval_)
+    required: bool = False
+    show_default: bool | None = None
+    min: float | None = None         # inclusive bounds, checked by `validate` before any load
+    max: float | None = None
+    below: float | None = None       # exclusive upper bound
+    above: float | None = None       # exclusive lower bound
+    ranged: bool = False             # click itself refuses values out of the bounds
+    envvar: str | None = None        # read from this environment variable when not given
+
+
+def option(default: Any = None, help: str | None = None, **spec: Any) -> Any:
+    """A dataclass field that is also a command-line option (see Spec for the keywords)."""
+    meta = {_KEY: Spec(help=help, **spec)}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def required(help: str | None = None, **spec: Any) -> Any:
+    """A field without a default that the command line must give."""
+    return field(metadata={_KEY: Spec(help=help, required=True, **spec)})
+
+
+def specs(cls: type) -> list[tuple[dataclasses.Field, Spec]]:
+    """The option fields of `cls` in --help order (`cls.ORDER` first when it sets one)."""
+    found = [(f, _with_help(cls, f.name, f.metadata[_KEY]))
+             for f in dataclasses.fields(cls) if _KEY in f.metadata]
+    order = getattr(cls, "ORDER", ())
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(found, key=lambda fs: rank.get(fs[0].name, len(order)))
+
+
+def _with_help(cls: type, name: str, spec: Spec) -> Spec:
+    """A step may word an inherited option's help its own way (finetune vs eval records)."""
+    text = getattr(cls, "HELP", {}).get(name)
+    return dataclasses.replace(spec, help=text) if text is not None else spec
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def to_click(f: dataclasses.Field, spec: Spec) -> click.Option:
+    """The click option of one field; its spellings as the commands have always had them."""
+    name = f.name
+    dest = spec.dest or name
+    spellings = [spec.short] if spec.short else []
+    long = list(spec.spellings) or \
+        [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if spec.dashed and "_" in name else [])
+    default = default_of(f)
+    kwargs: dict[str, Any] = {"help": spec.help, "metavar": spec.metavar}
+    if spec.envvar:
+        kwargs.update(envvar=spec.envvar, show_envvar=True)
+    if spec.negatable:
+        spellings += [f"{s}/--no-{s[2:]}" for s in long]
+        kwargs.update(default=default)
+    elif spec.flag:
+        spellings += long
+        kwargs.update(is_flag=True)
+    else:
+        spellings += long
+        kwargs.update(required=spec.required, multiple=spec.multiple,
+                      type=_click_type(spec, default))
+        if not spec.required:  # click ≥ 8.3 counts an explicit default=None as a given value
+            kwargs["default"] = () if spec.multiple else default
+    spellings += list(spec.aliases)
+    show = spec.show_default
+    if show is None:
+        show = default is not None and not spec.flag and not spec.multiple and not spec.required
+    return click.Option(spellings + [dest], show_default=show, **kwargs)
+
+
+def _click_type(spec: Spec, default: Any) -> Any:
+    if spec.choices is not None:
+        return click.Choice(list(spec.choices))
+    if spec.ranged:
+        low = spec.min if spec.min is not None else spec.above
+        kind = click.IntRange if (spec.type or type(default)) is int else click.FloatRange
+        extra = {"min_open": True} if spec.above is not None and kind is click.FloatRange else {}
+        return kind(min=low, max=spec.max, **extra)
+    if spec.type is not None:
+        return spec.type
+    if default is not None and not isinstance(default, (tuple, list)):
+        return type(default)
+    return None
+
+
+def command_for(name: str, cls: type) -> click.Command:
+    """A click command that only parses `cls`'s options: what `run --config` reads a step with."""
+    return click.Command(name, params=[to_click(f, s) for f, s in specs(cls)],
+                         context_settings=CONTEXT)
+
+
+def from_kwargs(cls: type, kwargs: dict) -> Any:
+    """`cls` from click's values (dest names like eval_ map back to their fields)."""
+    names = {spec.dest or f.name: f.name for f, spec in specs(cls)}
+    return cls(**{names.get(k, k): v for k, v in kwargs.items()})
+
+
+def validate(opts: Any) -> None:
+    """Every declared range and choice, checked before a model loads."""
+    for f, spec in specs(type(opts)):
+        value = getattr(opts, f.name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            continue
+        flag = f"--{f.name}"
+        if spec.choices is not None and value not in spec.choices:
+            raise OptionError(f"{flag} {value} is not one of {', '.join(map(str, spec.choices))}",
+                              flag, f"use one of {', '.join(map(str, spec.choices))}")
+        if isinstance(value, str):
+            continue
+        if spec.min is not None and value < spec.min:
+            raise OptionError(f"{flag} {value} is below {spec.min:g}", flag,
+                              f"pass a value ≥ {spec.min:g}")
+        if spec.max is not None and value > spec.max:
+            raise OptionError(f"{flag} {value} is above {spec.max:g}", flag,
+                              f"pass a value ≤ {spec.max:g}")
+        if spec.above is not None and value <= spec.above:
+            raise OptionError(f"{flag} {value} must be above {spec.above:g}", flag,
+                              f"pass a value > {spec.above:g}")
+        if spec.below is not None and value >= spec.below:
+            raise OptionError(f"{flag} {value} must be below {spec.below:g}", flag,
+                              f"pass a value < {spec.below:g}")
+
+
+def params(opts: Any, exclude: tuple[str, ...] = ()) -> dict:
+    """The option values that shape a step's output (its manifest params and cache key)."""
+    return {k: v for k, v in dataclasses.asdict(opts).items() if k not in exclude}
+
+
+# ---------------------------------------------------------------- options several steps share
+
+MODEL_HELP = ("Model: a directory, a .gguf file, a hub id, or an embedded model: 'tiny-phi3', "
+              "'smollm2-135m-instruct'.")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def model(help: str = MODEL_HELP) -> Any:
+    return required(help, short="-m", metavar="PATH|ID", dashed=False)
+
+
+def output() -> Any:
+    return required("Output directory (written atomically).", short="-o", metavar="DIR",
+                    dashed=False, aliases=("--output_path",),
+                    type=click.Path(file_okay=True, dir_okay=True))
+
+
+def force() -> Any:
+    return option(False, "Redo the step even if the output is up to date.", flag=True)
+
+
+def device() -> Any:
+    return option("auto", "Where to compute; auto takes CUDA when present.",
+                  choices=("auto", "cpu", "cuda"))
+
+
+def dtype(help: str) -> Any:
+    return option("auto", help, choices=DTYPES)
+
+
+class OptionsCommand(click.Command):
+    """A click command whose options come from an options dataclass, imported only when the
+    command parses or shows its own --help: `phitune --help` lists every command without
+    importing the modules that declare their options."""
+
+    def __init__(self, *args: Any, load: Callable[[], type], **kwargs: Any):
+        self._load = load
+        self._params: list | None = None
+        super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def params(self) -> list:
+        if self._params is None:
+            self._params = [to_click(f, s) for f, s in specs(self._load())]
+        return self._params
+
+    @params.setter
+    def params(self, value: list) -> None:
+        self._params = list(value) or None
+
+
+def command(name: str | None, load: Callable[[], type]) -> Callable[[Callable], click.Command]:
+    """`@options.command("auto-opt", lambda: AutoOptOptions)` over a function taking the
+    options as keyword arguments; its docstring is the command's help."""
+    import inspect
+
+    def make(callback: Callable) -> click.Command:
+        return OptionsCommand(name or callback.__name__.replace("_", "-"), load=load,
+                              callback=callback, help=inspect.getdoc(callback),
+                              context_settings=CONTEXT)
+    return make

@@ -1,0 +1,71 @@
+"""Which dtype a step computes in, decided in one place for quantize, finetune and eval.
+
+- finetune (`train_dtype`): fp32 for small checkpoints (exact; tests compare bit for bit); from
+  LARGE_FROM_MB on, bf16 on CUDA (fp16 without bf16) and on CPUs with native bf16 matmul
+  (AVX512-BF16 / AMX), else fp32.
+- eval (`eval_dtype`): the dtype finetune trained in when the model is a finetune output (its
+  manifest says), so eval reproduces finetune's loss; otherwise finetune's rule.
+- quantize (`calibration_dtype`): fp32 below SMALL_MODEL_PARAMS (an exact search); above, the
+  half type the hardware is fast at: bf16 on CPU, the model's own half type on CUDA.
+An explicit --dtype always wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SMALL_MODEL_PARAMS = 1_000_000_000  # quantize: below this, --eval defaults on, compute in fp32
+LARGE_FROM_MB = 256  # finetune/eval: checkpoint size on disk from which auto picks a half type
+
+
+def _explicit(choice: str):
+    import torch
+    return None if choice == "auto" else getattr(torch, choice)
+
+
+def is_large(path: Path) -> bool:
+    from phitune.measure import dir_size_mb
+    return dir_size_mb(Path(path).resolve()) >= LARGE_FROM_MB
+
+
+def cpu_has_fast_bf16() -> bool:
+    import torch
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def train_dtype(path: Path, device: str, choice: str = "auto"):
+    import torch
+    explicit = _explicit(choice)
+    if explicit is not None:
+        return explicit
+    if not is_large(path):
+        return torch.float32
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def eval_dtype(choice: str, path: Path, device: str, manifest: dict | None = None):
+    import torch
+    explicit = _explicit(choice)
+    if explicit is not None:
+        return explicit
+    manifest = manifest or {}
+    trained = (manifest.get("metrics") or {}).get("dtype") \
+        if manifest.get("artifact") == "finetuned" else None
+    if trained in ("float32", "bfloat16", "float16"):
+        return getattr(torch, trained)
+    return train_dtype(path, device)
+
+
+def calibration_dtype(choice: str, n_params: int, device: str, model_dtype):
+    import torch
+    explicit = _explicit(choice)
+    if explicit is not None:
+        return explicit
+    if n_params < SMALL_MODEL_PARAMS:
+        return torch.float32
+    if device == "cuda":
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    return torch.bfloat16

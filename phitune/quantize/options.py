@@ -1,0 +1,37 @@
+"""`phitune quantize`'s options, declared once (see phitune/options.py).
+
+Apart from the step so that `phitune quantize --help` reads them without importing what the
+step needs to run (artifacts, models, measurements).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from phitune import options as O
+
+
+@dataclass
+class QuantizeOptions:
+    model: str = O.model()
+    output: str = O.output()
+    algorithm: str = O.option("awq", "awq: activation-aware scale + clip search; rtn: plain "
+                              "round-to-nearest baseline.", choices=("awq", "rtn"))
+    bits: int = O.option(4, "Weight bits (4).")
+    group_size: int | None = O.option(  # None: the largest of GROUP_SIZES that fits the model
+        None, "Input channels per quantization group: 32, 64 or 128 (default: 128 if it divides "
+        "every quantized width of the model, else 64, else 32).", type=int)
+    zero_point: bool = O.option(True, "Asymmetric groups with a zero point.", negatable=True)
+    calib_data: str | None = O.option(None, "Calibration text (.txt or .jsonl with 'text'); "
+                                      "default: the shipped text.", metavar="FILE")
+    calib_samples: int = O.option(64, "Calibration blocks.")  # range: _validate
+    calib_seq_len: int = O.option(256, "Tokens per calibration block (keep within the context "
+                                  "the model was trained on).")
+    device: str = O.device()
+    dtype: str = O.dtype("Calibration compute dtype; auto: fp32 below 1B parameters, else bf16 "
+                         "on CPU.")
+    eval: bool | None = O.option(None, "Measure held-out perplexity before/after (default: on "
+                                 "below 1B parameters).", negatable=True, dest="eval_")
+    eval_data: str | None = O.option(None, "Held-out text for --eval; default: the shipped "
+                                     "held-out text.", metavar="FILE")
+    force: bool = O.force()
