@@ -935,6 +935,7 @@ def bench_serve(args: argparse.Namespace) -> None:
             print(f"goal: 4 clients ≥ 1.5× one client's tok/s → {four['tok_per_s'] / rows[0]['tok_per_s']:.2f}×")
 
         if args.soak:
+            rss_soak = _serve_rss_mb(proc.pid)
             start = time.perf_counter()
             counts = serve_soak(port, models, args.soak, 4, args.soak_tokens, deadline)
             rss_end = _serve_rss_mb(proc.pid)
@@ -942,8 +943,9 @@ def bench_serve(args: argparse.Namespace) -> None:
             alive = proc.poll() is None
             print(f"soak: {args.soak} requests, 4 clients, {args.soak_tokens} new tokens, "
                   f"{time.perf_counter() - start:.0f} s: {counts}; server errors/other {errors}; "
-                  f"alive {alive}; RSS {rss_start:.0f} → {rss_end:.0f} MB "
-                  f"({rss_end / rss_start - 1:+.1%}, goal within ±10%)")
+                  f"alive {alive}; RSS at the soak's start {rss_soak:.0f} → {rss_end:.0f} MB "
+                  f"({rss_end / rss_soak - 1:+.1%}, goal within ±10%; after warm-up "
+                  f"{rss_start:.0f} MB)")
             tracebacks = log.read_text().count("Traceback")
             print(f"server log: {tracebacks} tracebacks; lines: "
                   f"{sum(1 for _ in open(log))} ({log})")
