@@ -34,6 +34,11 @@ def build_random_model(path: Path, arch: str = "phi3", hidden: int = 256, layers
         model = Phi3ForCausalLM(Phi3Config(original_max_position_embeddings=1024, **common))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
+    return save_with_embedded_tokenizer(model, path)
+
+
+def save_with_embedded_tokenizer(model, path: Path) -> Path:
+    """A random-weight model saved as a checkpoint dir with tiny-phi3's tokenizer."""
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     for name in TOKENIZER_FILES:

@@ -16,11 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EMBEDDED, REPO, save_with_embedded_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
-EMBEDDED = REPO / "data" / "tiny-phi3"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 FAMILIES = ("qwen2", "qwen3", "gemma3")
 TEMPLATE = r"<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
 FOLD_TOL = 1e-5
@@ -57,12 +54,7 @@ def build_tiny(family: str, path: Path, seed: int = 0) -> Path:
             if "norm" in name:
                 param.copy_(torch.randn_like(param) * 0.3 + (0 if family == "gemma3" else 1))
     model.config.architectures = [type(model).__name__]
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        if (EMBEDDED / name).is_file():
-            shutil.copy(EMBEDDED / name, path / name)
-    return path
+    return save_with_embedded_tokenizer(model, path)
 
 
 @pytest.fixture(scope="session")
