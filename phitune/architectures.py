@@ -46,6 +46,19 @@ _BUILDER_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj"
 
 
 @dataclass(frozen=True)
+class BuilderConfig:
+    """What onnxruntime-genai's model builder needs added to the transformers config it loads,
+    because it reads some settings in transformers 4's layout. Paths are dotted, into that
+    config as transformers 5 loads it (so a checkpoint saved in either layout resolves the same);
+    phitune sets the attributes in the builder's process only (export/builder_child.py), on the
+    config it builds the graph from; the checkpoint and the weights it loads are untouched."""
+
+    attrs: tuple[tuple[str, str], ...]          # builder's config attribute ← path
+    agree: tuple[tuple[str, str], ...] = ()     # paths that must hold equal values ...
+    refusal: str = ""                           # ... because of this, said when they differ
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     classes: tuple[str, ...]          # config.architectures[0] values
@@ -57,8 +70,23 @@ class Family:
     layers: str = "model.layers"      # paths from the causal LM
     embedding: str = "model.embed_tokens"
     final_norm: str = "model.norm"
+    builder_config: BuilderConfig | None = None   # None: the builder reads the config as is
     notes: str = field(default="", compare=False)
 
+
+# onnxruntime-genai 0.18's Gemma 3 builder reads one flat rope_parameters (its rope_type, and
+# any scaling factor), rope_theta for the global layers and rope_local_base_freq for the
+# sliding-window ones; transformers 5 nests rope_parameters per layer type. It builds the local
+# cos/sin cache with the global layers' scaling factor too, so both must agree (Gemma 3 1B and
+# 270M scale neither; the larger ones scale global RoPE linearly, which it would build wrongly).
+_GEMMA3_BUILDER = BuilderConfig(
+    attrs=(("rope_parameters", "rope_parameters.full_attention"),
+           ("rope_theta", "rope_parameters.full_attention.rope_theta"),
+           ("rope_local_base_freq", "rope_parameters.sliding_attention.rope_theta")),
+    agree=(("rope_parameters.full_attention.rope_type", "rope_parameters.sliding_attention.rope_type"),
+           ("rope_parameters.full_attention.factor", "rope_parameters.sliding_attention.factor")),
+    refusal="onnxruntime-genai 0.18's builder gives the sliding-window layers the global "
+            "layers' RoPE scaling, which would build a wrong model")
 
 FAMILIES: tuple[Family, ...] = (
     Family("phi3", ("Phi3ForCausalLM",), "phi3", (
@@ -80,6 +108,7 @@ FAMILIES: tuple[Family, ...] = (
     # so the MLP reads pre_feedforward_layernorm, not post_attention_layernorm.
     Family("gemma3", ("Gemma3ForCausalLM",), "gemma3_text",
            _llama_groups(mlp_norm="pre_feedforward_layernorm"), _SEPARATE, norm="rms_one_plus",
+           builder_config=_GEMMA3_BUILDER,
            notes="embeddings × √hidden, tied, sliding-window layers"),
 )
 

@@ -7,14 +7,15 @@ A subprocess because importing the builder in-process puts its top-level `builde
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
-from phitune import children, oserrors, ui
-from phitune.errors import ExportError, InputError
+from phitune import architectures, children, oserrors, ui
+from phitune.errors import ExportError, InputError, UnsupportedModelError
 
 EXECUTION_PROVIDERS = {"cpu": "cpu", "gpu": "cuda"}
 
@@ -24,9 +25,14 @@ def run_builder(source: Path, out_dir: Path, precision: str, device: str, work_d
     """Build `out_dir` from the Hugging Face dir `source`; returns the builder's peak RSS (MB).
     The builder runs inside `work_dir`, so every path it is given is made absolute first."""
     source, out_dir, work_dir = (Path(p).absolute() for p in (source, out_dir, work_dir))
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
-           "-o", str(out_dir), "-p", precision, "-e", EXECUTION_PROVIDERS[device],
-           "-c", str(work_dir / "builder-cache")]
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+    settings = config_settings(source)
+    if settings:  # the same builder, with these set on the config it reads (builder_child.py)
+        settings_file = work_dir / "builder-config.json"
+        settings_file.write_text(json.dumps(settings, indent=1))
+        cmd = [sys.executable, "-m", "phitune.export.builder_child", str(settings_file)]
+    cmd += ["-i", str(source), "-o", str(out_dir), "-p", precision, "-e", EXECUTION_PROVIDERS[device],
+            "-c", str(work_dir / "builder-cache")]
     if extra_options:
         cmd += ["--extra_options"] + [f"{k}={v}" for k, v in extra_options.items()]
     log_file = work_dir / "builder.log"
@@ -50,6 +56,39 @@ def run_builder(source: Path, out_dir: Path, precision: str, device: str, work_d
                           f"({_last_error(log_file)})", f"building {source}",
                           "run with -v to see the builder's log; report it")
     return peak_mb
+
+
+def config_settings(source: Path) -> dict:
+    """Config attributes the builder must be given for `source`'s family (its table record's
+    builder_config), resolved from the config as transformers loads it; {} for most families.
+    Refuses a model the builder would build wrongly."""
+    config_file = source / "config.json"
+    family = architectures.family_of_config(json.loads(config_file.read_text()))
+    spec = family.builder_config if family is not None else None
+    if spec is None:
+        return {}
+    from transformers import AutoConfig
+    loaded = AutoConfig.from_pretrained(str(source)).to_dict()
+    for a, b in spec.agree:
+        if _at(loaded, a) != _at(loaded, b):
+            raise UnsupportedModelError(
+                f"{family.classes[0]} with {a}={_at(loaded, a)!r} but {b}={_at(loaded, b)!r} "
+                f"cannot be exported: {spec.refusal}", str(config_file),
+                "only models whose two values agree export with this builder")
+    missing = [path for _, path in spec.attrs if _at(loaded, path) is None]
+    if missing:
+        raise UnsupportedModelError(f"{family.classes[0]} config has no {', '.join(missing)}",
+                                    str(config_file), "report it: the family's builder_config in "
+                                    "phitune/architectures.py needs updating")
+    return {name: _at(loaded, path) for name, path in spec.attrs}
+
+
+def _at(config: dict, path: str):
+    """The value at a dotted path in a nested dict, None where any step is missing."""
+    value = config
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _last_error(log_file: Path) -> str:
