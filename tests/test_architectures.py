@@ -177,3 +177,43 @@ def test_fp32_onnx_matches_pytorch(tiny_models, family, cli, tmp_path):
     _ok(cli, "auto-opt", "-m", str(model), "--precision", "fp32", "-o", str(tmp_path / "onnx"))
     reference = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     assert greedy_max_diff(tmp_path / "onnx" / "model", reference, steps=10) <= ONNX_TOL
+
+
+def _gemma3_config(tiny_models, tmp_path: Path, name: str, edit) -> Path:
+    """A copy of the tiny Gemma 3's config.json (all the builder settings read), edited."""
+    path = tmp_path / name
+    path.mkdir()
+    config = json.loads((tiny_models["gemma3"] / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_gemma3_builder_settings_read_either_config_layout(tiny_models, tmp_path):
+    """Hub checkpoints keep transformers 4's layout (rope_theta, rope_local_base_freq,
+    sliding_window_pattern); the settings resolve through transformers to the same values."""
+    from phitune.export.builder import config_settings
+
+    def legacy(config):
+        del config["rope_parameters"], config["layer_types"]
+        config.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling=None, sliding_window_pattern=2)
+    settings = config_settings(tiny_models["gemma3"])
+    assert settings == {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+                        "rope_theta": 1e6, "rope_local_base_freq": 1e4}
+    assert config_settings(_gemma3_config(tiny_models, tmp_path, "legacy", legacy)) == settings
+    assert config_settings(tiny_models["qwen3"]) == {}  # the builder reads it as it is
+
+
+def test_gemma3_with_global_rope_scaling_is_refused_in_one_line(tiny_models, cli, tmp_path):
+    """The builder would give the sliding layers the global layers' linear RoPE factor (as the
+    4B+ Gemma 3 checkpoints set it): refused before it runs, not built wrong."""
+    def scaled(config):
+        config["rope_parameters"]["full_attention"] |= {"rope_type": "linear", "factor": 8.0}
+    model = _gemma3_config(tiny_models, tmp_path, "scaled", scaled)
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_models["gemma3"] / name, model / name)
+    result = cli("auto-opt", "-m", str(model), "--precision", "fp32", "-o", str(tmp_path / "onnx"))
+    assert result.code == 2
+    assert len(result.error_lines) == 1, result.err
+    assert "rope_type='linear'" in result.error_lines[0] and "sliding" in result.error_lines[0]
+    assert not (tmp_path / "onnx").exists()
