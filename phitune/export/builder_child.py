@@ -13,6 +13,7 @@ interpreter state, and only the builder's own imports belong there.
 
 from __future__ import annotations
 
+import importlib
 import json
 import runpy
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 
 
 def _set_on_every_config(settings: dict) -> None:
-    import onnxruntime_genai.models  # noqa: F401  puts the builder's top-level `builders` on sys.path
+    importlib.import_module("onnxruntime_genai.models")  # puts the builder's `builders` on sys.path
     from builders import base  # the module builder.py imports its model classes from
 
     build = base.Model.__init__
