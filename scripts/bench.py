@@ -128,8 +128,9 @@ def compare_llmcompressor(tokens: Path, group_size: int, fwd: float, rtn_gap: fl
     quality = (f"perplexity {r['ppl_after']:.3f}  gap {r['ppl_gap']:+.4f}  " if "ppl_gap" in r
                else "no perplexity  ")
     print(f"LLMC {quality}time {r['total_s']:.1f} s = {r['total_s'] / fwd:.2f}x forward "
-          f"(oneshot {r['seconds']:.1f} s, load+save {r['load_s'] + r['save_s']:.1f} s)  "
-          f"peak RSS {r['peak_rss_mb']:.0f} MB  size {r['size_mb']:.1f} MB")
+          f"(oneshot {r['seconds']:.1f} s = {r['seconds'] / r['layers']:.1f} s/layer, "
+          f"load+save {r['load_s'] + r['save_s']:.1f} s)  "
+          f"peak RSS {r['peak_rss_mb']:.0f} MB  size {r['size_mb']:.1f} MB (float tensors fp32)")
     print(f"     = llm-compressor {v['llmcompressor']} AWQ in its own env (transformers {v['transformers']}"
           f"{', pin_memory made a no-op' if r['pin_memory_patched'] else ''}; no clip search), "
           + (f"its saved checkpoint decompressed and scored by phitune's perplexity; float "
