@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
-import math
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -116,8 +114,6 @@ def main() -> None:
                                                  "attention_mask": torch.ones(len(rows), calib.shape[1],
                                                                               dtype=torch.long)})
     out = Path(args.output)
-    if out.exists():
-        shutil.rmtree(out)
 
     start = time.perf_counter()
     model = load(args.model, args.layers)
@@ -153,7 +149,6 @@ def main() -> None:
                                     "decompressed to float by transformers, scored by "
                                     "phitune.evaluate.perplexity on phitune's held-out ids; "
                                     "float model scored the same way in this environment")
-        assert math.isfinite(after), "llm-compressor's output scores a non-finite perplexity"
     print(json.dumps(result), flush=True)
 
 
