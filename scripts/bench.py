@@ -10,6 +10,11 @@
     python scripts/bench.py serve                         # phitune serve: 1-8 clients, two adapters + base; soak
 
 Every run is a fresh `phitune --json quantize` subprocess, so peak RSS is that run's own.
+
+`quantize` also runs llm-compressor's AWQ on the same model dir, calibration blocks, held-out ids
+and group size (scripts/llmcompressor_awq.py) when its separate environment exists: $LLMC_VENV,
+else .venv-llmcompressor in the repo, made by `bash scripts/llmcompressor_env.sh` (it pins
+transformers <= 5.17, so it cannot share phitune's venv); otherwise one line says how to make it.
 """
 
 from __future__ import annotations
@@ -74,14 +79,65 @@ def plain_forward(args: argparse.Namespace) -> None:
     from phitune.quantize.step import default_calib_data
     ref = resolve_model(args.model, accept=("hf-model",), step="quantize")
     model = load_causal_lm(ref.path, dtype=torch.float32).eval()
-    samples = calib.token_blocks(calib.read_texts(default_calib_data()), load_tokenizer(ref.path),
+    tokenizer = load_tokenizer(ref.path)
+    samples = calib.token_blocks(calib.read_texts(default_calib_data()), tokenizer,
                                  args.calib_samples, args.calib_seq_len)
     with torch.inference_mode():
         model(samples[:1, :8], use_cache=False)  # one-time initialisation, not the forward's cost
         start = time.perf_counter()
         for chunk in samples.split(max(1, 8192 // args.calib_seq_len)):
             model(chunk, use_cache=False)
-    print(json.dumps({"seconds": time.perf_counter() - start, "tokens": samples.numel()}))
+    seconds = time.perf_counter() - start
+    if args.dump:  # the same tokens for a peer quantizer (scripts/llmcompressor_awq.py)
+        from phitune.artifacts import heldout_text
+        from phitune.evaluate import token_ids
+        eval_path = Path(args.eval_data) if args.eval_data else heldout_text()
+        Path(args.dump).write_text(json.dumps({
+            "model_dir": str(ref.path), "calib": samples.tolist(),
+            "eval_ids": token_ids(tokenizer, calib.read_texts(eval_path))}))
+    print(json.dumps({"seconds": seconds, "tokens": samples.numel()}))
+
+
+def llmcompressor_python() -> Path:
+    """The python of llm-compressor's own environment: $LLMC_VENV, else .venv-llmcompressor in
+    the repo (where `bash scripts/llmcompressor_env.sh` creates it; relative paths are the repo's)."""
+    venv = Path(os.environ.get("LLMC_VENV") or ".venv-llmcompressor")
+    return (venv if venv.is_absolute() else REPO / venv) / "bin" / "python"
+
+
+def compare_llmcompressor(tokens: Path, group_size: int, fwd: float, rtn_gap: float | None,
+                          output: Path) -> dict | None:
+    """llm-compressor's AWQ (scripts/llmcompressor_awq.py, in its own environment: it pins
+    transformers <= 5.17) on the same model dir, calibration blocks, held-out ids and group size
+    as phitune's runs above; one line of figures, or one line saying why not."""
+    python = llmcompressor_python()
+    if not python.is_file():
+        print(f"llm-compressor AWQ          not installed ({python.parent.parent} absent): "
+              "create it with `bash scripts/llmcompressor_env.sh` (LLMC_VENV=DIR places it elsewhere)")
+        return None
+    model_dir = json.loads(tokens.read_text())["model_dir"]
+    proc = subprocess.run([str(python), str(REPO / "scripts" / "llmcompressor_awq.py"), "--model", model_dir,
+                           "--tokens", str(tokens), "--group_size", str(group_size), "--output", str(output)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n    ".join(proc.stderr.strip().splitlines()[-15:])
+        print(f"llm-compressor AWQ          failed (exit {proc.returncode}):\n    {tail}")
+        return None
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    v = r["versions"]
+    quality = (f"perplexity {r['ppl_after']:.3f}  gap {r['ppl_gap']:+.4f}  " if "ppl_gap" in r
+               else "no perplexity  ")
+    print(f"LLMC {quality}time {r['total_s']:.1f} s = {r['total_s'] / fwd:.2f}x forward "
+          f"(oneshot {r['seconds']:.1f} s = {r['seconds'] / r['layers']:.1f} s/layer, "
+          f"load+save {r['load_s'] + r['save_s']:.1f} s)  "
+          f"peak RSS {r['peak_rss_mb']:.0f} MB  size {r['size_mb']:.1f} MB (float tensors fp32)")
+    print(f"     = llm-compressor {v['llmcompressor']} AWQ in its own env (transformers {v['transformers']}"
+          f"{', pin_memory made a no-op' if r['pin_memory_patched'] else ''}; no clip search), "
+          + (f"its saved checkpoint decompressed and scored by phitune's perplexity; float "
+             f"{r['ppl_before']:.3f} there" if "ppl_gap" in r else "not scored"))
+    if "ppl_gap" in r and rtn_gap:
+        print(f"LLMC gap / RTN gap          {r['ppl_gap'] / rtn_gap:.3f}")
+    return r
 
 
 def bench_quantize(args: argparse.Namespace) -> None:
@@ -90,7 +146,9 @@ def bench_quantize(args: argparse.Namespace) -> None:
     extra = (["--group_size", str(args.group_size)] if args.group_size else []) + \
         (["--eval_data", args.eval_data] if args.eval_data else [])
     print(f"== quantize: {args.model}, calibration {args.calib_samples}x{args.calib_seq_len} tokens")
-    proc = subprocess.run([sys.executable, __file__, "_plain_forward", "--model", args.model, *calib],
+    tokens = work / "tokens.json"  # phitune's calibration blocks and held-out ids, for the peer
+    proc = subprocess.run([sys.executable, __file__, "_plain_forward", "--model", args.model, *calib,
+                           "--dump", str(tokens), *(["--eval_data", args.eval_data] if args.eval_data else [])],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"plain forward failed:\n{proc.stderr[-3000:]}")
@@ -115,9 +173,8 @@ def bench_quantize(args: argparse.Namespace) -> None:
     gap = {alg: runs[alg, True]["ppl_gap"] for alg in ("awq", "rtn")}
     ratio = gap["awq"] / gap["rtn"] if gap["rtn"] else float("nan")
     print(f"AWQ gap / RTN gap           {ratio:.3f}")
-    # llm-compressor 0.14's AWQ needs its own environment (it pins transformers <= 5.17) and, on a
-    # CPU-only machine, IntermediatesCache.pin_memory made a no-op; no runner for it here yet.
-    print("llm-compressor AWQ          not compared in this run (no runner for its environment)")
+    if args.llmcompressor:
+        compare_llmcompressor(tokens, runs["awq", True]["group_size"], fwd, gap["rtn"], work / "llmc")
 
     if args.phi3_mini_layers:
         layers = args.phi3_mini_layers
@@ -1016,10 +1073,15 @@ def main() -> None:
     q.add_argument("--big_calib_samples", type=int, default=64)
     q.add_argument("--device", default="auto")
     q.add_argument("--big_dtype", default="auto", help="calibration dtype for the big model")
+    q.add_argument("--llmcompressor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also llm-compressor's AWQ on the same tokens, where its env exists "
+                        "(bash scripts/llmcompressor_env.sh)")
     p = sub.add_parser("_plain_forward")
     p.add_argument("--model")
     p.add_argument("--calib_samples", type=int)
     p.add_argument("--calib_seq_len", type=int)
+    p.add_argument("--dump", default=None, help="write the calibration blocks and held-out ids here")
+    p.add_argument("--eval_data", default=None)
     q.add_argument("--cache", default=str(REPO / "models" / "bench"))
     f = sub.add_parser("finetune", help="phitune vs HF Trainer + PEFT: tokens/s and peak memory")
     f.add_argument("--steps", type=int, default=30)

@@ -1,0 +1,71 @@
+"""scripts/bench.py quantize's llm-compressor comparison: without its environment, one line that
+says how to make it; with a broken one, one line with its error, and the bench goes on."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("phitune_bench", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_absent_env_is_one_line_saying_how_to_make_it(tmp_path, monkeypatch, capsys):
+    bench = _bench()
+    monkeypatch.setenv("LLMC_VENV", str(tmp_path / "no-such-venv"))
+    assert bench.llmcompressor_python() == tmp_path / "no-such-venv" / "bin" / "python"
+    assert bench.compare_llmcompressor(tmp_path / "tokens.json", 64, 1.0, 0.5, tmp_path / "out") is None
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert "not installed" in lines[0] and "bash scripts/llmcompressor_env.sh" in lines[0]
+    assert str(tmp_path / "no-such-venv") in lines[0]
+
+
+def test_relative_env_path_is_the_repos(monkeypatch):
+    bench = _bench()
+    monkeypatch.delenv("LLMC_VENV", raising=False)
+    assert bench.llmcompressor_python() == REPO / ".venv-llmcompressor" / "bin" / "python"
+    monkeypatch.setenv("LLMC_VENV", "elsewhere")
+    assert bench.llmcompressor_python() == REPO / "elsewhere" / "bin" / "python"
+
+
+def test_broken_env_reports_its_error_and_returns(tmp_path, monkeypatch, capsys):
+    bench = _bench()
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named llmcompressor' >&2\nexit 3\n")
+    python.chmod(0o755)
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"model_dir": str(tmp_path), "calib": [[1, 2]], "eval_ids": None}))
+    monkeypatch.setenv("LLMC_VENV", str(tmp_path / "venv"))
+    assert bench.compare_llmcompressor(tokens, 64, 1.0, 0.5, tmp_path / "out") is None
+    out = capsys.readouterr().out
+    assert "failed (exit 3)" in out and "No module named llmcompressor" in out
+
+
+def test_runner_figures_print_side_by_side(tmp_path, monkeypatch, capsys):
+    """The runner's JSON line (as measured on SmolLM2, 8x256 tokens, g64) becomes the LLMC lines:
+    time in plain-forward units, s/layer, peak RSS, and the gap over phitune's RTN gap."""
+    measured = {"seconds": 735.61, "load_s": 1.29, "save_s": 25.38, "total_s": 762.27,
+                "peak_rss_mb": 1656.7, "layers": 30, "pin_memory_patched": True, "size_mb": 166.0,
+                "versions": {"llmcompressor": "0.14.0.1", "transformers": "5.17.0"},
+                "ppl_before": 20.9204, "ppl_after": 23.8994, "ppl_gap": 2.979}
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!/bin/sh\necho 'a log line'\necho '{json.dumps(measured)}'\n")
+    python.chmod(0o755)
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"model_dir": str(tmp_path), "calib": [[1, 2]], "eval_ids": [1, 2, 3]}))
+    monkeypatch.setenv("LLMC_VENV", str(tmp_path / "venv"))
+    assert _bench().compare_llmcompressor(tokens, 64, 19.1, 6.0138, tmp_path / "out") == measured
+    out = capsys.readouterr().out
+    assert "gap +2.9790" in out and "= 39.91x forward" in out and "24.5 s/layer" in out
+    assert "peak RSS 1657 MB" in out and "pin_memory made a no-op" in out and "float 20.920" in out
+    assert "LLMC gap / RTN gap          0.495" in out
