@@ -36,14 +36,16 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _record(config):
+    """The family record of a config; Llama's (the common layout) when the table lacks it."""
+    return (family_of_config(config) if config is not None else None) or family("LlamaForCausalLM")
+
+
 def _path(model, attr: str):
     """The module at the model's family record path `attr` (Llama's layout when unknown)."""
     base = _base(model)
-    record = family_of_config(base.config) if hasattr(base, "config") else None
-    path = getattr(record, attr) if record else {"layers": "model.layers",
-                                                 "embedding": "model.embed_tokens"}[attr]
     try:
-        return base.get_submodule(path)
+        return base.get_submodule(getattr(_record(getattr(base, "config", None)), attr))
     except AttributeError:
         return None
 
@@ -270,25 +272,14 @@ def model_from_state(config, state: dict, dtype, where: str):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        state["lm_head.weight"] = state[f"{_record(config).embedding}.weight"]
     missing = set(model.state_dict()) - set(state)
     if missing:
         raise InputError(f"the checkpoint lacks tensors: {', '.join(sorted(missing)[:3])}", where,
                          "check that the directory holds a complete checkpoint")
     model.load_state_dict(state, assign=True, strict=False)
     model.tie_weights()
-    _materialize_buffers(model)
     return model.eval()
-
-
-def _materialize_buffers(model) -> None:
-    """Non-persistent buffers (rotary inv_freq) stay on meta after assign: rebuild those
-    modules on the CPU from the config, which is how their constructors compute them."""
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, type(module)(config=module.config))
 
 
 def load_causal_lm_lean(path: Path | str, dtype):

@@ -5,6 +5,15 @@ The CLI (`phitune.cli.main`), `phitune run --config` (`phitune.workflow.plan`) a
 `phitune cache` read this table; adding a step means one module with an options dataclass
 (declared with `phitune.options`) and a `run(opts)`, one entry here, and one click module.
 Step modules load lazily so that `phitune --help` stays light.
+
+Not every command is a step. A step publishes an artifact dir (files plus a `phitune.json`
+manifest holding its key) or, like eval, only measures; `run --config` gives each step a
+cache entry `<type>-<key>` and skips it when that entry is up to date. `infer` and `serve`
+write nothing. `export-adapter` writes one file (`-o NAME.onnx_adapter`, usually beside
+the base's graph, replaced only with --force) with no manifest and no key: a workflow could
+neither cache it nor tell it up to date, so it is not listed here. Those commands still
+declare their options once, as a dataclass (phitune.options), and `cli/main.COMMANDS` lists
+them.
 """
 
 from __future__ import annotations

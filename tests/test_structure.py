@@ -121,3 +121,42 @@ def test_the_import_reader_sees_both_kinds(tmp_path, source, expected):
     path = tmp_path / "probe.py"
     path.write_text(source)
     assert imports(path, package="phitune") == expected
+
+
+# ------------------------------------------------------------------ function length
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(path: Path, name: str | None = None,
+                   limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """`module:line name (N lines)` for each def / async def longer than `limit` lines, from
+    its `def` line to its last line: a nested function counts within its parent (and is
+    checked on its own too). Decorators are not counted."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit:
+                found.append(f"{name or module_name(path)}:{node.lineno} {node.name} "
+                             f"({lines} lines)")
+    return found
+
+
+def test_no_function_is_over_60_lines():
+    """A function longer than a screen does more than one job: split it into named steps."""
+    long = [entry for path in sorted(PKG.rglob("*.py")) for entry in long_functions(path)]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def test_the_length_check_sees_nested_and_async_functions(tmp_path):
+    """The check above could pass by measuring nothing: a 61-line async def and a short
+    outer function whose nested function makes it 61 lines must both be named."""
+    body = "".join(f"    x{i} = {i}\n" for i in range(60))
+    path = tmp_path / "probe.py"
+    path.write_text("async def flat():\n" + body
+                    + "def outer():\n    def inner():\n" + body.replace("    ", "        ")
+                    + "def short():\n" + body[:-len("    x59 = 59\n")])
+    assert [e.split(" ", 1)[1] for e in long_functions(path, "probe")] == \
+        ["flat (61 lines)", "outer (62 lines)", "inner (61 lines)"]

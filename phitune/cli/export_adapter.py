@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import click
+from phitune import options
 
 
-@click.command("export-adapter", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-a", "--adapter", "adapter", required=True, metavar="DIR",
-              help="PEFT LoRA adapter dir (e.g. a finetune output's adapter/).")
-@click.option("--base", "base", required=True, metavar="DIR",
-              help="The auto-opt output (D or D/model) the adapter will run on.")
-@click.option("-o", "--output", "output", required=True, metavar="FILE",
-              help="The .onnx_adapter file to write.")
-@click.option("--force", is_flag=True, help="Overwrite an existing file.")
-def export_adapter(adapter: str, base: str, output: str, force: bool) -> None:
+def _options() -> type:
+    from phitune.export.export_adapter import ExportAdapterOptions
+    return ExportAdapterOptions
+
+
+@options.command("export-adapter", _options)
+def export_adapter(**kwargs) -> None:
     """Convert a PEFT LoRA adapter into an .onnx_adapter for an auto-opt model.
 
     \b
@@ -26,5 +24,5 @@ def export_adapter(adapter: str, base: str, output: str, force: bool) -> None:
     from phitune import ui
     from phitune.export.export_adapter import run
 
-    metrics = run(adapter, base, output, force)
-    ui.summary(f"export-adapter → {output}", metrics)
+    opts = options.from_kwargs(_options(), kwargs)
+    ui.summary(f"export-adapter → {opts.output}", run(opts))

@@ -1,18 +1,37 @@
-"""Convert a PEFT adapter for an existing auto-opt base: checked, then written atomically."""
+"""Convert a PEFT adapter for an existing auto-opt base: checked, then written atomically.
+
+Not a step of the registry (phitune/registry.py says why): it writes one file, not an
+artifact dir.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from phitune import options as O
 from phitune import oserrors
 from phitune.artifacts import check_not_overlapping, check_parent_writable, resolve_model
 from phitune.errors import InputError, OutputError
 from phitune.measure import Stopwatch
 
 
-def run(adapter: str, base: str, output: str, force: bool = False) -> dict:
+@dataclass
+class ExportAdapterOptions:
+    adapter: str = O.required("PEFT LoRA adapter dir (e.g. a finetune output's adapter/).",
+                              short="-a", metavar="DIR")
+    base: str = O.required("The auto-opt output (D or D/model) the adapter will run on.",
+                           metavar="DIR")
+    output: str = O.required("The .onnx_adapter file to write.", short="-o", metavar="FILE")
+    force: bool = O.option(False, "Overwrite an existing file.", flag=True)
+
+
+def run(opts: ExportAdapterOptions) -> dict:
+    """Write `opts.output` from `opts.adapter`, checked against `opts.base`'s graph; returns
+    the metrics."""
     from phitune.export.adapter import convert
+    adapter, base, output, force = opts.adapter, opts.base, opts.output, opts.force
     watch = Stopwatch()
     model = resolve_model(base, accept=("onnx-genai",), step="export-adapter")
     out = Path(output).expanduser()

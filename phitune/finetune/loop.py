@@ -173,62 +173,21 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
           on_step: Callable[[int, int, float, float], None] | None = None) -> TrainResult:
     """Train the model's trainable (LoRA) parameters in place; returns the loss history."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps = total_steps(len(rows), cfg, world)
-
-    def schedule(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        return max(0.0, (steps - step) / max(1, steps - cfg.warmup_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
+    optimizer, scheduler = _optimizer(params, cfg, steps)
     result = TrainResult(steps=steps)
-    start_step = 0
     state = checkpoint.load() if resume else None
     if state:
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_step = result.resumed_from = state["step"]
-        result.losses = state["losses"]
-        result.tokens = state["tokens"]
-
-    ddp_model = CausalLMLoss(model)
-    if world.size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        ddp_model = DistributedDataParallel(ddp_model)
-
-    def snapshot(step: int) -> dict:
-        """State after `step` whole steps, taken between steps."""
-        return {"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                "losses": list(result.losses), "tokens": result.tokens}
+        _restore(state, model, optimizer, scheduler, result)
+    loss_model = _loss_model(model, world)
 
     model.train()
     began = time.perf_counter()
     tokens_before = result.tokens
-    step = start_step
+    step = result.resumed_from
     with _stop_on_sigint() as stop:
         while step < steps:
-            micro = micro_batches(row_indices(step, len(rows), cfg, world), cfg.micro_batch_rows)
-            labelled = max(1, sum(labelled_tokens(rows[j]["labels"]) for m in micro for j in m))
-            step_loss, step_tokens = 0.0, 0
-            for i, indices in enumerate(micro):
-                batch_rows = [rows[j] for j in indices]
-                batch = {k: v.to(device) for k, v in collate(batch_rows).items()}
-                sync = i == len(micro) - 1 or world.size == 1
-                context = ddp_model.no_sync() if not sync else nullcontext()
-                with context:
-                    with _autocast(device, cfg.autocast_dtype):
-                        # this pass's share of the step's token-mean loss
-                        loss = ddp_model(**batch, reduction="sum") / labelled
-                    loss.backward()
-                step_loss += loss.item()
-                step_tokens += sum(real_tokens(r) for r in batch_rows)
+            step_loss, step_tokens = _accumulate(loss_model, rows, collate, step, cfg, device, world)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -243,11 +202,74 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
             interrupted = stop.requested and step < steps
             if world.main and (interrupted or cfg.save_steps and step % cfg.save_steps == 0
                                and step < steps):
-                checkpoint.save(snapshot(step))
+                checkpoint.save(_snapshot(step, model, optimizer, scheduler, result))
             if interrupted:
                 raise KeyboardInterrupt
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _optimizer(params: list, cfg: TrainConfig, steps: int):
+    """AdamW and its schedule: linear warmup over `warmup_steps`, then linear decay to 0."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    def schedule(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return max(0.0, (steps - step) / max(1, steps - cfg.warmup_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _restore(state: dict, model, optimizer, scheduler, result: TrainResult) -> None:
+    """Continue from a checkpoint: weights, optimizer, schedule, RNG and the history so far."""
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for name, value in state["trainable"].items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    result.resumed_from = state["step"]
+    result.losses = state["losses"]
+    result.tokens = state["tokens"]
+
+
+def _snapshot(step: int, model, optimizer, scheduler, result: TrainResult) -> dict:
+    """State after `step` whole steps, taken between steps."""
+    return {"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "losses": list(result.losses), "tokens": result.tokens}
+
+
+def _loss_model(model, world: World):
+    """The model returning its loss, wrapped for data parallel when there are several ranks."""
+    loss_model = CausalLMLoss(model)
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        loss_model = DistributedDataParallel(loss_model)
+    return loss_model
+
+
+def _accumulate(loss_model, rows: Sequence[dict], collate: Callable, step: int, cfg: TrainConfig,
+                device: str, world: World) -> tuple[float, int]:
+    """Gradients of step `step` over this rank's rows, pass by pass; returns (this rank's
+    loss, its real tokens). Ranks synchronise gradients on the last pass only."""
+    micro = micro_batches(row_indices(step, len(rows), cfg, world), cfg.micro_batch_rows)
+    labelled = max(1, sum(labelled_tokens(rows[j]["labels"]) for m in micro for j in m))
+    step_loss, step_tokens = 0.0, 0
+    for i, indices in enumerate(micro):
+        batch_rows = [rows[j] for j in indices]
+        batch = {k: v.to(device) for k, v in collate(batch_rows).items()}
+        sync = i == len(micro) - 1 or world.size == 1
+        context = loss_model.no_sync() if not sync else nullcontext()
+        with context:
+            with _autocast(device, cfg.autocast_dtype):
+                # this pass's share of the step's token-mean loss
+                loss = loss_model(**batch, reduction="sum") / labelled
+            loss.backward()
+        step_loss += loss.item()
+        step_tokens += sum(real_tokens(r) for r in batch_rows)
+    return step_loss, step_tokens
 
 
 def _mean_over_ranks(value: float, world: World) -> float:

@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from phitune import options as O
+from phitune.quantize import algorithms
 
 
 @dataclass
 class QuantizeOptions:
     model: str = O.model()
     output: str = O.output()
-    algorithm: str = O.option("awq", "awq: activation-aware scale + clip search; rtn: plain "
-                              "round-to-nearest baseline.", choices=("awq", "rtn"))
+    algorithm: str = O.option("awq", algorithms.help_text(), choices=tuple(algorithms.ALGORITHMS))
     bits: int = O.option(4, "Weight bits (4).")
     group_size: int | None = O.option(  # None: the largest of GROUP_SIZES that fits the model
         None, "Input channels per quantization group: 32, 64 or 128 (default: 128 if it divides "

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phitune import options as O
 from phitune import policy, ui
-from phitune.artifacts import Output, content_digest, data_dir, heldout_text, resolve_model
+from phitune.artifacts import (Output, ResolvedModel, content_digest, data_dir, heldout_text,
+                               resolve_model)
 from phitune.errors import OptionError
 from phitune.measure import Stopwatch, dir_size_mb
 from phitune.models import architecture
 from phitune.policy import SMALL_MODEL_PARAMS
 from phitune.quantize import groups
 from phitune.quantize.options import QuantizeOptions  # noqa: F401  (run's argument; re-exported)
+
+if TYPE_CHECKING:  # annotations only: `quantize --help` imports this module
+    from phitune.quantize.algorithms import Algorithm
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -52,93 +57,153 @@ def _group_size(opts: QuantizeOptions, config: dict, where: str) -> tuple[int, s
     return size, why
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What `run` resolves from the options before anything loads."""
+
+    opts: QuantizeOptions           # with the group size chosen
+    model_ref: ResolvedModel
+    arch: str
+    group_choice: str               # why that group size
+    algorithm: Algorithm
+    calib_path: Path
+    texts: list[str] | None         # calibration text, for a calibrated algorithm
+    eval_path: Path
+
+
 def run(opts: QuantizeOptions) -> tuple[dict, bool]:
     """Quantize `opts.model` into `opts.output`. Returns (manifest, was_up_to_date)."""
-    import torch
-
-    from phitune.models import load_causal_lm, load_tokenizer, resolve_device
-    from phitune.formats import awq_gemm as checkpoint
-    from phitune.quantize import algorithms, calib, driver
-    from phitune.quantize.driver import QuantConfig
+    from phitune.models import resolve_device
 
     O.validate(opts)  # declared ranges and choices, before the model resolves or loads
-    model_ref = resolve_model(opts.model, accept=("hf-model",), step="quantize")
-    arch = architecture(model_ref.config, model_ref.path)
-    _validate(opts, model_ref.config, str(model_ref.path))
-    group_size, group_choice = _group_size(opts, model_ref.config, str(model_ref.path))
-    opts = replace(opts, group_size=group_size)
-    algorithm = algorithms.get(opts.algorithm)
-    use_awq = algorithm.calibrated  # needs calibration text
-    calib_path = Path(opts.calib_data) if opts.calib_data else default_calib_data()
-    texts = calib.read_texts(calib_path) if use_awq else None
-    eval_path = Path(opts.eval_data) if opts.eval_data else heldout_text()
-    if opts.eval and opts.eval_data and not eval_path.is_file():
-        raise OptionError(f"evaluation file not found: {eval_path}", "--eval_data",
-                          "pass an existing text file")
-
-    params = {k: v for k, v in asdict(opts).items()
-              if k not in ("model", "output", "force", "device", "calib_data", "eval_data")}
-    if not use_awq:
-        for k in ("calib_samples", "calib_seq_len", "dtype"):
-            params.pop(k)
-    params.update(algorithm.key_params)  # a new search makes outputs of the old one stale
-    inputs = {"model": opts.model, "model_digest": model_ref.digest}
-    if use_awq:
-        inputs["calib_digest"] = content_digest(calib_path)
+    plan = _plan(opts)
+    opts = plan.opts
+    inputs, params = _key(plan)
+    calibrated = plan.algorithm.calibrated
     out, done = Output.begin(opts.output, "awq-model", "quantize", inputs, params, opts.force,
-                             reads=(*model_ref.paths, calib_path if use_awq else None,
-                                    eval_path if opts.eval_data else None))
+                             reads=(*plan.model_ref.paths, plan.calib_path if calibrated else None,
+                                    plan.eval_path if opts.eval_data else None))
     if done:
         return done, True
 
     device = resolve_device(opts.device)
     watch = Stopwatch()
-    size_before = _weights_mb(model_ref.path)
-    load_dtype = torch.float32 if size_before < 4 * SMALL_MODEL_PARAMS / 2**20 else None
     with out.staging() as work:
-        ui.info(f"loading {opts.model} ({arch}, {size_before:.0f} MB); group size "
-                f"{opts.group_size} ({group_choice})")
-        model = load_causal_lm(model_ref.path, dtype=load_dtype or _config_dtype(model_ref.config))
-        tokenizer = load_tokenizer(model_ref.path)
-        n_params = sum(p.numel() for p in model.parameters())
-        do_eval = opts.eval if opts.eval is not None else n_params < SMALL_MODEL_PARAMS
-        eval_ids = _eval_ids(tokenizer, eval_path) if do_eval else None  # tokenized once, scored twice
-        metrics: dict = {"params_m": round(n_params / 1e6, 2), "group_size": opts.group_size,
-                         "group_size_choice": group_choice}
-        if do_eval:
-            ui.info("measuring held-out perplexity of the float model")
-            metrics["ppl_before"] = _ppl(model, eval_ids, metrics)
-        compute_dtype = policy.calibration_dtype(opts.dtype, n_params, device, model.dtype)
-        samples = calib.token_blocks(texts, tokenizer, opts.calib_samples, opts.calib_seq_len) \
-            if use_awq else None
-        cfg = QuantConfig(bits=opts.bits, group_size=opts.group_size, zero_point=opts.zero_point)
-        n_layers = model.config.num_hidden_layers
-        alphas: dict[int, dict] = {}
-        with ui.progress(f"{opts.algorithm.upper()} layers", n_layers) as (bar, task):
-            def on_layer(index: int, layer_alphas: dict) -> None:
-                alphas[index] = layer_alphas
-                bar.advance(task)
-            packed = driver.quantize_model(model, arch, cfg, samples, device, compute_dtype,
-                                           algorithm, on_layer=on_layer)
-        qconfig = checkpoint.quantization_config(opts.bits, opts.group_size, opts.zero_point)
-        checkpoint.save_awq_checkpoint(model, packed, work, qconfig)
-        _copy_tokenizer(model_ref.path, work)
-        del model, packed
-        if do_eval:
-            ui.info("measuring held-out perplexity of the quantized checkpoint")
-            quantized = checkpoint.load_awq_dequantized(work)
-            metrics["ppl_after"] = _ppl(quantized, eval_ids, metrics)
-            metrics["ppl_gap"] = round(metrics["ppl_after"] - metrics["ppl_before"], 4)
-            del quantized
-        if use_awq:
-            metrics["calib_tokens"] = int(samples.numel())
-            metrics["mean_alpha"] = round(sum(a for la in alphas.values() for a in la.values())
-                                          / max(1, sum(len(la) for la in alphas.values())), 3)
-        metrics.update(size_before_mb=round(size_before, 1), size_mb=round(_weights_mb(work), 1),
-                       device=device, compute_dtype=str(compute_dtype).replace("torch.", ""))
+        metrics = _quantize(plan, work, device)
         metrics.update(watch.metrics())
         manifest = out.publish(work, metrics)
     return manifest, False
+
+
+def _plan(opts: QuantizeOptions) -> _Plan:
+    """The model, group size, algorithm and data files, each checked."""
+    from phitune.quantize import algorithms, calib
+    model_ref = resolve_model(opts.model, accept=("hf-model",), step="quantize")
+    arch = architecture(model_ref.config, model_ref.path)
+    _validate(opts, model_ref.config, str(model_ref.path))
+    group_size, group_choice = _group_size(opts, model_ref.config, str(model_ref.path))
+    algorithm = algorithms.get(opts.algorithm)
+    calib_path = Path(opts.calib_data) if opts.calib_data else default_calib_data()
+    texts = calib.read_texts(calib_path) if algorithm.calibrated else None
+    eval_path = Path(opts.eval_data) if opts.eval_data else heldout_text()
+    if opts.eval and opts.eval_data and not eval_path.is_file():
+        raise OptionError(f"evaluation file not found: {eval_path}", "--eval_data",
+                          "pass an existing text file")
+    return _Plan(replace(opts, group_size=group_size), model_ref, arch, group_choice, algorithm,
+                 calib_path, texts, eval_path)
+
+
+def _key(plan: _Plan) -> tuple[dict, dict]:
+    """(inputs, params) of the output's key: calibration settings count only for an
+    algorithm that calibrates, and an algorithm's search version always does."""
+    opts, calibrated = plan.opts, plan.algorithm.calibrated
+    params = {k: v for k, v in asdict(opts).items()
+              if k not in ("model", "output", "force", "device", "calib_data", "eval_data")}
+    if not calibrated:
+        for k in ("calib_samples", "calib_seq_len", "dtype"):
+            params.pop(k)
+    params.update(plan.algorithm.key_params)  # a new search makes outputs of the old one stale
+    inputs = {"model": opts.model, "model_digest": plan.model_ref.digest}
+    if calibrated:
+        inputs["calib_digest"] = content_digest(plan.calib_path)
+    return inputs, params
+
+
+def _quantize(plan: _Plan, work: Path, device: str) -> dict:
+    """Load, measure, quantize layer by layer and save into `work`; returns the metrics."""
+    from phitune.quantize import calib
+    opts = plan.opts
+    model, tokenizer, size_before = _load(plan)
+    n_params = sum(p.numel() for p in model.parameters())
+    do_eval = opts.eval if opts.eval is not None else n_params < SMALL_MODEL_PARAMS
+    eval_ids = _eval_ids(tokenizer, plan.eval_path) if do_eval else None  # tokenized once, scored twice
+    metrics: dict = {"params_m": round(n_params / 1e6, 2), "group_size": opts.group_size,
+                     "group_size_choice": plan.group_choice}
+    if do_eval:
+        ui.info("measuring held-out perplexity of the float model")
+        metrics["ppl_before"] = _ppl(model, eval_ids, metrics)
+    compute_dtype = policy.calibration_dtype(opts.dtype, n_params, device, model.dtype)
+    samples = calib.token_blocks(plan.texts, tokenizer, opts.calib_samples, opts.calib_seq_len) \
+        if plan.algorithm.calibrated else None
+    packed, alphas = _quantize_layers(model, plan, samples, device, compute_dtype)
+    _save(model, packed, plan, work)
+    del model, packed
+    if do_eval:
+        _measure_quantized(work, eval_ids, metrics)
+    if plan.algorithm.calibrated:
+        metrics["calib_tokens"] = int(samples.numel())
+        metrics["mean_alpha"] = round(sum(a for la in alphas.values() for a in la.values())
+                                      / max(1, sum(len(la) for la in alphas.values())), 3)
+    metrics.update(size_before_mb=round(size_before, 1), size_mb=round(_weights_mb(work), 1),
+                   device=device, compute_dtype=str(compute_dtype).replace("torch.", ""))
+    return metrics
+
+
+def _load(plan: _Plan):
+    """(model, tokenizer, weights MB). A small model loads in fp32 whatever its files hold."""
+    import torch
+
+    from phitune.models import load_causal_lm, load_tokenizer
+    ref = plan.model_ref
+    size_before = _weights_mb(ref.path)
+    load_dtype = torch.float32 if size_before < 4 * SMALL_MODEL_PARAMS / 2**20 else None
+    ui.info(f"loading {plan.opts.model} ({plan.arch}, {size_before:.0f} MB); group size "
+            f"{plan.opts.group_size} ({plan.group_choice})")
+    model = load_causal_lm(ref.path, dtype=load_dtype or _config_dtype(ref.config))
+    return model, load_tokenizer(ref.path), size_before
+
+
+def _quantize_layers(model, plan: _Plan, samples, device: str, compute_dtype):
+    """(packed tensors by module name, each layer's chosen alphas), one layer at a time."""
+    from phitune.quantize import driver
+    from phitune.quantize.driver import QuantConfig
+    opts = plan.opts
+    cfg = QuantConfig(bits=opts.bits, group_size=opts.group_size, zero_point=opts.zero_point)
+    alphas: dict[int, dict] = {}
+    with ui.progress(f"{opts.algorithm.upper()} layers", model.config.num_hidden_layers) \
+            as (bar, task):
+        def on_layer(index: int, layer_alphas: dict) -> None:
+            alphas[index] = layer_alphas
+            bar.advance(task)
+        packed = driver.quantize_model(model, plan.arch, cfg, samples, device, compute_dtype,
+                                       plan.algorithm, on_layer=on_layer)
+    return packed, alphas
+
+
+def _save(model, packed, plan: _Plan, work: Path) -> None:
+    from phitune.formats import awq_gemm as checkpoint
+    opts = plan.opts
+    qconfig = checkpoint.quantization_config(opts.bits, opts.group_size, opts.zero_point)
+    checkpoint.save_awq_checkpoint(model, packed, work, qconfig)
+    _copy_tokenizer(plan.model_ref.path, work)
+
+
+def _measure_quantized(work: Path, eval_ids: list[int], metrics: dict) -> None:
+    from phitune.formats import awq_gemm as checkpoint
+    ui.info("measuring held-out perplexity of the quantized checkpoint")
+    quantized = checkpoint.load_awq_dequantized(work)
+    metrics["ppl_after"] = _ppl(quantized, eval_ids, metrics)
+    metrics["ppl_gap"] = round(metrics["ppl_after"] - metrics["ppl_before"], 4)
 
 
 def _eval_ids(tokenizer, path: Path) -> list[int]:

@@ -54,56 +54,109 @@ def error_response(error: ApiError):
 def build_app(session: Session, scheduler: Scheduler, config: ServeConfig):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    async def health(request):
-        return JSONResponse({"status": "ok", **scheduler.load()})
+    api = Api(session, scheduler, config)
+    routes = [Route("/health", api.health, methods=["GET"]),
+              Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/models/{model:path}", api.model, methods=["GET"]),
+              Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+              Route("/v1/completions", api.completions, methods=["POST"])]
+    app = Starlette(routes=routes, exception_handlers={ApiError: _api_error,
+                                                       HTTPException: _http_error})
+    return Gate(app, config)
 
-    def model_card(model_id: str) -> dict:
-        return {"id": model_id, "object": "model", "created": config.created, "owned_by": "phitune"}
 
-    async def models(request):
-        ids = [config.base_id, *config.adapters]
-        return JSONResponse({"object": "list", "data": [model_card(m) for m in ids]})
+async def _api_error(request, exc: ApiError):
+    return error_response(exc)
 
-    async def model(request):
+
+async def _http_error(request, exc):
+    """Starlette's own 404 and 405, in OpenAI's error shape."""
+    kind = {404: "Unknown route", 405: "Method not allowed"}.get(exc.status_code, exc.detail)
+    return error_response(ApiError(exc.status_code, f"{kind}: {request.method} {request.url.path}",
+                                   code="not_found" if exc.status_code == 404 else None))
+
+
+class Api:
+    """The routes' endpoints: one method per route, over the one session and scheduler."""
+
+    def __init__(self, session: Session, scheduler: Scheduler, config: ServeConfig):
+        self.session, self.scheduler, self.config = session, scheduler, config
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+        return JSONResponse({"status": "ok", **self.scheduler.load()})
+
+    def _model_card(self, model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": self.config.created,
+                "owned_by": "phitune"}
+
+    async def models(self, request):
+        from starlette.responses import JSONResponse
+        ids = [self.config.base_id, *self.config.adapters]
+        return JSONResponse({"object": "list", "data": [self._model_card(m) for m in ids]})
+
+    async def model(self, request):
+        from starlette.responses import JSONResponse
         name = request.path_params["model"]
-        config.adapter_for(name)
-        return JSONResponse(model_card(name))
+        self.config.adapter_for(name)
+        return JSONResponse(self._model_card(name))
 
-    async def chat_completions(request):
-        body = parse(await _read_body(request, config.max_body_bytes), ChatRequest)
+    async def chat_completions(self, request):
+        body = parse(await _read_body(request, self.config.max_body_bytes), ChatRequest)
         request.state.model = body.model
-        adapter = config.adapter_for(body.model)
+        adapter = self.config.adapter_for(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
-            ids = session.encode(session.chat_prompt(messages))
+            ids = self.session.encode(self.session.chat_prompt(messages))
         except PhituneError as exc:  # a template that rejects these messages
             raise ApiError(400, exc.what, param="messages") from None
-        return await _generate(request, body, ids, adapter, chat=True)
+        return await self._generate(request, body, ids, adapter, chat=True)
 
-    async def completions(request):
-        body = parse(await _read_body(request, config.max_body_bytes), CompletionRequest)
+    async def completions(self, request):
+        body = parse(await _read_body(request, self.config.max_body_bytes), CompletionRequest)
         request.state.model = body.model
-        adapter = config.adapter_for(body.model)
-        prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) \
-            else body.prompt
+        adapter = self.config.adapter_for(body.model)
+        return await self._generate(request, body, self._prompt_ids(body.prompt), adapter,
+                                    chat=False)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        """A completion's prompt as token ids: a string (or a list of one) is encoded, a list
+        of ids is checked against the vocabulary."""
+        if isinstance(prompt, list) and isinstance(prompt[0], str):
+            prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = session.encode(prompt)
+            ids = self.session.encode(prompt)
         else:
-            vocab = genai_config.vocab_size(session.model_dir)
+            vocab = genai_config.vocab_size(self.session.model_dir)
             if any(t < 0 or t >= vocab for t in prompt):
                 raise ApiError(400, f"Invalid 'prompt': token ids must be in [0, {vocab})",
                                param="prompt", code="invalid_value")
             ids = list(prompt)
         if not ids:
             raise ApiError(400, "Invalid 'prompt': it encodes to no tokens", param="prompt")
-        return await _generate(request, body, ids, adapter, chat=False)
+        return ids
 
-    async def _generate(request, body, ids: list[int], adapter: str | None, chat: bool):
-        context = session.context_length
+    async def _generate(self, request, body, ids: list[int], adapter: str | None, chat: bool):
+        job = Job(ids, self._sampling(body, ids, chat), adapter, body.stops(),
+                  asyncio.get_running_loop())
+        self._submit(job)
+        request.state.job = job
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if body.stream:
+            from starlette.responses import StreamingResponse
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(job, rid, created, body.model, chat, usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return _completion(await _collect(request, job), job, rid, created, body.model, chat)
+
+    def _sampling(self, body, ids: list[int], chat: bool) -> Sampling:
+        """The request's sampling, its answer length checked against the context."""
+        context = self.session.context_length
         limit = body.limit()
         if len(ids) >= context:
             raise ApiError(400, f"This model's maximum context length is {context} tokens; the "
@@ -114,54 +167,35 @@ def build_app(session: Session, scheduler: Scheduler, config: ServeConfig):
                                 f"you requested {len(ids) + limit} tokens ({len(ids)} in the prompt, "
                                 f"{limit} for the completion). Reduce the prompt or max_tokens.",
                            param="max_tokens", code="context_length_exceeded")
-        max_new = limit if limit is not None else min(config.default_max_tokens, context - len(ids))
+        max_new = limit if limit is not None else min(self.config.default_max_tokens,
+                                                      context - len(ids))
         temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
         top_p = body.top_p if body.top_p is not None and body.top_p < 1 and temperature > 0 else None
-        sampling = Sampling(max_new_tokens=max_new, temperature=temperature, top_p=top_p,
-                            seed=body.seed)
-        job = Job(ids, sampling, adapter, body.stops(), asyncio.get_running_loop())
+        return Sampling(max_new_tokens=max_new, temperature=temperature, top_p=top_p,
+                        seed=body.seed)
+
+    def _submit(self, job: Job) -> None:
         try:
-            scheduler.submit(job)
+            self.scheduler.submit(job)
         except QueueFull:
             raise ApiError(429, "Too many requests are waiting; retry shortly",
                            type_="rate_limit_exceeded", code="queue_full") from None
         except ShuttingDown:
             raise ApiError(503, "The server is shutting down", type_="server_error",
                            code="shutting_down") from None
-        request.state.job = job
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(job, rid, created, body.model, chat, usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        text = await _collect(request, job)
-        choice = {"index": 0, "finish_reason": job.finish_reason, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-        else:
-            choice["text"] = text
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": body.model, "choices": [choice],
-                             "usage": _usage(job)})
 
-    routes = [Route("/health", health, methods=["GET"]),
-              Route("/v1/models", models, methods=["GET"]),
-              Route("/v1/models/{model:path}", model, methods=["GET"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/completions", completions, methods=["POST"])]
 
-    async def api_error(request, exc: ApiError):
-        return error_response(exc)
-
-    async def http_error(request, exc: HTTPException):
-        kind = {404: "Unknown route", 405: "Method not allowed"}.get(exc.status_code, exc.detail)
-        return error_response(ApiError(exc.status_code, f"{kind}: {request.method} {request.url.path}",
-                                       code="not_found" if exc.status_code == 404 else None))
-
-    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error})
-    return Gate(app, config)
+def _completion(text: str, job: Job, rid: str, created: int, model: str, chat: bool):
+    """The whole answer as one JSON response (a chat.completion or a text_completion)."""
+    from starlette.responses import JSONResponse
+    choice = {"index": 0, "finish_reason": job.finish_reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+    else:
+        choice["text"] = text
+    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                         "created": created, "model": model, "choices": [choice],
+                         "usage": _usage(job)})
 
 
 # A body over the limit is still read (and dropped) up to this many times the limit before

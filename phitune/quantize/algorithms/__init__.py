@@ -4,35 +4,54 @@ Each module defines `quantize_layer(layer, groups, inps, kwargs, cfg) -> (output
 run by quantize/driver.py on one decoder layer at a time: it leaves the layer's linears
 holding their dequantized values and returns the layer's output (the next layer's input, or
 None when the algorithm needs no calibration data) and {"packed": {name: tensors},
-"alphas": {group: alpha}}.
+"alphas": {group: alpha}}. A module whose search can change sets `SEARCH_VERSION`, which
+goes into every output's cache key as `<name>_search`: bump it and older outputs go stale.
 
-Adding an algorithm (GPTQ, say) is one module here plus one line in ALGORITHMS below.
+Adding an algorithm (GPTQ, say) is one module here plus one line in ALGORITHMS below; the
+`--algorithm` choices and help come from that table. This file imports no algorithm module
+(nor torch): `phitune quantize --help` reads the table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 from phitune.errors import OptionError
-from phitune.quantize.algorithms import awq, rtn
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    name: str
-    quantize_layer: Callable
+    name: str          # the --algorithm value, and the module phitune.quantize.algorithms.<name>
+    summary: str       # its part of --algorithm's help
     calibrated: bool   # needs calibration text (and with it the driver captures activations)
-    # Entries added to the output's cache key: bump a search version there so that outputs
-    # of an older search are not reused as up to date.
-    key_params: dict = field(default_factory=dict)
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(f"{__name__}.{self.name}")
+
+    @property
+    def quantize_layer(self) -> Callable:
+        return self.module().quantize_layer
+
+    @property
+    def key_params(self) -> dict:
+        """Entries added to the output's cache key, so that outputs of an older search are
+        not reused as up to date."""
+        version = getattr(self.module(), "SEARCH_VERSION", None)
+        return {} if version is None else {f"{self.name}_search": version}
 
 
-ALGORITHMS: dict[str, Algorithm] = {
-    "awq": Algorithm("awq", awq.quantize_layer, calibrated=True,
-                     key_params={"awq_search": awq.SEARCH_VERSION}),
-    "rtn": Algorithm("rtn", rtn.quantize_layer, calibrated=False),
-}
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("awq", "activation-aware scale + clip search", calibrated=True),
+    Algorithm("rtn", "plain round-to-nearest baseline", calibrated=False),
+)}
+
+
+def help_text() -> str:
+    """`--algorithm`'s help: each algorithm's name and summary."""
+    return "; ".join(f"{a.name}: {a.summary}" for a in ALGORITHMS.values()) + "."
 
 
 def get(name: str) -> Algorithm:
