@@ -1,8 +1,9 @@
 """Which dtype a step computes in, decided in one place for quantize, finetune and eval.
 
-- finetune (`train_dtype`): fp32 for small checkpoints (exact; tests compare bit for bit); from
-  LARGE_FROM_MB on, bf16 on CUDA (fp16 without bf16) and on CPUs with native bf16 matmul
-  (AVX512-BF16 / AMX), else fp32.
+- finetune (`train_dtype`): fp32 for small models (exact; tests compare bit for bit); from
+  LARGE_FROM_PARAMS on, bf16 on CUDA (fp16 without bf16) and on CPUs with native bf16 matmul
+  (AVX512-BF16 / AMX), else fp32. Size is counted in parameters as the model computes, so an
+  AWQ checkpoint (int4 on disk, dequantized to float for training) is as large as its source.
 - eval (`eval_dtype`): the dtype finetune trained in when the model is a finetune output (its
   manifest says), so eval reproduces finetune's loss; otherwise finetune's rule.
 - quantize (`calibration_dtype`): fp32 below SMALL_MODEL_PARAMS (an exact search); above, the
@@ -15,7 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 SMALL_MODEL_PARAMS = 1_000_000_000  # quantize: below this, --eval defaults on, compute in fp32
-LARGE_FROM_MB = 256  # finetune/eval: checkpoint size on disk from which auto picks a half type
+# finetune/eval: from this many parameters auto picks a half type (and finetune compiles, frees
+# activations to the OS, weighs checkpointing); 256 MB of fp32, the old on-disk threshold.
+LARGE_FROM_PARAMS = 64_000_000
+# An AWQ GEMM int32 `qweight` packs 8 int4 weights; its qzeros/scales are bookkeeping.
+_PACKED = {"qweight": 8, "qzeros": 0, "scales": 0}
 
 
 def _explicit(choice: str):
@@ -24,8 +29,24 @@ def _explicit(choice: str):
 
 
 def is_large(path: Path) -> bool:
+    return parameter_count(path) >= LARGE_FROM_PARAMS
+
+
+def parameter_count(path: Path) -> int:
+    """Weights the model computes with, from its safetensors headers (no tensor is read); a
+    checkpoint without safetensors (.bin) is sized as fp32 on disk."""
+    from math import prod
+
     from phitune.measure import dir_size_mb
-    return dir_size_mb(Path(path).resolve()) >= LARGE_FROM_MB
+    from phitune.models import check_safetensors, safetensors_files
+    files = safetensors_files(Path(path).resolve())
+    if not files:
+        return int(dir_size_mb(Path(path).resolve()) * 2**20 / 4)
+    total = 0
+    for file in files:
+        for name, info in check_safetensors(file)[1].items():
+            total += prod(info["shape"]) * _PACKED.get(name.rsplit(".", 1)[-1], 1)
+    return total
 
 
 def cpu_has_fast_bf16() -> bool:

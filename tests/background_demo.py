@@ -1,11 +1,13 @@
 """scripts/demo.sh for tests/test_real_model.py, started in the background when the session
 starts (conftest's collection hook) instead of when its first test asks for it.
 
-The demo is ~10 minutes of model work in subprocesses; queued behind the rest of the suite it
-doubled CI's wall time on two cores. Started at once with one thread, beside the rest of the
-suite held to one thread as well, the two share the two cores instead of waiting on each other;
-the suite gets its threads back when the demo ends. Run alone (only test_real_model.py
-selected), the demo keeps every thread.
+The demo is minutes of model work in subprocesses; queued behind the rest of the suite it
+doubled CI's wall time on two cores. Started at once, beside the rest of the suite held to one
+thread (mostly Python and small models: a second thread buys it little), the two share the two
+cores instead of waiting on each other; the suite gets its threads back when the demo ends.
+The demo keeps every thread, with OpenMP's passive wait: its threads sleep rather than spin
+when the suite holds a core (held to one thread beside the suite, the demo's AWQ took ~15 s a
+layer, ~3x its two-thread time).
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ def smollm2_installed() -> bool:
 
 
 class DemoRun:
-    def __init__(self, threads: int | None):
+    def __init__(self, shared: bool):
         self.dir = Path(tempfile.mkdtemp(prefix="phitune-demo-"))
         self.out = self.dir / "models"
         env = dict(os.environ, PHITUNE=f"{sys.executable} -m phitune", DEMO_OUT=str(self.out),
                    DEMO_QUANTIZE_ARGS=QUANTIZE_ARGS)
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
+        if shared:
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         with open(self.dir / "stdout.txt", "w") as out, open(self.dir / "stderr.txt", "w") as err:
             self.proc = subprocess.Popen(["bash", str(REPO / "scripts" / "demo.sh")], env=env,
                                          cwd=REPO, stdout=out, stderr=err, start_new_session=True)
@@ -76,7 +78,7 @@ def start(items: list) -> None:
     if _run is not None or not selected or not smollm2_installed():
         return
     shared = len(selected) < len(items)
-    _run = DemoRun(threads=1 if shared else None)
+    _run = DemoRun(shared)
     if shared:
         _hold_suite_to_one_thread()
 
@@ -84,7 +86,7 @@ def start(items: list) -> None:
 def result() -> dict:
     global _run
     if _run is None:  # not started at collection (collection hooks bypassed): start it now
-        _run = DemoRun(threads=None)
+        _run = DemoRun(shared=False)
     return _run.result()
 
 

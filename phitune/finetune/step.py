@@ -56,14 +56,15 @@ class FinetuneOptions(RecordOptions):
     max_grad_norm: float = O.option(1.0)
     gradient_checkpointing: bool | None = O.option(
         None, "Recompute activations in backward: less memory, more time (default: on when a "
-        "pass's activations would take over half the free memory; never below 256 MB models).",
+        "pass's activations would take over half the free memory; never below 64M parameters).",
         negatable=True)
     compile: bool | None = O.option(
         None, "torch.compile the decoder layers: fused elementwise kernels, a slower first step "
-        "(default: on for 256 MB+ models on CPU with a C++ compiler).", negatable=True,
+        "(default: on for 64M+ parameter models on CPU with a C++ compiler).", negatable=True,
         dashed=False)
     dtype: str = O.dtype("Frozen base dtype (LoRA stays fp32, matmuls autocast); auto: fp32 "
-                         "below 256 MB, else bf16 on CUDA and bf16-capable CPUs.")
+                         "below 64M parameters (an AWQ base counts as float), else bf16 on CUDA "
+                         "and bf16-capable CPUs.")
     save_steps: int = O.option(50, "Checkpoint every N steps (and on Ctrl-C) for --resume.",
                                min=1)
     resume: bool = O.option(False, "Continue an interrupted run from its last checkpoint.",
