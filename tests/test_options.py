@@ -56,3 +56,27 @@ def test_eval_scores_a_finetune_output_in_the_dtype_it_trained_in(tmp_path):
     # not a finetune output (a quantize manifest): finetune's own rule, fp32 for a small model
     assert policy.eval_dtype("auto", tmp_path, "cpu", {"artifact": "awq-model"}) == torch.float32
     assert policy.eval_dtype("float16", tmp_path, "cpu", trained) == torch.float16
+
+
+def test_size_counts_an_awq_checkpoint_as_the_float_model_it_trains_as(tmp_path, monkeypatch):
+    """An int4 base is dequantized to float for training: its dtype, compile and memory choices
+    must be those of its float source, not of its few bytes on disk."""
+    import torch
+    from safetensors.torch import save_file
+    out_f, in_f, group = 64, 128, 32
+    embed = torch.zeros(10, out_f, dtype=torch.float16)
+    (tmp_path / "float").mkdir()
+    save_file({"proj.weight": torch.zeros(out_f, in_f, dtype=torch.float16), "embed.weight": embed},
+              str(tmp_path / "float" / "model.safetensors"))
+    (tmp_path / "awq").mkdir()  # AutoAWQ GEMM: 8 int4 weights per int32, per-group zeros/scales
+    save_file({"proj.qweight": torch.zeros(in_f, out_f // 8, dtype=torch.int32),
+               "proj.qzeros": torch.zeros(in_f // group, out_f // 8, dtype=torch.int32),
+               "proj.scales": torch.zeros(in_f // group, out_f, dtype=torch.float16),
+               "embed.weight": embed}, str(tmp_path / "awq" / "model.safetensors"))
+    assert policy.parameter_count(tmp_path / "awq") == policy.parameter_count(tmp_path / "float") \
+        == out_f * in_f + 10 * out_f
+    monkeypatch.setattr(policy, "LARGE_FROM_PARAMS", out_f * in_f)
+    assert policy.is_large(tmp_path / "awq") and policy.is_large(tmp_path / "float")
+    assert policy.train_dtype(tmp_path / "awq", "cpu") == policy.train_dtype(tmp_path / "float", "cpu")
+    monkeypatch.setattr(policy, "LARGE_FROM_PARAMS", out_f * in_f + 10 * out_f + 1)
+    assert policy.train_dtype(tmp_path / "awq", "cpu") == torch.float32
