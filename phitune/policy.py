@@ -19,8 +19,6 @@ SMALL_MODEL_PARAMS = 1_000_000_000  # quantize: below this, --eval defaults on, 
 # finetune/eval: from this many parameters auto picks a half type (and finetune compiles, frees
 # activations to the OS, weighs checkpointing); 256 MB of fp32, the old on-disk threshold.
 LARGE_FROM_PARAMS = 64_000_000
-# An AWQ GEMM int32 `qweight` packs 8 int4 weights; its qzeros/scales are bookkeeping.
-_PACKED = {"qweight": 8, "qzeros": 0, "scales": 0}
 
 
 def _explicit(choice: str):
@@ -34,9 +32,11 @@ def is_large(path: Path) -> bool:
 
 def parameter_count(path: Path) -> int:
     """Weights the model computes with, from its safetensors headers (no tensor is read); a
-    checkpoint without safetensors (.bin) is sized as fp32 on disk."""
+    checkpoint without safetensors (.bin) is sized as fp32 on disk; an AWQ checkpoint's packed
+    tensors count the weights they stand for."""
     from math import prod
 
+    from phitune.formats.awq_gemm import WEIGHTS_PER_ELEMENT
     from phitune.measure import dir_size_mb
     from phitune.models import check_safetensors, safetensors_files
     files = safetensors_files(Path(path).resolve())
@@ -45,7 +45,7 @@ def parameter_count(path: Path) -> int:
     total = 0
     for file in files:
         for name, info in check_safetensors(file)[1].items():
-            total += prod(info["shape"]) * _PACKED.get(name.rsplit(".", 1)[-1], 1)
+            total += prod(info["shape"]) * WEIGHTS_PER_ELEMENT.get(name.rsplit(".", 1)[-1], 1)
     return total
 
 

@@ -23,6 +23,9 @@ from torch import nn
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed int holds column AWQ_ORDER[i]
 PACK = 8  # 32 bits / 4 bits
+# How many of the model's weights one stored element of each GEMM tensor stands for: a qweight
+# int32 packs PACK of them; qzeros and scales are bookkeeping (policy.parameter_count).
+WEIGHTS_PER_ELEMENT = {"qweight": PACK, "qzeros": 0, "scales": 0}
 
 
 @dataclass
