@@ -84,9 +84,7 @@ def start(items: list) -> None:
 
 
 def result() -> dict:
-    global _run
-    if _run is None:  # not started at collection (collection hooks bypassed): start it now
-        _run = DemoRun(shared=False)
+    assert _run is not None, "the demo starts when collection ends (conftest.py)"
     return _run.result()
 
 
