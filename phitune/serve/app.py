@@ -15,6 +15,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
 from phitune import genai_config
 from phitune.errors import PhituneError
 from phitune.infer.session import Sampling, Session
@@ -47,14 +52,10 @@ class ServeConfig:
 
 
 def error_response(error: ApiError):
-    from starlette.responses import JSONResponse
     return JSONResponse(error.body(), status_code=error.status)
 
 
 def build_app(session: Session, scheduler: Scheduler, config: ServeConfig):
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.routing import Route
 
     api = Api(session, scheduler, config)
     routes = [Route("/health", api.health, methods=["GET"]),
@@ -85,7 +86,6 @@ class Api:
         self.session, self.scheduler, self.config = session, scheduler, config
 
     async def health(self, request):
-        from starlette.responses import JSONResponse
         return JSONResponse({"status": "ok", **self.scheduler.load()})
 
     def _model_card(self, model_id: str) -> dict:
@@ -93,12 +93,10 @@ class Api:
                 "owned_by": "phitune"}
 
     async def models(self, request):
-        from starlette.responses import JSONResponse
         ids = [self.config.base_id, *self.config.adapters]
         return JSONResponse({"object": "list", "data": [self._model_card(m) for m in ids]})
 
     async def model(self, request):
-        from starlette.responses import JSONResponse
         name = request.path_params["model"]
         self.config.adapter_for(name)
         return JSONResponse(self._model_card(name))
@@ -147,7 +145,6 @@ class Api:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if body.stream:
-            from starlette.responses import StreamingResponse
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(job, rid, created, body.model, chat, usage),
                                      media_type="text/event-stream",
@@ -187,7 +184,6 @@ class Api:
 
 def _completion(text: str, job: Job, rid: str, created: int, model: str, chat: bool):
     """The whole answer as one JSON response (a chat.completion or a text_completion)."""
-    from starlette.responses import JSONResponse
     choice = {"index": 0, "finish_reason": job.finish_reason, "logprobs": None}
     if chat:
         choice["message"] = {"role": "assistant", "content": text, "refusal": None}
