@@ -35,17 +35,14 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # phitune's own measures (standard library and torch only)
 
-
-def peak_rss_mb() -> float:
-    """As phitune.measure.peak_rss_mb (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from phitune.measure import peak_rss_mb  # noqa: E402
 
 
 def patch_pin_memory() -> bool:
@@ -78,7 +75,6 @@ def recipe(group_size: int, symmetric: bool):
 
 def perplexity(model, ids: list[int]) -> float:
     """phitune's held-out perplexity, called as phitune's quantize step calls it."""
-    sys.path.insert(0, str(REPO))
     from phitune.evaluate import perplexity as phitune_perplexity
     return phitune_perplexity(model, None, [], device="cpu", ids=ids)
 
