@@ -93,11 +93,13 @@ def fake_quantize_(w: torch.Tensor, bits: int, group_size: int, zero_point: bool
 def _pack_columns(values: torch.Tensor) -> torch.Tensor:
     """[rows, cols] ints in [0, 16) → [rows, cols/8] int32 in AWQ nibble order."""
     rows, cols = values.shape
-    v = values.to(torch.int64).view(rows, cols // PACK, PACK)
-    packed = torch.zeros(rows, cols // PACK, dtype=torch.int64, device=values.device)
-    for i, col in enumerate(AWQ_ORDER):
+    # In int32 throughout (half the memory traffic of int64): the top nibble's shift wraps
+    # into the sign bit, which is the two's-complement int32 the layout stores.
+    v = values.to(torch.int32).view(rows, cols // PACK, PACK)
+    packed = v[:, :, AWQ_ORDER[0]].clone()
+    for i, col in enumerate(AWQ_ORDER[1:], 1):
         packed |= v[:, :, col] << (4 * i)
-    return _to_int32(packed)
+    return packed
 
 
 def _unpack_columns(packed: torch.Tensor) -> torch.Tensor:
@@ -107,11 +109,6 @@ def _unpack_columns(packed: torch.Tensor) -> torch.Tensor:
     for i, col in enumerate(AWQ_ORDER):
         out[:, :, col] = ((p >> (4 * i)) & 0xF).to(torch.uint8)
     return out.view(rows, cols * PACK)
-
-
-def _to_int32(x: torch.Tensor) -> torch.Tensor:
-    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
-    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
 
 
 def pack_gemm(qw: QuantizedWeight) -> dict[str, torch.Tensor]:

@@ -27,14 +27,11 @@ class QuantConfig:
     scale_grid: int = 20
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
-    # tokens sampled for the clipping search: SmolLM2-135M g64 gap / RTN gap 0.56 at 512 → 0.48
-    # at 2048 (the bf16 error matmuls keep it cheap: 3.5× a plain forward in all)
-    clip_tokens: int = 2048
     chunk_tokens: int = 8192        # tokens per forward chunk (bounds activation memory)
     # "fast": the scale grid's output error on `search_tokens` (whole sequences spread over the
     # calibration set; the activation statistics still use every token), alphas coarse to fine
-    # (every other grid point, then the best one's two neighbours), the clip error as
-    # (Q(w) - w) @ x in bf16. "exhaustive": every grid point on every token, fp32 clip error.
+    # (every other grid point, then the best one's two neighbours). "exhaustive": every grid
+    # point on every token. The clip search is exact over every token either way (awq.input_gram).
     search: str = "fast"
     search_tokens: int = 2048
     # Feed the next layer the quantized layer's output instead of the float one (one more
