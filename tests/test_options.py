@@ -80,3 +80,19 @@ def test_size_counts_an_awq_checkpoint_as_the_float_model_it_trains_as(tmp_path,
     assert policy.train_dtype(tmp_path / "awq", "cpu") == policy.train_dtype(tmp_path / "float", "cpu")
     monkeypatch.setattr(policy, "LARGE_FROM_PARAMS", out_f * in_f + 10 * out_f + 1)
     assert policy.train_dtype(tmp_path / "awq", "cpu") == torch.float32
+
+
+def test_calibration_dtype_follows_the_hardware_from_the_large_threshold(monkeypatch):
+    """quantize's search: fp32 for small models (tiny-phi3 stays exact); from LARGE_FROM_PARAMS
+    bf16 where the CPU has native bf16 matmul, fp32 where it has not (until 1B, then bf16 for
+    memory); --dtype always wins."""
+    import torch
+    small, large, huge = policy.LARGE_FROM_PARAMS - 1, policy.LARGE_FROM_PARAMS, policy.SMALL_MODEL_PARAMS
+    for fast_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(policy, "cpu_has_fast_bf16", lambda fast=fast_bf16: fast)
+        assert policy.calibration_dtype("auto", small, "cpu", torch.float32) == torch.float32
+        assert policy.calibration_dtype("auto", large, "cpu", torch.float32) == expected
+        assert policy.calibration_dtype("auto", huge, "cpu", torch.float32) == torch.bfloat16
+        assert policy.calibration_dtype("float32", huge, "cpu", torch.bfloat16) == torch.float32
+    assert policy.calibration_dtype("auto", large, "cuda", torch.bfloat16) == torch.float32
+    assert policy.calibration_dtype("auto", huge, "cuda", torch.bfloat16) == torch.bfloat16

@@ -28,8 +28,9 @@ class QuantizeOptions:
     calib_seq_len: int = O.option(256, "Tokens per calibration block (keep within the context "
                                   "the model was trained on).")
     device: str = O.device()
-    dtype: str = O.dtype("Calibration compute dtype; auto: fp32 below 1B parameters, else bf16 "
-                         "on CPU.")
+    dtype: str = O.dtype("Calibration compute dtype; auto: fp32 for small models; from 64M "
+                         "parameters bf16 on CPUs with native bf16 matmul; else fp32 below 1B "
+                         "parameters and a half type above.")
     eval: bool | None = O.option(None, "Measure held-out perplexity before/after (default: on "
                                  "below 1B parameters).", negatable=True, dest="eval_")
     eval_data: str | None = O.option(None, "Held-out text for --eval; default: the shipped "
