@@ -12,11 +12,9 @@ PHITUNE=${PHITUNE:-.venv/bin/phitune}
 OUT=${DEMO_OUT:-models/smol}
 PROMPT="what is the best thing to see in chicago"
 
-# 1. AWQ int4, default calibration. Group 32, not the default 64 (128 does not divide 576): at 64
-#    this 135M model's int4 base degrades into repetition ("...is a total of 12.5 billion
-#    dollars." over and over); at 32 it answers as fluently as the float model (measured).
-$PHITUNE quantize -m smollm2-135m-instruct --algorithm awq --group_size 32 ${DEMO_QUANTIZE_ARGS:-} \
-    -o "$OUT/awq"
+# 1. AWQ int4 with the defaults: group 64 (128 does not divide this model's 576), 64 blocks of
+#    256 calibration tokens, bf16 search on CPUs with native bf16.
+$PHITUNE quantize -m smollm2-135m-instruct --algorithm awq ${DEMO_QUANTIZE_ARGS:-} -o "$OUT/awq"
 # 2. LoRA on the int4 base, rendered with the model's own (ChatML) template: ~3 passes over the
 #    229 training records at a high rate (5e-3). The data states the Chicago fact in six
 #    phrasings, none the lab's: with one, a small model learns that phrasing only (60 steps
