@@ -30,9 +30,9 @@ class QuantConfig:
     clip_max_shrink: float = 0.5
     chunk_tokens: int = 8192        # tokens per forward chunk (bounds activation memory)
     # "fast": the scale grid's output error on `search_tokens` (whole sequences spread over the
-    # calibration set; the activation statistics still use every token), alphas coarse to fine
-    # (every other grid point, then the best one's two neighbours). "exhaustive": every grid
-    # point on every token. The clip search is exact over every token either way (awq.input_gram).
+    # calibration set; the activation statistics still use every token), alphas and clip steps
+    # coarse to fine (awq._grid_steps, awq.search_clip). "exhaustive": every alpha on every
+    # token, every clip step. The clip error is exact over every token either way (awq.input_gram).
     search: str = "fast"
     search_tokens: int = 2048
     # Feed the next layer the quantized layer's output instead of the float one (one more
