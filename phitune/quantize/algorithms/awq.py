@@ -61,9 +61,11 @@ def _grid_steps(n: int, coarse_to_fine: bool, loss_at: Callable[[int], float]) -
 
 @torch.no_grad()
 def search_scale(group: ScaleGroup, x: torch.Tensor, cfg: QuantConfig,
-                 x_search: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                 x_search: torch.Tensor | None = None,
+                 reference: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Best per-channel scale for a group (over the producer's channels) and its alpha.
-    Statistics come from all of `x`; the output error is measured on `x_search` (default x)."""
+    Statistics come from all of `x`; the output error is measured on `x_search` (default x),
+    against `reference`, the float output there (computed when not given)."""
     x_mean = group.reduce(x.abs().float().reshape(-1, x.shape[-1]).mean(0))
     weight = torch.cat([fc.weight.float() for fc in group.linears])
     w_abs = weight.view(-1, cfg.group_size).abs()
@@ -72,7 +74,8 @@ def search_scale(group: ScaleGroup, x: torch.Tensor, cfg: QuantConfig,
     del weight, w_abs, w_norm
     xs = x if x_search is None else x_search
 
-    reference = run_chunked(group.inspect, xs, cfg.chunk_tokens)
+    if reference is None:
+        reference = run_chunked(group.inspect, xs, cfg.chunk_tokens)
     originals = [fc.weight.detach().clone() for fc in group.linears]
     buffers = [torch.empty_like(w, dtype=torch.float32) for w in originals]
     losses: dict[int, float] = {}
@@ -151,7 +154,7 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, cfg: QuantConfig) -> t
     """Per-group max |w| that minimises the linear's output error over every calibration
     token, taken exactly from the input's Gram matrix (`input_gram`): per candidate one
     [groups, rows, g] @ [groups, g, g] product instead of a matmul over the tokens.
-    Fast search: every other shrink step, then each group's best one's two neighbours."""
+    Fast search: every third shrink step, then each group's best one's two neighbours (6 of 10)."""
     g = cfg.group_size
     out_f, in_f = weight.shape
     n_groups = in_f // g
@@ -175,7 +178,7 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, cfg: QuantConfig) -> t
         fast = cfg.search != "exhaustive"
         best_step = torch.zeros_like(org_max)
         min_err = torch.full_like(org_max, float("inf"))
-        for i in range(0, steps, 2 if fast else 1):
+        for i in range(0, steps, 3 if fast else 1):
             err = error(torch.full_like(org_max, float(i)))
             better = err < min_err
             min_err, best_step = torch.where(better, err, min_err), torch.where(better, float(i), best_step)
@@ -193,18 +196,26 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, cfg: QuantConfig) -> t
 
 @torch.no_grad()
 def _capture_group_inputs(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tensor,
-                          kwargs: dict, chunk_tokens: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Run the float layer once: each group's input (the first consumer's input) and the output."""
-    captured: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
+                          kwargs: dict, chunk_tokens: int) -> tuple[dict, dict, torch.Tensor]:
+    """Run the float layer once: each group's input (the first consumer's input), its
+    inspected module's output (the grid's reference: no forward of its own), and the layer's
+    output."""
+    feats: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
+    refs: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
     hooks = [g.linears[0].register_forward_hook(
-        lambda _m, args, _out, name=g.name: captured[name].append(args[0].detach()))
+        lambda _m, args, _out, name=g.name: feats[name].append(args[0].detach()))
         for g in groups]
+    hooks += [g.inspect_module.register_forward_hook(
+        lambda _m, _args, out, name=g.name: refs[name].append(
+            (out[0] if isinstance(out, tuple) else out).detach()))
+        for g in groups if g.inspect_module is not None]
     try:
         outs = run_layer(layer, inps, kwargs, chunk_tokens)
     finally:
         for h in hooks:
             h.remove()
-    return {name: torch.cat(parts) for name, parts in captured.items()}, outs
+    return ({name: torch.cat(parts) for name, parts in feats.items()},
+            {name: torch.cat(parts) for name, parts in refs.items() if parts}, outs)
 
 
 def quantize_layer(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tensor, kwargs: dict,
@@ -214,9 +225,11 @@ def quantize_layer(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tenso
     Returns the layer's output (the next layer's input: the quantized layer's when
     cfg.propagate, else the float one's) and the packed tensors by linear name within the layer.
     """
-    feats, outs = _capture_group_inputs(layer, groups, inps, kwargs, cfg.chunk_tokens)
-    best = [(g, *search_scale(g, feats[g.name], cfg, search_sample(feats[g.name], cfg)))
+    feats, refs, outs = _capture_group_inputs(layer, groups, inps, kwargs, cfg.chunk_tokens)
+    best = [(g, *search_scale(g, feats[g.name], cfg, search_sample(feats[g.name], cfg),
+                              search_sample(refs[g.name], cfg) if g.name in refs else None))
             for g in groups]
+    del refs
     alphas = {}
     for group, s, alpha in best:
         apply_scale(group, s, feats[group.name])
