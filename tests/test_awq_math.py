@@ -59,7 +59,7 @@ def test_scale_search_beats_rtn_on_outlier_channels():
     norm = nn.Module()
     norm.weight = nn.Parameter(torch.ones(256))
     from phitune.quantize.arch import ScaleGroup
-    group = ScaleGroup("g", norm, [fc], fc)
+    group = ScaleGroup("g", norm, [fc], fc, fc)
     cfg = QuantConfig(group_size=128)
     with torch.no_grad():
         reference = fc(x)

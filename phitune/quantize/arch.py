@@ -24,7 +24,7 @@ class ScaleGroup:
     prev: nn.Module                   # RMSNorm or Linear whose output channels are scaled by 1/s
     linears: list[nn.Linear]          # consumers whose input columns are scaled by s
     inspect: Callable[[torch.Tensor], torch.Tensor]  # forward whose output error is minimised
-    inspect_module: nn.Module | None = None  # the module `inspect` calls (its output is hooked)
+    inspect_module: nn.Module         # the module `inspect` calls (its output is the grid's reference)
     prev_rows: slice | None = None    # when prev is a fused linear, the rows feeding `linears`
     norm: str = "rms"                 # when prev is a norm: how it applies its weight (NORM_KINDS)
     kv_repeat: int = 1                # GQA: one scale per value channel, shared by kv_repeat heads
@@ -78,7 +78,7 @@ def scale_groups(arch: str, layer: nn.Module, config, attn_kwargs: dict) -> list
         inspect = _attn_call(module, attn_kwargs) if spec.inspect.endswith("self_attn") else module
         groups.append(ScaleGroup(
             spec.name, layer.get_submodule(spec.prev), [layer.get_submodule(n) for n in spec.linears],
-            inspect, inspect_module=module, prev_rows=_rows(spec, config), norm=record.norm,
+            inspect, module, prev_rows=_rows(spec, config), norm=record.norm,
             kv_repeat=kv_repeat if spec.per_kv_head else 1,
             head_dim=head_dim if spec.per_kv_head else 1))
     return groups

@@ -178,17 +178,19 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, cfg: QuantConfig) -> t
         fast = cfg.search != "exhaustive"
         best_step = torch.zeros_like(org_max)
         min_err = torch.full_like(org_max, float("inf"))
-        for i in range(0, steps, 3 if fast else 1):
-            err = error(torch.full_like(org_max, float(i)))
+
+        def keep_better(step: torch.Tensor) -> None:
+            nonlocal min_err, best_step
+            err = error(step)
             better = err < min_err
-            min_err, best_step = torch.where(better, err, min_err), torch.where(better, float(i), best_step)
+            min_err, best_step = torch.where(better, err, min_err), torch.where(better, step, best_step)
+
+        for i in range(0, steps, 3 if fast else 1):
+            keep_better(torch.full_like(org_max, float(i)))
         if fast:
             coarse = best_step.clone()
             for delta in (-1, 1):
-                step = (coarse + delta).clamp_(0, steps - 1)
-                err = error(step)
-                better = err < min_err
-                min_err, best_step = torch.where(better, err, min_err), torch.where(better, step, best_step)
+                keep_better((coarse + delta).clamp_(0, steps - 1))
         best = org_max * (1 - best_step / cfg.clip_grid)
         best_max[r0:r0 + rows] = best.squeeze(-1).t()
     return best_max
@@ -208,14 +210,14 @@ def _capture_group_inputs(layer: nn.Module, groups: list[ScaleGroup], inps: torc
     hooks += [g.inspect_module.register_forward_hook(
         lambda _m, _args, out, name=g.name: refs[name].append(
             (out[0] if isinstance(out, tuple) else out).detach()))
-        for g in groups if g.inspect_module is not None]
+        for g in groups]
     try:
         outs = run_layer(layer, inps, kwargs, chunk_tokens)
     finally:
         for h in hooks:
             h.remove()
     return ({name: torch.cat(parts) for name, parts in feats.items()},
-            {name: torch.cat(parts) for name, parts in refs.items() if parts}, outs)
+            {name: torch.cat(parts) for name, parts in refs.items()}, outs)
 
 
 def quantize_layer(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tensor, kwargs: dict,
@@ -227,7 +229,7 @@ def quantize_layer(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tenso
     """
     feats, refs, outs = _capture_group_inputs(layer, groups, inps, kwargs, cfg.chunk_tokens)
     best = [(g, *search_scale(g, feats[g.name], cfg, search_sample(feats[g.name], cfg),
-                              search_sample(refs[g.name], cfg) if g.name in refs else None))
+                              search_sample(refs[g.name], cfg)))
             for g in groups]
     del refs
     alphas = {}
