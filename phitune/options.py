@@ -201,6 +201,12 @@ def dtype(help: str) -> Any:
     return option("auto", help, choices=DTYPES)
 
 
+def compile(what: str, from_params: str) -> Any:  # noqa: A001 - the option's name
+    """--compile/--no-compile; unset, the step decides (compiling.choose_compile)."""
+    return option(None, f"torch.compile {what} (default: on for {from_params}+ parameter models "
+                  "on CPU with a C++ compiler).", negatable=True, dashed=False)
+
+
 class OptionsCommand(click.Command):
     """A click command whose options come from an options dataclass, imported only when the
     command parses or shows its own --help: `phitune --help` lists every command without

@@ -16,12 +16,21 @@ An explicit --dtype always wins.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 SMALL_MODEL_PARAMS = 1_000_000_000  # quantize: below this, --eval defaults on, compute in fp32
 # finetune/eval: from this many parameters auto picks a half type (and finetune compiles, frees
 # activations to the OS, weighs checkpointing); 256 MB of fp32, the old on-disk threshold.
 LARGE_FROM_PARAMS = 64_000_000
+
+
+@dataclass
+class Choice:
+    """A setting a step picks for the user (checkpointing, compile), and why: printed."""
+
+    on: bool
+    reason: str
 
 
 def _explicit(choice: str):

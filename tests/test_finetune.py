@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phitune.finetune import layer_compile
+from phitune.compiling import cpu_compiler
 
 REPO = Path(__file__).resolve().parent.parent
 TRAVEL = str(REPO / "data" / "travel.jsonl")
@@ -104,7 +104,7 @@ def test_lora_weights_get_gradient_through_the_quantized_base(awq_base):
 
 # --compile too: inductor draws dropout masks with its own RNG, which must also follow the seed.
 @pytest.mark.parametrize("compiled", ["--no-compile", pytest.param("--compile", marks=pytest.mark.skipif(
-    not layer_compile.cpu_compiler(), reason="torch.compile needs a C++ compiler"))])
+    not cpu_compiler(), reason="torch.compile needs a C++ compiler"))])
 def test_same_seed_gives_identical_adapters(awq_base, cli, tmp_path, compiled):
     for name in ("a", "b"):
         result = cli(*lab(awq_base, tmp_path / name, "--max_steps", "3", "--seed", "7", compiled))

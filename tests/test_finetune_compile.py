@@ -4,29 +4,31 @@ the eager step's loss and gradients."""
 import pytest
 import torch
 
+from phitune import compiling
 from phitune.finetune import layer_compile
+from phitune.policy import Choice
 
-needs_compiler = pytest.mark.skipif(not layer_compile.cpu_compiler(),
+needs_compiler = pytest.mark.skipif(not compiling.cpu_compiler(),
                                     reason="torch.compile on CPU needs a C++ compiler")
 
 
 def test_compile_is_off_for_small_models_and_unmeasured_devices():
-    assert layer_compile.choose_compile(None, False, "cpu") == layer_compile.Choice(False, "small model")
-    assert not layer_compile.choose_compile(None, True, "cuda").on
-    assert not layer_compile.choose_compile(False, True, "cpu").on
+    assert compiling.choose_compile(None, False, "cpu") == Choice(False, "small model")
+    assert not compiling.choose_compile(None, True, "cuda").on
+    assert not compiling.choose_compile(False, True, "cpu").on
 
 
 def test_a_missing_compiler_keeps_training_eager_and_says_why(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    choice = layer_compile.choose_compile(True, False, "cpu")
+    choice = compiling.choose_compile(True, False, "cpu")
     assert not choice.on
     assert "no C++ compiler (no-such-compiler-xyz)" in choice.reason
 
 
 def test_large_models_on_cpu_compile_when_the_toolchain_works(monkeypatch):
-    monkeypatch.setattr(layer_compile, "_toolchain_problem", lambda device: None)
-    assert layer_compile.choose_compile(None, True, "cpu") == \
-        layer_compile.Choice(True, "large model on CPU")
+    monkeypatch.setattr(compiling, "_toolchain_problem", lambda device: None)
+    assert compiling.choose_compile(None, True, "cpu") == \
+        Choice(True, "large model on CPU")
 
 
 def _lora_model(random_phi3):

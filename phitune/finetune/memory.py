@@ -4,9 +4,9 @@ of a pass fit or must be recomputed (gradient checkpointing)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from phitune.measure import available_memory_mb
+from phitune.policy import Choice
 
 CPU_PASS_TOKENS = 512   # tokens per forward/backward pass on CPU
 CHECKPOINT_SHARE = 0.5  # checkpoint when a pass's activations need more than this share of free memory
@@ -31,14 +31,6 @@ def activation_mb(config, tokens: int, element_size: int) -> float:
     mlp = getattr(config, "intermediate_size", None) or 4 * hidden  # e.g. GPT-2's n_inner=None
     per_token_layer = 16 * hidden + 6 * mlp
     return tokens * config.num_hidden_layers * per_token_layer * element_size / 2**20
-
-
-@dataclass
-class Choice:
-    """A setting finetune picks for the user (checkpointing, compile), and why: printed."""
-
-    on: bool
-    reason: str
 
 
 def choose_checkpointing(requested: bool | None, large: bool, config, tokens: int,

@@ -58,10 +58,8 @@ class FinetuneOptions(RecordOptions):
         None, "Recompute activations in backward: less memory, more time (default: on when a "
         "pass's activations would take over half the free memory; never below 64M parameters).",
         negatable=True)
-    compile: bool | None = O.option(
-        None, "torch.compile the decoder layers: fused elementwise kernels, a slower first step "
-        "(default: on for 64M+ parameter models on CPU with a C++ compiler).", negatable=True,
-        dashed=False)
+    compile: bool | None = O.compile("the decoder layers: fused elementwise kernels, a slower "
+                                     "first step", "64M")
     dtype: str = O.dtype("Frozen base dtype (LoRA stays fp32, matmuls autocast); auto: fp32 "
                          "below 64M parameters (an AWQ base counts as float), else bf16 on CUDA "
                          "and bf16-capable CPUs.")
@@ -267,9 +265,10 @@ def _train(model, rows, collate, cfg, device: str, world, checkpoint, resume: bo
 
 
 def _compile(model, requested: bool | None, large: bool, device: str, say: bool) -> bool:
+    from phitune.compiling import choose_compile
     from phitune.finetune import layer_compile
-    from phitune.finetune.memory import Choice
-    choice = layer_compile.choose_compile(requested, large, device)
+    from phitune.policy import Choice
+    choice = choose_compile(requested, large, device)
     if choice.on and not layer_compile.compile_layers(model):
         choice = Choice(False, "no decoder layer list found")
     if say and (large or requested):
