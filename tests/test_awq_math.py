@@ -1,6 +1,8 @@
 """The parts of AWQ that must hold whatever the model: folding scales preserves the layer's
 function (GQA included), and the scale and clip searches beat plain rounding."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -28,7 +30,7 @@ def test_folding_any_scale_preserves_the_layer(request, fixture, arch):
     with torch.no_grad():
         before = layer(hidden, **kwargs)
         groups = scale_groups(arch, layer, model.config, kwargs)
-        feats, _, _ = awq._capture_group_inputs(layer, groups, hidden, kwargs, 4096)
+        feats = awq.capture(layer, groups, hidden, kwargs, QuantConfig()).inputs
         g = torch.Generator().manual_seed(1)
         for group in groups:
             n = group.in_features // group.kv_repeat
@@ -44,11 +46,34 @@ def test_hooked_references_are_the_inspected_forwards(request, fixture, arch):
     it must equal that module run on the group's captured input (its first consumer's input)."""
     model, layer, hidden, kwargs = _layer_and_inputs(request.getfixturevalue(fixture), arch)
     groups = scale_groups(arch, layer, model.config, kwargs)
-    feats, refs, _ = awq._capture_group_inputs(layer, groups, hidden, kwargs, 4096)
-    assert set(refs) == {g.name for g in groups}
+    caught = awq.capture(layer, groups, hidden, kwargs, QuantConfig())
+    assert set(caught.references) == {g.name for g in groups}
     for group in groups:
-        expected = driver.run_chunked(group.inspect, feats[group.name], 4096)
-        assert torch.allclose(refs[group.name], expected, atol=1e-5, rtol=1e-4), group.name
+        expected = driver.run_chunked(group.inspect, caught.sample_inputs[group.name], 4096)
+        assert torch.allclose(caught.references[group.name], expected, atol=1e-5, rtol=1e-4), group.name
+
+
+@pytest.mark.parametrize("fixture,arch", [("random_phi3", "Phi3ForCausalLM"),
+                                          ("random_llama", "LlamaForCausalLM")])
+def test_a_capture_that_stops_early_catches_what_a_whole_forward_does(request, fixture, arch):
+    """When the float output is not needed (propagate), sequences outside the grid's sample
+    stop at the last group's input: every input, sample and reference must still be the
+    whole forward's, in the calibration order."""
+    model, layer, _, _ = _layer_and_inputs(request.getfixturevalue(fixture), arch)
+    samples = torch.randint(0, model.config.vocab_size, (7, 16), generator=torch.Generator().manual_seed(2))
+    hidden, kwargs = driver.capture_layer0_inputs(model, samples, torch.float32, "cpu")
+    groups = scale_groups(arch, layer, model.config, kwargs)
+    cfg = QuantConfig(search_tokens=48, chunk_tokens=32)  # 3 of 7 sequences, 2 per chunk
+    whole = awq.capture(layer, groups, hidden, kwargs, replace(cfg, propagate=False))
+    stopped = awq.capture(layer, groups, hidden, kwargs, cfg)
+    assert whole.outputs is not None and stopped.outputs is None
+    index = awq.search_indices(hidden, cfg)
+    assert index.tolist() == [0, 3, 6]
+    for group in groups:
+        for field in ("inputs", "sample_inputs", "references"):
+            a, b = getattr(whole, field)[group.name], getattr(stopped, field)[group.name]
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), (group.name, field)
+        assert torch.equal(stopped.sample_inputs[group.name], stopped.inputs[group.name][index])
 
 
 def test_scale_search_beats_rtn_on_outlier_channels():

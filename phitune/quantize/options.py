@@ -31,6 +31,8 @@ class QuantizeOptions:
     dtype: str = O.dtype("Calibration compute dtype; auto: fp32 for small models; from 64M "
                          "parameters bf16 on CPUs with native bf16 matmul; else fp32 below 1B "
                          "parameters and a half type above.")
+    compile: bool | None = O.compile("the AWQ search's fake-quantization and clip-error "
+                                     "kernels: same results, seconds of compiling first", "1B")
     eval: bool | None = O.option(None, "Measure held-out perplexity before/after (default: on "
                                  "below 1B parameters).", negatable=True, dest="eval_")
     eval_data: str | None = O.option(None, "Held-out text for --eval; default: the shipped "

@@ -118,7 +118,8 @@ def _key(plan: _Plan) -> tuple[dict, dict]:
     algorithm that calibrates, and an algorithm's search version always does."""
     opts, calibrated = plan.opts, plan.algorithm.calibrated
     params = {k: v for k, v in asdict(opts).items()
-              if k not in ("model", "output", "force", "device", "calib_data", "eval_data")}
+              if k not in ("model", "output", "force", "device", "calib_data", "eval_data",
+                           "compile")}  # compiled kernels compute what eager ones do
     if not calibrated:
         for k in ("calib_samples", "calib_seq_len", "dtype"):
             params.pop(k)
@@ -145,7 +146,8 @@ def _quantize(plan: _Plan, work: Path, device: str) -> dict:
     compute_dtype = policy.calibration_dtype(opts.dtype, n_params, device, model.dtype)
     samples = calib.token_blocks(plan.texts, tokenizer, opts.calib_samples, opts.calib_seq_len) \
         if plan.algorithm.calibrated else None
-    packed, alphas = _quantize_layers(model, plan, samples, device, compute_dtype)
+    compiled = plan.algorithm.searches and _compile_choice(opts, n_params, device, metrics)
+    packed, alphas = _quantize_layers(model, plan, samples, device, compute_dtype, compiled)
     _save(model, packed, plan, work)
     del model, packed
     if do_eval:
@@ -173,12 +175,25 @@ def _load(plan: _Plan):
     return model, load_tokenizer(ref.path), size_before
 
 
-def _quantize_layers(model, plan: _Plan, samples, device: str, compute_dtype):
+def _compile_choice(opts: QuantizeOptions, n_params: int, device: str, metrics: dict) -> bool:
+    """Whether the algorithm's search runs compiled kernels (compiling.choose_compile); said and
+    kept in the metrics. Below 1B parameters compiling costs what it saves (SmolLM2-135M)."""
+    from phitune.compiling import choose_compile
+    choice = choose_compile(opts.compile, n_params >= SMALL_MODEL_PARAMS, device)
+    if choice.on or opts.compile:
+        ui.info(f"torch.compile {'on' if choice.on else 'off'} ({choice.reason})"
+                + ("; the first layers compile the search's kernels" if choice.on else ""))
+    metrics["compiled"] = choice.on
+    return choice.on
+
+
+def _quantize_layers(model, plan: _Plan, samples, device: str, compute_dtype, compiled: bool):
     """(packed tensors by module name, each layer's chosen alphas), one layer at a time."""
     from phitune.quantize import driver
     from phitune.quantize.driver import QuantConfig
     opts = plan.opts
-    cfg = QuantConfig(bits=opts.bits, group_size=opts.group_size, zero_point=opts.zero_point)
+    cfg = QuantConfig(bits=opts.bits, group_size=opts.group_size, zero_point=opts.zero_point,
+                      compiled=compiled)
     alphas: dict[int, dict] = {}
     with ui.progress(f"{opts.algorithm.upper()} layers", model.config.num_hidden_layers) \
             as (bar, task):

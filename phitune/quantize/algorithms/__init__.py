@@ -27,6 +27,7 @@ class Algorithm:
     name: str          # the --algorithm value, and the module phitune.quantize.algorithms.<name>
     summary: str       # its part of --algorithm's help
     calibrated: bool   # needs calibration text (and with it the driver captures activations)
+    searches: bool = False  # runs quantize/kernels.py's search kernels, compiled when chosen
 
     def module(self) -> ModuleType:
         return importlib.import_module(f"{__name__}.{self.name}")
@@ -44,7 +45,7 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
-    Algorithm("awq", "activation-aware scale + clip search", calibrated=True),
+    Algorithm("awq", "activation-aware scale + clip search", calibrated=True, searches=True),
     Algorithm("rtn", "plain round-to-nearest baseline", calibrated=False),
 )}
 

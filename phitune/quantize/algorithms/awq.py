@@ -2,26 +2,29 @@
 
 Run by quantize/driver.py one decoder layer at a time. Per layer:
 
-1. capture the inputs of each scale group and the float layer's output (next layer's input);
+1. capture each scale group's input and the grid's references in one hooked float forward;
 2. per group, grid-search alpha in s = mean|x|^alpha / mean|w|^(1-alpha), minimising the
    error of the group's output with quantized weights; fold the best s into the producer;
 3. per linear, grid-search a weight clipping range minimising the output error;
-4. round to group-wise int4 and pack in the AutoAWQ GEMM layout.
+4. round to group-wise int4 and pack in the AutoAWQ GEMM layout;
+5. run the quantized layer: its output is the next layer's input (QuantConfig.propagate).
 
-Weights are always restored from a copy between grid steps, never an alias (on CPU
-`tensor.cpu()` is the same tensor: AutoAWQ's CPU path compounds the scaling that way).
+The grid never writes into a weight: each step's weight is a new tensor made from the
+untouched original (on CPU `tensor.cpu()` is the same tensor: AutoAWQ's CPU path writes
+into an alias and compounds the scaling that way).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from phitune.formats.awq_gemm import fake_quantize_
 from phitune.quantize.arch import NO_CLIP, ScaleGroup, linear_names
 from phitune.quantize.driver import QuantConfig, chunks, pack_layer, run_chunked, run_layer
+from phitune.quantize.kernels import kernels
 
 # Bump when the search's choices change, so outputs made by an older search are not reused
 # as up to date (quantize/step.py puts it in the output's key).
@@ -39,13 +42,13 @@ def _mse(fn: Callable, x: torch.Tensor, ref: torch.Tensor, chunk_tokens: int) ->
     return total / count
 
 
-def search_sample(x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+def search_indices(inps: torch.Tensor, cfg: QuantConfig) -> torch.Tensor | None:
     """The sequences the fast scale grid measures its error on: `search_tokens` worth, evenly
-    spread over the calibration blocks (whole sequences: attention needs them)."""
-    if cfg.search == "exhaustive" or x.shape[0] * x.shape[1] <= cfg.search_tokens:
-        return x
-    n = max(1, cfg.search_tokens // x.shape[1])
-    return x[torch.linspace(0, x.shape[0] - 1, n).round().long().to(x.device)]
+    spread over the calibration blocks (whole sequences: attention needs them); None: all."""
+    if cfg.search == "exhaustive" or inps.shape[0] * inps.shape[1] <= cfg.search_tokens:
+        return None
+    n = max(1, cfg.search_tokens // inps.shape[1])
+    return torch.linspace(0, inps.shape[0] - 1, n).round().long().unique().to(inps.device)
 
 
 def _grid_steps(n: int, coarse_to_fine: bool, loss_at: Callable[[int], float]) -> int:
@@ -76,8 +79,9 @@ def search_scale(group: ScaleGroup, x: torch.Tensor, cfg: QuantConfig,
 
     if reference is None:
         reference = run_chunked(group.inspect, xs, cfg.chunk_tokens)
-    originals = [fc.weight.detach().clone() for fc in group.linears]
-    buffers = [torch.empty_like(w, dtype=torch.float32) for w in originals]
+    originals = [fc.weight.data for fc in group.linears]
+    fake_quantized = kernels(cfg.compiled).scaled_fake_quantize
+    g = cfg.group_size
     losses: dict[int, float] = {}
     scales: dict[int, torch.Tensor] = {}
 
@@ -87,12 +91,11 @@ def search_scale(group: ScaleGroup, x: torch.Tensor, cfg: QuantConfig,
         alpha = step / cfg.scale_grid
         s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        s_in = group.expand(s)
-        for fc, original, buffer in zip(group.linears, originals, buffers):
-            # Q(w·s)/s written into the layer's own weight: no new tensor per grid step
-            torch.mul(original, s_in, out=buffer)
-            fake_quantize_(buffer, cfg.bits, cfg.group_size, cfg.zero_point)
-            fc.weight.data.copy_(buffer.div_(s_in))
+        s_in = group.expand(s).view(-1, g)
+        for fc, original in zip(group.linears, originals):
+            # a new tensor, never an alias of the original (see the module's docstring)
+            fc.weight.data = fake_quantized(original.view(original.shape[0], -1, g), s_in, cfg.bits,
+                                            g, cfg.zero_point).view_as(original)
         losses[step] = _mse(group.inspect, xs, reference, cfg.chunk_tokens)
         scales[step] = s
         return losses[step]
@@ -101,7 +104,7 @@ def search_scale(group: ScaleGroup, x: torch.Tensor, cfg: QuantConfig,
         best = _grid_steps(cfg.scale_grid, cfg.search != "exhaustive", loss_at)
     finally:
         for fc, original in zip(group.linears, originals):
-            fc.weight.data.copy_(original)
+            fc.weight.data = original
     return scales[best], best / cfg.scale_grid
 
 
@@ -159,6 +162,7 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, cfg: QuantConfig) -> t
     out_f, in_f = weight.shape
     n_groups = in_f // g
     steps = int(cfg.clip_max_shrink * cfg.clip_grid)
+    clip_error = kernels(cfg.compiled).clip_error
     best_max = torch.empty(out_f, n_groups, device=weight.device)
     rows_per_batch = 4096  # bounds the [groups, rows, g] temporaries on wide layers
     for r0 in range(0, out_f, rows_per_batch):
@@ -166,14 +170,11 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, cfg: QuantConfig) -> t
         rows = wb.shape[0]
         wb = wb.view(rows, n_groups, g).transpose(0, 1).contiguous()  # [groups, rows, g]
         org_max = wb.abs().amax(dim=-1, keepdim=True)
-        buffer = torch.empty_like(wb)
 
         def error(step: torch.Tensor) -> torch.Tensor:
             """Output error with each group clipped at its own shrink step ([groups, rows, 1])."""
-            max_val = org_max * (1 - step / cfg.clip_grid)
-            d = fake_quantize_(torch.clamp(wb, -max_val, max_val, out=buffer).view(-1, g), cfg.bits, g,
-                               cfg.zero_point).view_as(wb).sub_(wb)
-            return torch.bmm(d, gram).mul_(d).sum(dim=-1, keepdim=True)
+            return clip_error(wb, org_max * (1 - step / cfg.clip_grid), gram, cfg.bits, g,
+                              cfg.zero_point)
 
         fast = cfg.search != "exhaustive"
         best_step = torch.zeros_like(org_max)
@@ -196,28 +197,84 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, cfg: QuantConfig) -> t
     return best_max
 
 
+@dataclass
+class Capture:
+    """What the float layer's forward gives the search, by group name."""
+
+    inputs: dict[str, torch.Tensor]         # the group's input (its first consumer's), every token
+    sample_inputs: dict[str, torch.Tensor]  # the same on the grid's sample (search_indices)
+    references: dict[str, torch.Tensor]     # the inspected module's output there: the grid's reference
+    outputs: torch.Tensor | None            # the float layer's output; None when not needed
+
+
+class _Caught(Exception):
+    """Every group's input is caught: the rest of the layer's forward is not needed."""
+
+
 @torch.no_grad()
-def _capture_group_inputs(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tensor,
-                          kwargs: dict, chunk_tokens: int) -> tuple[dict, dict, torch.Tensor]:
-    """Run the float layer once: each group's input (the first consumer's input), its
-    inspected module's output (the grid's reference: no forward of its own), and the layer's
-    output."""
-    feats: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
+def capture(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tensor, kwargs: dict,
+            cfg: QuantConfig) -> Capture:
+    """The float layer's forward, hooked. With cfg.propagate the next layer's input is the
+    quantized layer's output, so the float output is not needed: the grid's sample sequences
+    run whole (their references are the inspected modules' outputs), the other sequences only
+    until the last group's input is caught (on Phi-3 that skips down_proj for 7/8 of the tokens)."""
+    index = search_indices(inps, cfg)
+    if index is None or not cfg.propagate:
+        inputs, refs, outs, _ = _hooked_forward(layer, groups, inps, kwargs, cfg.chunk_tokens)
+        if index is None:
+            return Capture(inputs, inputs, refs, outs)
+        return Capture(inputs, {n: x[index] for n, x in inputs.items()},
+                       {n: r[index] for n, r in refs.items()}, outs)
+    samples, refs, _, order = _hooked_forward(layer, groups, inps[index], kwargs, cfg.chunk_tokens)
+    rest = torch.ones(inps.shape[0], dtype=torch.bool, device=inps.device)
+    rest[index] = False
+    rest_inputs, *_ = _hooked_forward(layer, groups, inps[rest], kwargs, cfg.chunk_tokens,
+                                      stop_after=order[-1])
+    inputs = {}
+    for name, sample in samples.items():
+        whole = sample.new_empty((inps.shape[0], *sample.shape[1:]))
+        whole[index], whole[rest] = sample, rest_inputs[name]
+        inputs[name] = whole
+    return Capture(inputs, samples, refs, None)
+
+
+def _hooked_forward(layer: nn.Module, groups: list[ScaleGroup], x: torch.Tensor, kwargs: dict,
+                    chunk_tokens: int, stop_after: str | None = None):
+    """(group inputs, inspected outputs, layer output, group names in the order their inputs
+    came), chunk by chunk; with `stop_after`, each chunk's forward ends once that group's input
+    is caught (no inspected outputs, no layer output then)."""
+    inputs: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
     refs: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
-    hooks = [g.linears[0].register_forward_hook(
-        lambda _m, args, _out, name=g.name: feats[name].append(args[0].detach()))
-        for g in groups]
-    hooks += [g.inspect_module.register_forward_hook(
-        lambda _m, _args, out, name=g.name: refs[name].append(
-            (out[0] if isinstance(out, tuple) else out).detach()))
-        for g in groups]
+    order: list[str] = []
+
+    def catch(name: str, args: tuple) -> None:
+        inputs[name].append(args[0].detach())
+        if name not in order:
+            order.append(name)
+        if name == stop_after:
+            raise _Caught
+
+    hooks = [g.linears[0].register_forward_pre_hook(lambda _m, args, name=g.name: catch(name, args))
+             for g in groups]
+    if stop_after is None:
+        hooks += [g.inspect_module.register_forward_hook(
+            lambda _m, _args, out, name=g.name: refs[name].append(
+                (out[0] if isinstance(out, tuple) else out).detach()))
+            for g in groups]
+    outs = []
     try:
-        outs = run_layer(layer, inps, kwargs, chunk_tokens)
+        for c in chunks(x, chunk_tokens):
+            try:
+                out = layer(c, **kwargs)
+            except _Caught:
+                continue
+            outs.append(out[0] if isinstance(out, tuple) else out)
     finally:
         for h in hooks:
             h.remove()
-    return ({name: torch.cat(parts) for name, parts in feats.items()},
-            {name: torch.cat(parts) for name, parts in refs.items()}, outs)
+    return ({name: torch.cat(parts) for name, parts in inputs.items()},
+            {name: torch.cat(parts) for name, parts in refs.items() if parts},
+            torch.cat(outs) if outs else None, order)
 
 
 def quantize_layer(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tensor, kwargs: dict,
@@ -227,11 +284,12 @@ def quantize_layer(layer: nn.Module, groups: list[ScaleGroup], inps: torch.Tenso
     Returns the layer's output (the next layer's input: the quantized layer's when
     cfg.propagate, else the float one's) and the packed tensors by linear name within the layer.
     """
-    feats, refs, outs = _capture_group_inputs(layer, groups, inps, kwargs, cfg.chunk_tokens)
-    best = [(g, *search_scale(g, feats[g.name], cfg, search_sample(feats[g.name], cfg),
-                              search_sample(refs[g.name], cfg)))
+    caught = capture(layer, groups, inps, kwargs, cfg)
+    best = [(g, *search_scale(g, caught.inputs[g.name], cfg, caught.sample_inputs[g.name],
+                              caught.references[g.name]))
             for g in groups]
-    del refs
+    feats, outs = caught.inputs, caught.outputs
+    del caught
     alphas = {}
     for group, s, alpha in best:
         apply_scale(group, s, feats[group.name])
