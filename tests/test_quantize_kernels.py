@@ -23,8 +23,8 @@ def test_eager_scaled_fake_quantize_is_the_checkpoint_rounding():
 
 
 @pytest.mark.skipif(not cpu_compiler(), reason="torch.compile on CPU needs a C++ compiler")
-@pytest.mark.parametrize("zero_point", [True, False])
-def test_compiled_kernels_compute_the_eager_results(zero_point):
+def test_compiled_kernels_compute_the_eager_results():
+    zero_point = True  # quantize's default; each setting compiles its own kernels (~10 s in CI)
     compiled = kernels.kernels(True)
     # rows vary (the dynamic dimension) with no recompile; two widths are two group counts
     for seed, (out_f, in_f) in enumerate([(96, 256), (40, 256), (64, 512)]):
