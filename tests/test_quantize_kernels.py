@@ -39,3 +39,21 @@ def test_compiled_kernels_compute_the_eager_results():
         got = compiled.clip_error(wb, max_val, gram, 4, 64, zero_point)
         # the same values; only the final sum may add in another order
         assert torch.allclose(got, expected, rtol=1e-5, atol=0)
+
+
+def test_quantize_compiles_its_search_from_1b_parameters_on_cpu(monkeypatch):
+    from dataclasses import replace
+
+    from phitune import compiling
+    from phitune.quantize import step
+    from phitune.quantize.options import QuantizeOptions
+    monkeypatch.setattr(compiling, "_toolchain_problem", lambda device: None)
+    opts = QuantizeOptions(model="m", output="o")
+    metrics: dict = {}
+    assert not step._compile_choice(opts, 135_000_000, "cpu", metrics)
+    assert metrics["compiled"] is False
+    assert step._compile_choice(opts, 3_800_000_000, "cpu", metrics)
+    assert metrics["compiled"] is True
+    assert not step._compile_choice(opts, 3_800_000_000, "cuda", {})  # not measured there
+    assert not step._compile_choice(replace(opts, compile=False), 3_800_000_000, "cpu", {})
+    assert step._compile_choice(replace(opts, compile=True), 135_000_000, "cpu", {})

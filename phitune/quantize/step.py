@@ -179,8 +179,9 @@ def _compile_choice(opts: QuantizeOptions, n_params: int, device: str, metrics: 
     """Whether the algorithm's search runs compiled kernels (compiling.choose_compile); said and
     kept in the metrics. Below 1B parameters compiling costs what it saves (SmolLM2-135M)."""
     from phitune.compiling import choose_compile
-    choice = choose_compile(opts.compile, n_params >= SMALL_MODEL_PARAMS, device)
-    if choice.on or opts.compile:
+    large = n_params >= SMALL_MODEL_PARAMS
+    choice = choose_compile(opts.compile, large, device)
+    if large or opts.compile:
         ui.info(f"torch.compile {'on' if choice.on else 'off'} ({choice.reason})"
                 + ("; the first layers compile the search's kernels" if choice.on else ""))
     metrics["compiled"] = choice.on
