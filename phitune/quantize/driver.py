@@ -134,12 +134,14 @@ def run_chunked(fn: Callable, x: torch.Tensor, chunk_tokens: int) -> torch.Tenso
     return torch.cat([fn(c) for c in chunks(x, chunk_tokens)])
 
 
+def hidden_states(out) -> torch.Tensor:
+    """A module's output hidden states: decoder layers and attention return a tensor or a tuple."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, chunk_tokens: int) -> torch.Tensor:
-    """The layer's output hidden states (decoder layers return a tensor or a tuple)."""
-    def call(c):
-        out = layer(c, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
-    return run_chunked(call, x, chunk_tokens)
+    """The layer's output hidden states."""
+    return run_chunked(lambda c: hidden_states(layer(c, **kwargs)), x, chunk_tokens)
 
 
 def pack_layer(layer: nn.Module, cfg: QuantConfig) -> dict[str, dict[str, torch.Tensor]]:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from phitune.quantize.arch import NO_CLIP, ScaleGroup, linear_names
-from phitune.quantize.driver import QuantConfig, chunks, pack_layer, run_chunked, run_layer
+from phitune.quantize.driver import (QuantConfig, chunks, hidden_states, pack_layer, run_chunked,
+                                     run_layer)
 from phitune.quantize.kernels import kernels
 
 # Bump when the search's choices change, so outputs made by an older search are not reused
@@ -258,8 +259,7 @@ def _hooked_forward(layer: nn.Module, groups: list[ScaleGroup], x: torch.Tensor,
              for g in groups]
     if stop_after is None:
         hooks += [g.inspect_module.register_forward_hook(
-            lambda _m, _args, out, name=g.name: refs[name].append(
-                (out[0] if isinstance(out, tuple) else out).detach()))
+            lambda _m, _args, out, name=g.name: refs[name].append(hidden_states(out).detach()))
             for g in groups]
     outs = []
     try:
@@ -268,7 +268,7 @@ def _hooked_forward(layer: nn.Module, groups: list[ScaleGroup], x: torch.Tensor,
                 out = layer(c, **kwargs)
             except _Caught:
                 continue
-            outs.append(out[0] if isinstance(out, tuple) else out)
+            outs.append(hidden_states(out))
     finally:
         for h in hooks:
             h.remove()
