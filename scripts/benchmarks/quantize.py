@@ -1,0 +1,164 @@
+"""`bench.py quantize`: AWQ vs RTN quality, time and memory, against one plain forward and
+llm-compressor's AWQ in its own environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import BENCH, CACHE, REPO, phitune_json
+from benchmarks.shapes import build_phi3_mini_shaped
+
+
+def plain_forward(args: argparse.Namespace) -> None:
+    """Seconds of one plain fp32 forward (no search, no cache) over the calibration tokens
+    `phitune quantize` would use: the unit AWQ's time is judged in. Prints a JSON line."""
+    import torch
+    from phitune.artifacts import resolve_model
+    from phitune.models import load_causal_lm, load_tokenizer
+    from phitune.quantize import calib
+    from phitune.quantize.step import default_calib_data
+    ref = resolve_model(args.model, accept=("hf-model",), step="quantize")
+    model = load_causal_lm(ref.path, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(ref.path)
+    samples = calib.token_blocks(calib.read_texts(default_calib_data()), tokenizer,
+                                 args.calib_samples, args.calib_seq_len)
+    with torch.inference_mode():
+        model(samples[:1, :8], use_cache=False)  # one-time initialisation, not the forward's cost
+        start = time.perf_counter()
+        for chunk in samples.split(max(1, 8192 // args.calib_seq_len)):
+            model(chunk, use_cache=False)
+    seconds = time.perf_counter() - start
+    if args.dump:  # the same tokens for a peer quantizer (scripts/llmcompressor_awq.py)
+        from phitune.artifacts import heldout_text
+        from phitune.evaluate import token_ids
+        eval_path = Path(args.eval_data) if args.eval_data else heldout_text()
+        Path(args.dump).write_text(json.dumps({
+            "model_dir": str(ref.path), "calib": samples.tolist(),
+            "eval_ids": token_ids(tokenizer, calib.read_texts(eval_path))}))
+    print(json.dumps({"seconds": seconds, "tokens": samples.numel()}))
+
+
+def llmcompressor_python() -> Path:
+    """The python of llm-compressor's own environment: $LLMC_VENV, else .venv-llmcompressor in
+    the repo (where `bash scripts/llmcompressor_env.sh` creates it; relative paths are the repo's)."""
+    venv = Path(os.environ.get("LLMC_VENV") or ".venv-llmcompressor")
+    return (venv if venv.is_absolute() else REPO / venv) / "bin" / "python"
+
+
+def compare_llmcompressor(tokens: Path, group_size: int, fwd: float, rtn_gap: float | None,
+                          output: Path) -> dict | None:
+    """llm-compressor's AWQ (scripts/llmcompressor_awq.py, in its own environment: it pins
+    transformers <= 5.17) on the same model dir, calibration blocks, held-out ids and group size
+    as phitune's runs above; one line of figures, or one line saying why not."""
+    python = llmcompressor_python()
+    if not python.is_file():
+        print(f"llm-compressor AWQ          not installed ({python.parent.parent} absent): "
+              "create it with `bash scripts/llmcompressor_env.sh` (LLMC_VENV=DIR places it elsewhere)")
+        return None
+    model_dir = json.loads(tokens.read_text())["model_dir"]
+    proc = subprocess.run([str(python), str(REPO / "scripts" / "llmcompressor_awq.py"), "--model", model_dir,
+                           "--tokens", str(tokens), "--group_size", str(group_size), "--output", str(output)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n    ".join(proc.stderr.strip().splitlines()[-15:])
+        print(f"llm-compressor AWQ          failed (exit {proc.returncode}):\n    {tail}")
+        return None
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    v = r["versions"]
+    quality = (f"perplexity {r['ppl_after']:.3f}  gap {r['ppl_gap']:+.4f}  " if "ppl_gap" in r
+               else "no perplexity  ")
+    print(f"LLMC {quality}time {r['total_s']:.1f} s = {r['total_s'] / fwd:.2f}x forward "
+          f"(oneshot {r['seconds']:.1f} s = {r['seconds'] / r['layers']:.1f} s/layer, "
+          f"load+save {r['load_s'] + r['save_s']:.1f} s)  "
+          f"peak RSS {r['peak_rss_mb']:.0f} MB  size {r['size_mb']:.1f} MB (float tensors fp32)")
+    print(f"     = llm-compressor {v['llmcompressor']} AWQ in its own env (transformers {v['transformers']}"
+          f"{', pin_memory made a no-op' if r['pin_memory_patched'] else ''}; no clip search), "
+          + (f"its saved checkpoint decompressed and scored by phitune's perplexity; float "
+             f"{r['ppl_before']:.3f} there" if "ppl_gap" in r else "not scored"))
+    if "ppl_gap" in r and rtn_gap:
+        print(f"LLMC gap / RTN gap          {r['ppl_gap'] / rtn_gap:.3f}")
+    return r
+
+
+def bench_quantize(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="phitune-bench-"))
+    calib = ["--calib_samples", str(args.calib_samples), "--calib_seq_len", str(args.calib_seq_len)]
+    extra = (["--group_size", str(args.group_size)] if args.group_size else []) + \
+        (["--eval_data", args.eval_data] if args.eval_data else [])
+    print(f"== quantize: {args.model}, calibration {args.calib_samples}x{args.calib_seq_len} tokens")
+    tokens = work / "tokens.json"  # phitune's calibration blocks and held-out ids, for the peer
+    proc = subprocess.run([sys.executable, str(BENCH), "_plain_forward", "--model", args.model, *calib,
+                           "--dump", str(tokens), *(["--eval_data", args.eval_data] if args.eval_data else [])],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"plain forward failed:\n{proc.stderr[-3000:]}")
+    fwd = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+    print(f"plain fp32 forward over the calibration tokens  {fwd:.1f} s (the unit below)")
+    runs = {}
+    for alg in ("awq", "rtn"):
+        for evaluated in (False, True):
+            runs[alg, evaluated] = phitune_json(
+                "quantize", "-m", args.model, "--algorithm", alg, "-o", str(work / alg), "--force",
+                *calib, *extra, *([] if evaluated else ["--no-eval"]))
+    base = runs["awq", True]["ppl_before"]
+    print(f"float perplexity            {base:.3f}")
+    for alg in ("awq", "rtn"):
+        r, plain = runs[alg, True], runs[alg, False]
+        per_16k = r["eval_seconds"] / fwd * 16384 / r["eval_tokens"]
+        print(f"{alg.upper():4} perplexity {r['ppl_after']:.3f}  gap {r['ppl_gap']:+.4f}  "
+              f"--no-eval {plain['seconds']:.1f} s = {plain['seconds'] / fwd:.2f}x forward  "
+              f"eval {r['eval_seconds']:.1f} s over {r['eval_tokens']} tokens "
+              f"({per_16k:.2f} forwards per 16k)  peak RSS {plain['peak_rss_mb']:.0f} MB  "
+              f"size {r['size_before_mb']:.1f} → {r['size_mb']:.1f} MB")
+    gap = {alg: runs[alg, True]["ppl_gap"] for alg in ("awq", "rtn")}
+    ratio = gap["awq"] / gap["rtn"] if gap["rtn"] else float("nan")
+    print(f"AWQ gap / RTN gap           {ratio:.3f}")
+    if args.llmcompressor:
+        compare_llmcompressor(tokens, runs["awq", True]["group_size"], fwd, gap["rtn"], work / "llmc")
+
+    if args.phi3_mini_layers:
+        layers = args.phi3_mini_layers
+        model_dir = build_phi3_mini_shaped(Path(args.cache) / f"phi3-mini-shaped-{layers}l", layers)
+        print(f"\n== quantize: Phi-3-mini-shaped ({layers} layers, random bf16 weights), "
+              f"{args.big_calib_samples}x{args.calib_seq_len} calibration tokens, CPU, all layers in one run")
+        r = phitune_json("quantize", "-m", str(model_dir), "-o", str(work / "big"), "--force",
+                         "--no-eval", "--device", args.device, "--dtype", args.big_dtype, "--calib_samples",
+                         str(args.big_calib_samples), "--calib_seq_len", str(args.calib_seq_len))
+        print(f"time {r['seconds']:.0f} s ({r['seconds'] / 60:.1f} min, {r['seconds'] / layers:.1f} s/layer)  "
+              f"peak RSS {r['peak_rss_mb'] / 1024:.2f} GB  "
+              f"size {r['size_before_mb']:.0f} → {r['size_mb']:.0f} MB  dtype {r['compute_dtype']}")
+    print(f"\noutputs under {work}")
+
+
+def register(sub) -> None:
+    q = sub.add_parser("quantize", help="AWQ vs RTN quality, time and memory")
+    q.add_argument("--model", default="tiny-phi3",
+                   help="model to compare AWQ and RTN on (a dir or an embedded name)")
+    q.add_argument("--calib_samples", type=int, default=64)
+    q.add_argument("--calib_seq_len", type=int, default=256)
+    q.add_argument("--group_size", type=int, default=None, help="default: phitune's choice")
+    q.add_argument("--eval_data", default=None, help="held-out text (default: phitune's)")
+    q.add_argument("--phi3-mini-layers", type=int, default=0,
+                   help="also time a Phi-3-mini-shaped model with this many layers (32 = full size)")
+    q.add_argument("--big_calib_samples", type=int, default=64)
+    q.add_argument("--device", default="auto")
+    q.add_argument("--big_dtype", default="auto", help="calibration dtype for the big model")
+    q.add_argument("--llmcompressor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also llm-compressor's AWQ on the same tokens, where its env exists "
+                        "(bash scripts/llmcompressor_env.sh)")
+    q.add_argument("--cache", default=str(CACHE))
+    q.set_defaults(func=bench_quantize)
+    p = sub.add_parser("_plain_forward")
+    p.add_argument("--model")
+    p.add_argument("--calib_samples", type=int)
+    p.add_argument("--calib_seq_len", type=int)
+    p.add_argument("--dump", default=None, help="write the calibration blocks and held-out ids here")
+    p.add_argument("--eval_data", default=None)
+    p.set_defaults(func=plain_forward)

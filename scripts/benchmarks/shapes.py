@@ -1,0 +1,105 @@
+"""The models benchmarks run on: Phi-3-shaped random-weight checkpoints (cached on disk), random
+LoRA adapters, prompts from the shipped data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.harness import REPO
+
+PHI3_MINI = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                 original_max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def build_phi3_mini_shaped(path: Path, layers: int) -> Path:
+    """Phi-3-mini dimensions, random bf16 weights, `layers` decoder layers (cached on disk)."""
+    if (path / "config.json").is_file():
+        return path
+    import shutil
+
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # 3.8B params: never materialise an fp32 copy
+    model = Phi3ForCausalLM(Phi3Config(num_hidden_layers=layers, **PHI3_MINI))
+    torch.set_default_dtype(torch.float32)
+    model.config.dtype = "bfloat16"
+    model.save_pretrained(path)
+    embedded = REPO / "data" / "tiny-phi3"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (embedded / name).is_file():
+            shutil.copy(embedded / name, path / name)
+    return path
+
+
+# The default decode model: Phi-3-shaped, random weights, ~170M params: its int4 weights (~100 MiB,
+# 3× this CPU's L3) come from memory every token, unlike tiny-phi3's. Builder traps avoided: vocab
+# != 2 × intermediate (it picks the LM head by output size), max == original max positions (LongRoPE).
+INFER_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
+                   num_key_value_heads=16, vocab_size=8192, max_position_embeddings=4096,
+                   original_max_position_embeddings=4096, tie_word_embeddings=False,
+                   bos_token_id=8187, eos_token_id=8187, pad_token_id=8187)
+
+
+LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def build_phi3_shaped(path: Path, layers: int, shape: dict) -> Path:
+    """A Phi-3-shaped model of `shape`, random bf16 weights, the embedded tokenizer (cached)."""
+    if (path / "config.json").is_file():
+        return path
+    import shutil
+
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+    assert shape["vocab_size"] != 2 * shape["intermediate_size"], "the builder would pick a wrong LM head"
+    assert shape["max_position_embeddings"] == shape["original_max_position_embeddings"], "LongRoPE path"
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(num_hidden_layers=layers, **shape)).to(torch.bfloat16)
+    model.config.dtype = "bfloat16"
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    embedded = REPO / "data" / "tiny-phi3"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (embedded / name).is_file():
+            shutil.copy(embedded / name, tmp / name)
+    tmp.rename(path)
+    return path
+
+
+def random_lora(model_dir: Path, path: Path, rank: int) -> Path:
+    """A PEFT LoRA adapter with random A and B (init_lora_weights=False) on every projection."""
+    if (path / "adapter_config.json").is_file():
+        return path
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tmp.rename(path)
+    return path
+
+
+def prompt_ids(tokenizer_file: Path, n: int) -> list[int]:
+    """The first `n` tokens of travel.jsonl's text, no special tokens."""
+    from tokenizers import Tokenizer
+    records = [json.loads(line) for line in open(REPO / "data" / "travel.jsonl") if line.strip()]
+    text = "\n".join(f"{r['prompt']} {r['response']}" for r in records)
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
+    if len(ids) < n:
+        sys.exit(f"travel.jsonl has only {len(ids)} tokens; --prompt_tokens {n} is too many")
+    return ids[:n]
+
+
+TEMPLATE = r"<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
