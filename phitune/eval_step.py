@@ -27,7 +27,7 @@ from typing import ClassVar
 
 from phitune import genai_config, ui
 from phitune import options as O
-from phitune import policy
+from phitune import policy, sequence_start
 from phitune.artifacts import hf_kind, heldout_text, resolve_model
 from phitune.data import RecordOptions
 from phitune.data.records import RECORD_FIELDS, split_files
@@ -187,11 +187,11 @@ def _texts(opts: EvalOptions) -> tuple[str, list[str]]:
                         exc.where if ":" in (exc.where or "") else "--text_file", exc.fix) from None
 
 
-def _examples(held, spec, tokenizer, opts: EvalOptions) -> list[dict]:
+def _examples(held, spec, tokenizer, opts: EvalOptions, start) -> list[dict]:
     from phitune import data
     try:
         examples, _ = data.tokenize_examples(held, tokenizer, spec, opts.max_seq_len,
-                                             opts.overflow, opts.train_on_prompt)
+                                             opts.overflow, opts.train_on_prompt, start=start)
     except DataError as exc:
         raise DataError(f"no record has a response token to score ({exc.what.split('(', 1)[-1]}",
                         "--max_seq_len", "raise --max_seq_len, pass --overflow truncate, or check "
@@ -236,6 +236,7 @@ class _TorchModel:
                 + (f", {self.base_kind} base" if model_ref.kind == "finetuned" else "")
                 + (f", adapter {self.adapter}" if self.adapter else "") + ")")
         self.tokenizer = load_tokenizer(model_ref.path)
+        self.start = sequence_start.of_tokenizer(self.tokenizer)
         if self.base_kind == "awq-model":
             from phitune.formats.awq_gemm import load_awq_dequantized
             model = load_awq_dequantized(model_ref.path, self.dtype).to(self.device).eval()
@@ -288,7 +289,7 @@ class _TorchModel:
         block-causal mask, token-weighted mean of the model's loss over batches of 8."""
         from phitune import data
         from phitune.finetune.loop import TrainConfig, eval_loss
-        examples = _examples(held, spec, self.tokenizer, opts)
+        examples = _examples(held, spec, self.tokenizer, opts, self.start)
         rows = data.pack(examples, opts.max_seq_len, data.pad_id_of(self.tokenizer))
         mask_dtype = next(p for p in self.model.parameters()).dtype
         loss = eval_loss(self.model, rows, lambda r: data.collate_packed(r, dtype=mask_dtype),
@@ -296,21 +297,22 @@ class _TorchModel:
         return loss, _scored(examples), len(examples)
 
     def text_ppl(self, texts: list[str], opts: EvalOptions) -> tuple[float, int]:
-        from phitune.evaluate import _windows, token_ids, perplexity
+        from phitune.evaluate import perplexity, scored_tokens, token_ids
         ppl = perplexity(self.model, self.tokenizer, texts, opts.seq_len, opts.max_tokens,
-                         self.device)
-        n = sum(len(w) - 1 for w in _windows(token_ids(self.tokenizer, texts, opts.max_tokens),
-                                             opts.seq_len))
+                         self.device, start=self.start)
+        n = scored_tokens(token_ids(self.tokenizer, texts, opts.max_tokens), opts.seq_len,
+                          self.start)
         return ppl, n
 
     def latency(self) -> dict:
         from phitune.evaluate import torch_latency
         return torch_latency(self.model, self.vocab_size, PREFILL_TOKENS, DECODE_TOKENS,
-                             device=self.device)
+                             device=self.device, start=self.start)
 
     def describe(self) -> dict:
         return {"runtime": "torch", "device": self.device,
-                "dtype": str(self.dtype).replace("torch.", "")}
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "sequence_start": self.start.describe()}
 
 
 class _OnnxModel:
@@ -327,6 +329,7 @@ class _OnnxModel:
         ui.info(f"loading {opts.model} (onnx-genai"
                 + (f", adapter {self.adapter}" if self.adapter else "") + ")")
         self.tokenizer = load_tokenizer(self.dir)
+        self.start = sequence_start.of_model_dir(self.dir, self.tokenizer)
 
     def _adapter_file(self, opts: EvalOptions) -> Path | None:
         if opts.no_adapter:
@@ -358,23 +361,24 @@ class _OnnxModel:
         itself."""
         from phitune.evaluate import OnnxScorer, onnx_labels_nll
         self._fits(opts.max_seq_len, "--max_seq_len")
-        examples = _examples(held, spec, self.tokenizer, opts)
+        examples = _examples(held, spec, self.tokenizer, opts, self.start)
         loss, n = onnx_labels_nll(OnnxScorer(self.dir, self.adapter), examples)
         return loss, n, len(examples)
 
     def text_ppl(self, texts: list[str], opts: EvalOptions) -> tuple[float, int]:
-        from phitune.evaluate import _windows, token_ids, onnx_perplexity
+        from phitune.evaluate import onnx_perplexity, scored_tokens, token_ids
         self._fits(opts.seq_len, "--seq_len")
         ppl = onnx_perplexity(self.dir, self.tokenizer, texts, opts.seq_len, opts.max_tokens,
-                              self.adapter)
-        n = sum(len(w) - 1 for w in _windows(token_ids(self.tokenizer, texts, opts.max_tokens),
-                                             opts.seq_len))
+                              self.adapter, start=self.start)
+        n = scored_tokens(token_ids(self.tokenizer, texts, opts.max_tokens), opts.seq_len,
+                          self.start)
         return ppl, n
 
     def latency(self) -> dict:
         from phitune.evaluate import onnx_latency
         prefill = min(PREFILL_TOKENS, self.context - DECODE_TOKENS - 2)
-        return onnx_latency(self.dir, self.adapter, prefill, DECODE_TOKENS)
+        return onnx_latency(self.dir, self.adapter, prefill, DECODE_TOKENS, start=self.start)
 
     def describe(self) -> dict:
-        return {"runtime": "onnxruntime-genai", "device": "cpu"}
+        return {"runtime": "onnxruntime-genai", "device": "cpu",
+                "sequence_start": self.start.describe()}

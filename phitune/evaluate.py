@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from phitune import genai_config
 
+if TYPE_CHECKING:
+    from phitune.sequence_start import SequenceStart
+
 
 def token_ids(tokenizer, texts: list[str], max_tokens: int = 65536) -> list[int]:
-    """The joined texts' token ids (EOS between documents), at most `max_tokens`."""
+    """The joined texts' token ids (EOS between documents), at most `max_tokens`; no start
+    token: each window gets its own (`windows`)."""
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -19,51 +24,88 @@ def token_ids(tokenizer, texts: list[str], max_tokens: int = 65536) -> list[int]
     return ids[:max_tokens]
 
 
-def _windows(ids: list[int], seq_len: int):
-    for start in range(0, len(ids) - 1, seq_len):
-        window = ids[start:start + seq_len + 1]
-        if len(window) < 2:
-            break
-        yield window
+def context_only(start: SequenceStart | None) -> int:
+    """How many leading ids of a window are context, never a target: the start tokens, or
+    without one the window's first text token."""
+    return max(1, len(start.ids)) if start is not None else 1
+
+
+def windows(ids: list[int], seq_len: int, start: SequenceStart | None = None) -> list[list[int]]:
+    """Non-overlapping windows of `seq_len` inputs over the text, each starting as the model's
+    sequences start (`start`, e.g. BOS then text). With a start every text token is a target
+    once; without one, each window's first token is also the previous window's last target
+    (the very first text token is never scored)."""
+    head = list(start.ids) if start is not None else []
+    if not head:
+        return [ids[i:i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)
+                if len(ids[i:i + seq_len + 1]) >= 2]
+    step = seq_len + 1 - len(head)
+    if step < 1:
+        raise ValueError(f"a window of {seq_len} tokens has no room after the start {head}")
+    return [head + ids[i:i + step] for i in range(0, len(ids), step)]
+
+
+def scored_tokens(ids: list[int], seq_len: int, start: SequenceStart | None = None) -> int:
+    """Targets `perplexity` averages over for these ids."""
+    skip = context_only(start)
+    return sum(len(w) - skip for w in windows(ids, seq_len, start))
 
 
 def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, max_tokens: int = 65536,
                device: str = "cpu", ids: list[int] | None = None,
-               batch_tokens: int = 2048) -> float:
-    """exp(mean next-token loss) over non-overlapping windows of the joined texts.
+               batch_tokens: int = 2048, start: SequenceStart | None = None) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of the joined texts, each
+    started as the model's sequences start (`start`; default: asked of `tokenizer`).
 
     `ids` (from `token_ids`) skips the tokenization when one text scores several models.
     Equal-length windows run `batch_tokens` at a time under inference_mode, so scoring costs
     about one plain forward over the same tokens (a window at a time cost several)."""
     import torch
+    start = _start_of(tokenizer, start)
     if ids is None:
         ids = token_ids(tokenizer, texts, max_tokens)
-    windows = list(_windows(ids, seq_len))
+    rows_all, skip = windows(ids, seq_len, start), context_only(start)
     total, count = 0.0, 0
     per_batch = max(1, batch_tokens // seq_len)
     with torch.inference_mode():
-        for start in range(0, len(windows), per_batch):
-            batch = windows[start:start + per_batch]
+        for first in range(0, len(rows_all), per_batch):
+            batch = rows_all[first:first + per_batch]
             for length in sorted({len(w) for w in batch}):  # the last window may be short
                 rows = torch.tensor([w for w in batch if len(w) == length], device=device)
-                logits = model(rows[:, :-1], use_cache=False).logits
+                logits = model(rows[:, :-1], use_cache=False).logits[:, skip - 1:]
+                targets = rows[:, skip:]
                 loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(), rows[:, 1:].reshape(-1),
+                    logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                     reduction="sum")
                 total += loss.item()
-                count += rows[:, 1:].numel()
+                count += targets.numel()
     return math.exp(total / count)
 
 
+def _start_of(tokenizer, start: SequenceStart | None) -> SequenceStart:
+    if start is not None:
+        return start
+    if tokenizer is None:
+        raise ValueError("perplexity over given ids needs their sequence start (start=...)")
+    from phitune.sequence_start import of_tokenizer
+    return of_tokenizer(tokenizer)
+
+
 def onnx_perplexity(model_dir, tokenizer, texts: list[str], seq_len: int = 256,
-                    max_tokens: int = 65536, adapter_file=None) -> float:
+                    max_tokens: int = 65536, adapter_file=None,
+                    start: SequenceStart | None = None) -> float:
     """The same figure for an onnxruntime-genai model dir, through onnxruntime on its graph
-    (one prompt pass per window, empty KV cache), optionally with an .onnx_adapter fed."""
+    (one prompt pass per window, empty KV cache), optionally with an .onnx_adapter fed.
+    `start` defaults to the dir's own rule (`sequence_start.of_model_dir`)."""
+    if start is None:
+        from phitune.sequence_start import of_model_dir
+        start = of_model_dir(model_dir, tokenizer)
     scorer = OnnxScorer(model_dir, adapter_file)
+    skip = context_only(start)
     total, count = 0.0, 0
-    for window in _windows(token_ids(tokenizer, texts, max_tokens), seq_len):
-        total -= scorer.log_probs(window).sum()
-        count += len(window) - 1
+    for window in windows(token_ids(tokenizer, texts, max_tokens), seq_len, start):
+        total -= scorer.log_probs(window)[skip - 1:].sum()
+        count += len(window) - skip
     return math.exp(total / count)
 
 
@@ -107,9 +149,14 @@ class OnnxScorer:
         ids = list(ids)
         x = np.array([ids[:-1]], dtype=np.int64)
         feeds = dict(self.feeds, input_ids=x, attention_mask=np.ones_like(x))
+        # An empty cache, except that a sliding-window graph (Gemma 3) refuses a KV buffer
+        # smaller than its window: there it is a zero buffer of that room, which the graph
+        # reads as empty (the attention mask says nothing is cached; logits as PyTorch's).
+        window = (self.decoder.get("sliding_window") or {}).get("window_size")
+        room = max(x.shape[1], int(window)) if window else 0
         for entry in self.past:
             dtype = np.float16 if "float16" in entry.type else np.float32
-            feeds[entry.name] = np.zeros((1, self.decoder["num_key_value_heads"], 0,
+            feeds[entry.name] = np.zeros((1, self.decoder["num_key_value_heads"], room,
                                           self.decoder["head_size"]), dtype=dtype)
         logits = self.session.run(["logits"], feeds)[0][0].astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)
@@ -133,13 +180,13 @@ def onnx_labels_nll(scorer: OnnxScorer, examples, ignore_index: int = -100) -> t
 
 
 def torch_latency(model, vocab_size: int, prefill: int = 128, decode: int = 16, repeats: int = 3,
-                  device: str = "cpu") -> dict:
-    """Mean milliseconds of a `prefill`-token prompt pass and of a 1-token decode step with a
-    KV cache (after one untimed warm-up pass)."""
+                  device: str = "cpu", start: SequenceStart | None = None) -> dict:
+    """Mean milliseconds of a `prefill`-token prompt pass (started as the model's sequences
+    start) and of a 1-token decode step with a KV cache (after one untimed warm-up pass)."""
     import time
 
     import torch
-    ids = torch.tensor([[_latency_token(i, vocab_size) for i in range(prefill)]], device=device)
+    ids = torch.tensor([latency_prompt(prefill, vocab_size, start)], device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     prefill_s, decode_s = [], []
     with torch.no_grad():
@@ -163,7 +210,7 @@ def torch_latency(model, vocab_size: int, prefill: int = 128, decode: int = 16, 
 
 
 def onnx_latency(model_dir, adapter_file=None, prefill: int = 128, decode: int = 16,
-                 repeats: int = 3) -> dict:
+                 repeats: int = 3, start: SequenceStart | None = None) -> dict:
     """The same figures through onnxruntime-genai's generator: `append_tokens` of the prompt,
     then `append_tokens` of one token at a time (each one forward pass with the KV cache)."""
     import time
@@ -176,7 +223,7 @@ def onnx_latency(model_dir, adapter_file=None, prefill: int = 128, decode: int =
     if adapter_file is not None:
         adapters = og.Adapters(model)
         adapters.load(str(adapter_file), "eval")
-    ids = [_latency_token(i, vocab) for i in range(prefill)]
+    ids = latency_prompt(prefill, vocab, start)
     prefill_s, decode_s = [], []
     for r in range(repeats + 1):
         params = og.GeneratorParams(model)
@@ -194,6 +241,12 @@ def onnx_latency(model_dir, adapter_file=None, prefill: int = 128, decode: int =
         generator.append_tokens([token])
         decode_s.append(time.perf_counter() - t0)
     return _latency(prefill_s, decode_s, prefill, decode)
+
+
+def latency_prompt(prefill: int, vocab_size: int, start: SequenceStart | None = None) -> list[int]:
+    """`prefill` ids: the model's sequence start, then the fixed timing stream."""
+    head = list(start.ids) if start is not None else []
+    return (head + [_latency_token(i, vocab_size) for i in range(prefill)])[:prefill]
 
 
 def _latency_token(i: int, vocab_size: int) -> int:

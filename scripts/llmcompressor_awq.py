@@ -73,10 +73,13 @@ def recipe(group_size: int, symmetric: bool):
                                  ignore=["lm_head"])]
 
 
-def perplexity(model, ids: list[int]) -> float:
-    """phitune's held-out perplexity, called as phitune's quantize step calls it."""
+def perplexity(model, ids: list[int], start: list[int]) -> float:
+    """phitune's held-out perplexity, called as phitune's quantize step calls it (its windows
+    started by the model's own start tokens, from bench.py's dump)."""
     from phitune.evaluate import perplexity as phitune_perplexity
-    return phitune_perplexity(model, None, [], device="cpu", ids=ids)
+    from phitune.sequence_start import SequenceStart
+    return phitune_perplexity(model, None, [], device="cpu", ids=ids,
+                              start=SequenceStart(tuple(start)))
 
 
 def main() -> None:
@@ -135,11 +138,15 @@ def main() -> None:
     if args.eval and ids and not args.layers:
         from transformers import CompressedTensorsConfig
         eval_start = time.perf_counter()
-        before = perplexity(load(args.model, None), ids)
+        from phitune.evaluate import scored_tokens
+        from phitune.sequence_start import SequenceStart
+        start = tokens.get("sequence_start", [])
+        before = perplexity(load(args.model, None), ids, start)
         after = perplexity(load(str(out), None, quantization_config=CompressedTensorsConfig(
-            dequantize=True)), ids)
+            dequantize=True)), ids, start)
         result.update(ppl_before=round(before, 4), ppl_after=round(after, 4),
-                      ppl_gap=round(after - before, 4), eval_tokens=len(ids) - 1,
+                      ppl_gap=round(after - before, 4),
+                      eval_tokens=scored_tokens(ids, 256, SequenceStart(tuple(start))),
                       eval_seconds=round(time.perf_counter() - eval_start, 1),
                       eval_protocol="llm-compressor's saved compressed-tensors checkpoint, "
                                     "decompressed to float by transformers, scored by "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EMBEDDED, REPO, save_with_embedded_tokenizer
+from conftest import EMBEDDED, REPO, save_with_embedded_tokenizer, write_bos_tokenizer
 
 FAMILIES = ("qwen2", "qwen3", "gemma3")
 TEMPLATE = r"<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
@@ -26,7 +26,8 @@ ONNX_TOL = 1e-4   # fp32 graph vs PyTorch, max |logit difference| over greedy de
 
 def build_tiny(family: str, path: Path, seed: int = 0) -> Path:
     """A random 2-layer model of `family` (hidden 128, Gemma 256; 4 heads / 2 KV heads) with tiny-phi3's
-    tokenizer, its norms' weights random too (so a wrongly folded norm shows)."""
+    tokenizer (Gemma's: made to start every text with <bos>, as Gemma's does), its norms' weights
+    random too (so a wrongly folded norm shows)."""
     import transformers as tf
     torch.manual_seed(seed)
     embedded = json.loads((EMBEDDED / "config.json").read_text())
@@ -50,7 +51,8 @@ def build_tiny(family: str, path: Path, seed: int = 0) -> Path:
             if "norm" in name:
                 param.copy_(torch.randn_like(param) * 0.3 + (0 if family == "gemma3" else 1))
     model.config.architectures = [type(model).__name__]
-    return save_with_embedded_tokenizer(model, path)
+    save_with_embedded_tokenizer(model, path)
+    return write_bos_tokenizer(path) if family == "gemma3" else path
 
 
 @pytest.fixture(scope="session")

@@ -25,12 +25,15 @@ HIDDEN = 256
 
 @pytest.fixture(scope="session")
 def genai_model(tmp_path_factory) -> Path:
-    """The embedded tiny-phi3 as an fp32 onnxruntime-genai model (~5 s)."""
+    """The embedded tiny-phi3 as an fp32 onnxruntime-genai model (~5 s), with the record of
+    its sequence start that auto-opt writes (else every Session asks transformers)."""
+    from phitune import sequence_start
     root = tmp_path_factory.mktemp("genai")
     out = root / "model"
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder",
                     "-i", str(REPO / "data" / "tiny-phi3"), "-o", str(out), "-p", "fp32",
                     "-e", "cpu", "-c", str(root / "cache")], check=True, capture_output=True)
+    sequence_start.record(out)
     return out
 
 

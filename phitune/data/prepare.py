@@ -11,6 +11,7 @@ from phitune.data.spec import TextSpec, validate_options
 from phitune.data.split import split_records
 from phitune.data.tokens import IGNORE_INDEX, tokenize_examples
 from phitune.errors import DataError
+from phitune.sequence_start import of_tokenizer
 
 
 @dataclass
@@ -30,13 +31,14 @@ def prepare(records: Sequence[Record], tokenizer, spec: TextSpec, max_seq_len: i
     """Split, tokenize, mask and (by default) pack validated records; count everything."""
     validate_options(max_seq_len, overflow, eval_split, eval_dataset_size)
     train_records, eval_records = split_records(records, eval_split, eval_dataset_size, seed)
+    start = of_tokenizer(tokenizer)
     train_ex, counts = tokenize_examples(train_records, tokenizer, spec, max_seq_len, overflow,
-                                         train_on_prompt)
+                                         train_on_prompt, start=start)
     eval_ex: list[dict] = []
     if eval_records:
         try:
             eval_ex, _ = tokenize_examples(eval_records, tokenizer, spec, max_seq_len, overflow,
-                                           train_on_prompt)
+                                           train_on_prompt, start=start)
         except DataError:  # an eval set with nothing trainable only loses the eval figures
             eval_ex = []
     pad = pad_id_of(tokenizer)
@@ -50,7 +52,7 @@ def prepare(records: Sequence[Record], tokenizer, spec: TextSpec, max_seq_len: i
         "n_tokens": n_tokens,
         "n_trained_tokens": sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX)
                                 for e in train_ex),
-        "max_seq_len": max_seq_len, "packing": packing,
+        "max_seq_len": max_seq_len, "packing": packing, "sequence_start": start.describe(),
         "n_rows": len(train_rows), "n_eval_rows": len(eval_rows),
         "padding_fraction": (round(1 - n_tokens / (len(train_rows) * max_seq_len), 4)
                              if packing and train_rows else None),

@@ -24,17 +24,23 @@ class Overflow:
 
 def tokenize_examples(records: Sequence[Record], tokenizer, spec: TextSpec, max_seq_len: int,
                       overflow: str = "truncate", train_on_prompt: bool = False,
-                      batch_size: int = 512) -> tuple[list[dict], Overflow]:
+                      batch_size: int = 512, start=None) -> tuple[list[dict], Overflow]:
     """Render and tokenize each record once, with labels that train only the response.
 
     The whole text is tokenized in one go (so training sees exactly the tokens inference
     sees) and a token is trained when its characters overlap a response span; a token
-    straddling the boundary counts as response. The first token's label is always masked:
+    straddling the boundary counts as response. Every example starts as the model's
+    sequences start (`start`, default: asked of the tokenizer; a chat template that writes
+    the BOS gets no second one); a text-template record also ends as the tokenizer ends a
+    text by default (usually with nothing), a chat's ends are its template's. The first
+    token's label is always masked:
     nothing in its own example predicts it, and in a packed row it would otherwise be the
     target of the previous example's last token. Examples left with no trained token are
     dropped and counted.
     """
     validate_options(max_seq_len, overflow)
+    from phitune.sequence_start import of_tokenizer
+    start = start if start is not None else of_tokenizer(tokenizer)
     examples: list[dict] = []
     counts = Overflow()
     records = as_records(records)
@@ -42,10 +48,10 @@ def tokenize_examples(records: Sequence[Record], tokenizer, spec: TextSpec, max_
         chunk = records[lo:lo + batch_size]
         rendered = [render(r, spec, tokenizer) for r in chunk]
         texts = [text for text, _ in rendered]
-        encoded = tokenizer(texts, add_special_tokens=not spec.chat,
-                            return_offsets_mapping=True)
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         for (text, spans), ids, offsets in zip(rendered, encoded["input_ids"],
                                                encoded["offset_mapping"]):
+            ids, offsets = _framed(start, ids, offsets, not spec.chat)
             if train_on_prompt:
                 spans = [(0, len(text))]
             labels = _labels(ids, offsets, spans, len(text))
@@ -69,6 +75,15 @@ def tokenize_examples(records: Sequence[Record], tokenizer, spec: TextSpec, max_
                         "--max_seq_len", "raise --max_seq_len, pass --overflow truncate, or "
                         "check that the response column is not empty")
     return examples, counts
+
+
+def _framed(start, ids: Sequence[int], offsets: Sequence[Sequence[int]], end: bool):
+    """The ids with the model's start before them (and, for `end`, the tokenizer's default end
+    after them), as added tokens: offsets (0, 0)."""
+    head = list(start.ids)[:start.added(ids)]
+    tail = start.end(ids) if end else []
+    return ([*head, *ids, *tail],
+            [(0, 0)] * len(head) + [tuple(o) for o in offsets] + [(0, 0)] * len(tail))
 
 
 def _labels(ids: Sequence[int], offsets: Sequence[Sequence[int]], spans: list[tuple[int, int]],

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from phitune import options as O
-from phitune import ui
+from phitune import sequence_start, ui
 from phitune.artifacts import Output, hf_kind, content_digest, resolve_model
 from phitune.errors import InputError, OptionError
 from phitune.genai_config import ADAPTER_FILE
@@ -127,6 +127,7 @@ def run(opts: AutoOptOptions) -> tuple[dict, bool]:
                                  *predicted_layout(config), where=str(adapter_dir))
 
     params = O.params(opts, NOT_IN_KEY)
+    params["sequence_start"] = sequence_start.RULE  # outputs without its record are stale
     if opts.precision == "int4":
         params["lm_head"] = LM_HEAD_QUANT  # in the key: exports with an int4 head are stale
     inputs = {"model": opts.model, "model_digest": model_ref.digest}
@@ -167,13 +168,15 @@ def _build_and_publish(opts: AutoOptOptions, out: Output, model_ref, base_kind: 
         release_memory()
         rss_at_build = current_rss_mb()
         builder_peak = run_builder(source, model_dir, opts.precision, opts.device, scratch, extra)
+        start = sequence_start.record(model_dir)  # og's tokenizer adds no BOS: infer reads this
         metrics: dict = {"precision": opts.precision, "device": opts.device,
                          **({"block_size": opts.block_size, "block_size_choice": block_choice}
                             if opts.precision == "int4" else {}),
                          "int4_source": _int4_source(base_kind, opts.precision),
                          **({"lm_head": f"{LM_HEAD_QUANT} (builder RTN)"}
                             if opts.precision == "int4" else {}),
-                         "builder_peak_rss_mb": round(builder_peak, 1)}
+                         "builder_peak_rss_mb": round(builder_peak, 1),
+                         "sequence_start": start.describe()}
         if opts.multi_lora:
             slots = add_lora_inputs(model_dir / "model.onnx", config)
             metrics["lora_slots"] = len(slots)

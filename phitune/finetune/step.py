@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from phitune import options as O
-from phitune import policy
+from phitune import policy, sequence_start
 from phitune import ui
 from phitune.artifacts import Output, content_digest, resolve_model
 from phitune.data import RecordOptions
@@ -110,6 +110,7 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
     model_ref = resolve_model(opts.model, accept=("hf-model", "awq-model"), step="finetune")
 
     params = {k: v for k, v in asdict(opts).items() if k not in _NOT_PARAMS}
+    params["sequence_start"] = sequence_start.RULE  # what starts (and ends) each record
     data_paths = [Path(opts.data_name)] if opts.data_name and Path(opts.data_name).is_dir() \
         else [Path(f) for f in opts.data_files]
     inputs = {"model": opts.model, "model_digest": model_ref.digest,

@@ -55,11 +55,12 @@ class Conversation:
                 messages += [{"role": "user", "content": user},
                              {"role": "assistant", "content": answer.text}]
             messages.append({"role": "user", "content": text})
-            return session.encode(session.chat_prompt(messages))
+            return session.prompt_ids(session.chat_prompt(messages))
         ids: list[int] = []
         for user, answer in self.turns:
             ids += session.encode(self.template.replace(PLACEHOLDER, user)) + answer.ids
-        return ids + session.encode(self.template.replace(PLACEHOLDER, text))
+        # the conversation starts once, as the model's sequences start; later turns do not
+        return session.sequence(ids + session.encode(self.template.replace(PLACEHOLDER, text)))
 
     def reset(self) -> None:
         self.turns.clear()

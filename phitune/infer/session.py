@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from phitune import genai_config, hugepages, ui
+from phitune import genai_config, hugepages, sequence_start, ui
 from phitune import options as O
 from phitune.errors import InputError, OptionError
 from phitune.errors import first_line as _first_line
@@ -129,6 +129,9 @@ class Session:
             raise InputError(f"onnxruntime-genai cannot load the model ({_first_line(exc)})",
                              str(self.model_dir), "re-export it with phitune auto-opt") from None
         self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
+        # og's tokenizer adds no start token: every prompt gets the model's own (a BOS for
+        # Gemma, nothing for Phi-3 or SmolLM2), read from the dir's tokenizer files
+        self.sequence_start = sequence_start.of_model_dir(self.model_dir)
         self.adapters = og.Adapters(self.model) if adapters else None
         self.adapter_names = [a.name for a in adapters]
         for adapter in adapters:
@@ -159,7 +162,17 @@ class Session:
     # ------------------------------------------------------------ prompts to tokens
 
     def encode(self, text: str) -> list[int]:
+        """The text's own ids (onnxruntime-genai's tokenizer adds nothing around them)."""
         return [int(t) for t in self.tokenizer.encode(text)]
+
+    def sequence(self, ids: Sequence[int]) -> list[int]:
+        """Ids as a prompt the model sees: its start token(s) once, then `ids`."""
+        return self.sequence_start.apply(ids)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A whole prompt's ids: the model's start, then the text's (a chat template that
+        writes the BOS itself gets no second one)."""
+        return self.sequence(self.encode(text))
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """The model's own chat template (from its tokenizer files), generation prompt added."""

@@ -35,19 +35,28 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-def token_blocks(texts: list[str], tokenizer, n_samples: int, seq_len: int):
+def token_blocks(texts: list[str], tokenizer, n_samples: int, seq_len: int, start=None):
     """`n_samples` blocks of `seq_len` tokens from the concatenated documents, spread over
-    the whole file so that calibration sees its variety, not only its start."""
+    the whole file so that calibration sees its variety, not only its start. Each block
+    starts as the model's sequences start (`start`, default: asked of the tokenizer; e.g.
+    BOS then text), so AWQ sees the activations the model has in use."""
     import torch
+
+    from phitune.sequence_start import of_tokenizer
+    start = start if start is not None else of_tokenizer(tokenizer)
+    head = list(start.ids)
     ids: list[int] = []
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + sep)
-    available = len(ids) // seq_len
+    width = seq_len - len(head)  # text tokens per block
+    available = len(ids) // width if width > 0 else 0
     if available == 0:
         raise DataError(f"calibration text has {len(ids)} tokens, fewer than one block of "
                         f"{seq_len}", "--calib_data", "pass more text or a smaller --calib_seq_len")
-    blocks = torch.tensor(ids[:available * seq_len]).view(available, seq_len)
+    text = torch.tensor(ids[:available * width]).view(available, width)
+    blocks = torch.cat([torch.tensor(head, dtype=text.dtype).expand(available, len(head)), text],
+                       dim=1)
     if available > n_samples:
         index = torch.linspace(0, available - 1, n_samples).round().long()
         blocks = blocks[index]

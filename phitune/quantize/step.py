@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phitune import options as O
-from phitune import policy, ui
+from phitune import policy, sequence_start, ui
 from phitune.artifacts import (Output, ResolvedModel, content_digest, data_dir, heldout_text,
                                resolve_model)
 from phitune.errors import OptionError
@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # annotations only: `quantize --help` imports this module
     from phitune.quantize.algorithms import Algorithm
 
 GROUP_SIZES = (32, 64, 128)
+EVAL_SEQ_LEN = 256  # ppl_before / ppl_after windows (what `phitune eval` uses by default)
 
 
 def default_calib_data() -> Path:
@@ -124,6 +125,7 @@ def _key(plan: _Plan) -> tuple[dict, dict]:
         for k in ("calib_samples", "calib_seq_len", "dtype"):
             params.pop(k)
     params.update(plan.algorithm.key_params)  # a new search makes outputs of the old one stale
+    params["sequence_start"] = sequence_start.RULE  # what starts calibration and ppl windows
     inputs = {"model": opts.model, "model_digest": plan.model_ref.digest}
     if calibrated:
         inputs["calib_digest"] = content_digest(plan.calib_path)
@@ -135,23 +137,24 @@ def _quantize(plan: _Plan, work: Path, device: str) -> dict:
     from phitune.quantize import calib
     opts = plan.opts
     model, tokenizer, size_before = _load(plan)
+    start = sequence_start.of_tokenizer(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     do_eval = opts.eval if opts.eval is not None else n_params < SMALL_MODEL_PARAMS
     eval_ids = _eval_ids(tokenizer, plan.eval_path) if do_eval else None  # tokenized once, scored twice
     metrics: dict = {"params_m": round(n_params / 1e6, 2), "group_size": opts.group_size,
-                     "group_size_choice": plan.group_choice}
+                     "group_size_choice": plan.group_choice, "sequence_start": start.describe()}
     if do_eval:
         ui.info("measuring held-out perplexity of the float model")
-        metrics["ppl_before"] = _ppl(model, eval_ids, metrics)
+        metrics["ppl_before"] = _ppl(model, eval_ids, start, metrics)
     compute_dtype = policy.calibration_dtype(opts.dtype, n_params, device, model.dtype)
-    samples = calib.token_blocks(plan.texts, tokenizer, opts.calib_samples, opts.calib_seq_len) \
-        if plan.algorithm.calibrated else None
+    samples = calib.token_blocks(plan.texts, tokenizer, opts.calib_samples, opts.calib_seq_len,
+                                 start) if plan.algorithm.calibrated else None
     compiled = plan.algorithm.searches and _compile_choice(opts, n_params, device, metrics)
     packed, alphas = _quantize_layers(model, plan, samples, device, compute_dtype, compiled)
     _save(model, packed, plan, work)
     del model, packed
     if do_eval:
-        _measure_quantized(work, eval_ids, metrics)
+        _measure_quantized(work, eval_ids, start, metrics)
     if plan.algorithm.calibrated:
         metrics["calib_tokens"] = int(samples.numel())
         metrics["mean_alpha"] = round(sum(a for la in alphas.values() for a in la.values())
@@ -214,11 +217,11 @@ def _save(model, packed, plan: _Plan, work: Path) -> None:
     _copy_tokenizer(plan.model_ref.path, work)
 
 
-def _measure_quantized(work: Path, eval_ids: list[int], metrics: dict) -> None:
+def _measure_quantized(work: Path, eval_ids: list[int], start, metrics: dict) -> None:
     from phitune.formats import awq_gemm as checkpoint
     ui.info("measuring held-out perplexity of the quantized checkpoint")
     quantized = checkpoint.load_awq_dequantized(work)
-    metrics["ppl_after"] = _ppl(quantized, eval_ids, metrics)
+    metrics["ppl_after"] = _ppl(quantized, eval_ids, start, metrics)
     metrics["ppl_gap"] = round(metrics["ppl_after"] - metrics["ppl_before"], 4)
 
 
@@ -228,15 +231,16 @@ def _eval_ids(tokenizer, path: Path) -> list[int]:
     return token_ids(tokenizer, calib.read_texts(path))
 
 
-def _ppl(model, ids: list[int], metrics: dict) -> float:
-    """Held-out perplexity on CPU; its seconds and tokens add up in `metrics`."""
+def _ppl(model, ids: list[int], start, metrics: dict) -> float:
+    """Held-out perplexity on CPU, windows started by `start`; its seconds and tokens add up
+    in `metrics`."""
     import time
 
-    from phitune.evaluate import perplexity
-    start = time.perf_counter()
-    ppl = perplexity(model, None, [], device="cpu", ids=ids)
-    metrics["eval_seconds"] = round(metrics.get("eval_seconds", 0) + time.perf_counter() - start, 1)
-    metrics["eval_tokens"] = metrics.get("eval_tokens", 0) + len(ids) - 1
+    from phitune.evaluate import perplexity, scored_tokens
+    began = time.perf_counter()
+    ppl = perplexity(model, None, [], EVAL_SEQ_LEN, device="cpu", ids=ids, start=start)
+    metrics["eval_seconds"] = round(metrics.get("eval_seconds", 0) + time.perf_counter() - began, 1)
+    metrics["eval_tokens"] = metrics.get("eval_tokens", 0) + scored_tokens(ids, EVAL_SEQ_LEN, start)
     return round(ppl, 4)
 
 

@@ -108,7 +108,7 @@ class Api:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
-            ids = self.session.encode(self.session.chat_prompt(messages))
+            ids = self.session.prompt_ids(self.session.chat_prompt(messages))
         except PhituneError as exc:  # a template that rejects these messages
             raise ApiError(400, exc.what, param="messages") from None
         return await self._generate(request, body, ids, adapter, chat=True)
@@ -121,12 +121,14 @@ class Api:
                                     chat=False)
 
     def _prompt_ids(self, prompt) -> list[int]:
-        """A completion's prompt as token ids: a string (or a list of one) is encoded, a list
-        of ids is checked against the vocabulary."""
+        """A completion's prompt as token ids: a string (or a list of one) is encoded and
+        started as the model's sequences start; a list of ids is the caller's sequence as
+        given, checked against the vocabulary."""
         if isinstance(prompt, list) and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
             ids = self.session.encode(prompt)
+            ids = self.session.sequence(ids) if ids else ids  # nothing to start: refused below
         else:
             vocab = genai_config.vocab_size(self.session.model_dir)
             if any(t < 0 or t >= vocab for t in prompt):

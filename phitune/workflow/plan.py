@@ -6,7 +6,8 @@ Nothing here loads a model or imports torch: a bad file fails in well under a se
 Keys: a step's key is sha256 over its type, its options as the command parses them (defaults
 filled in, so spelling an option at its default changes nothing), the keys of the steps it
 reads (`@name`), and content digests of the local files and directories it reads (so moving
-a data file keeps the cache; editing it re-runs the step). Options that do not shape the
+a data file keeps the cache; editing it re-runs the step), and `sequence_start.RULE` (what
+starts every sequence a step feeds its model). Options that do not shape the
 output (`resume`, `save_steps`) are left out. A step's output is `<cache_dir>/<type>-<key16>`;
 an existing one is complete (outputs are published atomically), so the step is skipped.
 """
@@ -25,6 +26,7 @@ import click
 from phitune.artifacts import (EMBEDDED_MODELS, EMBEDDED_NAMES, content_digest,
                                embedded_path, make_key, read_manifest)
 from phitune import registry
+from phitune.sequence_start import RULE
 from phitune.errors import InputError, OptionError, OutputError
 
 DEFAULT_CACHE_DIR = ".phitune-cache"
@@ -358,6 +360,7 @@ def compute_keys(wf: Workflow) -> None:
     keys: dict[str, str] = {}
     for step in wf.steps:
         params = {k: _keyed(v, k, keys, digests) for k, v in step.params.items()}
+        params["sequence_start"] = RULE  # every step's data starts by it (quantize, eval...)
         step.key = make_key(f"workflow/{step.type}", {"steps": {d: keys[d] for d in step.deps}},
                             params)
         keys[step.name] = step.key

@@ -25,7 +25,7 @@ def chat_turns(model_dir: str, questions: list[str], new_tokens: int, keep: bool
     prepare_s = time.perf_counter() - start
     for question in questions:
         messages.append({"role": "user", "content": question})
-        ids = session.encode(session.chat_prompt(messages))
+        ids = session.prompt_ids(session.chat_prompt(messages))
         answer = session.generate(ids, Sampling(max_new_tokens=new_tokens), keep=keep)
         messages.append({"role": "assistant", "content": answer.text})
         turns.append({"prompt": len(ids), "cached": answer.cached_tokens, "ttft_s": answer.ttft_s,

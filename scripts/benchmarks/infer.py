@@ -212,7 +212,7 @@ def bench_infer(args: argparse.Namespace) -> None:
         + "PyTorch runs as plain Python does")
 
     for name, float_dir in models:
-        ids = prompt_ids(float_dir / "tokenizer.json", args.prompt_tokens)
+        ids = prompt_ids(float_dir, args.prompt_tokens)
         lora = random_lora(float_dir, cache / f"infer-{name}-lora-r{args.lora_r}", args.lora_r)
         spec = "tiny-phi3" if name == "tiny-phi3" else str(float_dir)
         n = args.new_tokens

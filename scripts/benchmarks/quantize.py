@@ -38,10 +38,12 @@ def plain_forward(args: argparse.Namespace) -> None:
     if args.dump:  # the same tokens for a peer quantizer (scripts/llmcompressor_awq.py)
         from phitune.artifacts import heldout_text
         from phitune.evaluate import token_ids
+        from phitune.sequence_start import of_tokenizer
         eval_path = Path(args.eval_data) if args.eval_data else heldout_text()
         Path(args.dump).write_text(json.dumps({
             "model_dir": str(ref.path), "calib": samples.tolist(),
-            "eval_ids": token_ids(tokenizer, calib.read_texts(eval_path))}))
+            "eval_ids": token_ids(tokenizer, calib.read_texts(eval_path)),
+            "sequence_start": list(of_tokenizer(tokenizer).ids)}))
     print(json.dumps({"seconds": seconds, "tokens": samples.numel()}))
 
 

@@ -220,8 +220,10 @@ def engine_batching(model_dir: str, new_tokens: int, batches: list[int]) -> dict
     import numpy as np
     import onnxruntime_genai as og
     from phitune.infer.session import _config
+    from phitune.sequence_start import of_model_dir
     model = og.Model(_config(og, Path(model_dir)))
     tokenizer = og.Tokenizer(model)
+    sequence = of_model_dir(model_dir)  # og's tokenizer adds no BOS; phitune's Session adds it
     out = {}
     for batch in batches:
         engine = og.Engine(model)
@@ -230,8 +232,8 @@ def engine_batching(model_dir: str, new_tokens: int, batches: list[int]) -> dict
         start = time.perf_counter()
         for i in range(batch):
             messages = [{"role": "user", "content": SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)]}]
-            ids = tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages),
-                                                                 add_generation_prompt=True))
+            ids = sequence.apply(tokenizer.encode(tokenizer.apply_chat_template(
+                json.dumps(messages), add_generation_prompt=True)))
             request = engine.create_request()
             turn = og.TurnOptions(request)
             turn.set_max_generated_tokens(new_tokens)

@@ -91,12 +91,14 @@ def random_lora(model_dir: Path, path: Path, rank: int) -> Path:
     return path
 
 
-def prompt_ids(tokenizer_file: Path, n: int) -> list[int]:
-    """The first `n` tokens of travel.jsonl's text, no special tokens."""
-    from tokenizers import Tokenizer
+def prompt_ids(model_dir: Path, n: int) -> list[int]:
+    """The first `n` tokens of travel.jsonl's text, started as the model's sequences start."""
+    from phitune.models import load_tokenizer
+    from phitune.sequence_start import of_tokenizer
+    tokenizer = load_tokenizer(model_dir)
     records = [json.loads(line) for line in open(REPO / "data" / "travel.jsonl") if line.strip()]
     text = "\n".join(f"{r['prompt']} {r['response']}" for r in records)
-    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
+    ids = of_tokenizer(tokenizer).encode(tokenizer, text)
     if len(ids) < n:
         sys.exit(f"travel.jsonl has only {len(ids)} tokens; --prompt_tokens {n} is too many")
     return ids[:n]
