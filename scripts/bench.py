@@ -8,6 +8,7 @@
     python scripts/bench.py infer                         # decode tok/s, TTFT: int4 (block 32 / 128) vs PyTorch, vs bandwidth
     python scripts/bench.py chat                          # TTFT per chat turn: kept KV cache vs a fresh prefill per turn
     python scripts/bench.py serve                         # phitune serve: 1-8 clients, two adapters + base; soak
+    python scripts/bench.py sequence-start                # a BOS-trained Gemma-shaped model's ppl with / without <bos>
 
 Each benchmark is a module of scripts/benchmarks/ (one per step, one shared harness).
 Every run is a fresh `phitune --json quantize` subprocess, so peak RSS is that run's own.

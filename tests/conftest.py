@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 import background_demo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # benchmarks.shapes
+from benchmarks.shapes import BOS_ID, write_bos_tokenizer  # noqa: E402,F401  (Gemma-like tokenizer)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -46,39 +50,6 @@ def save_with_embedded_tokenizer(model, path: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (EMBEDDED / name).is_file():
             shutil.copy(EMBEDDED / name, path / name)
-    return path
-
-
-# Gemma's tokenizer starts every text with <bos> (its tokenizer.json post-processor says so),
-# and so does its instruct chat template ({{ bos_token }}): the embedded tokenizer made to do
-# the same, its unused <|system|> token (id 8190) renamed <bos>. Everything else is tiny-phi3's.
-BOS_ID = 8190
-BOS_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + "
-                     "m['content'] + '<|end|>\n' }}{% endfor %}"
-                     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
-
-
-def write_bos_tokenizer(path: Path) -> Path:
-    """Gemma's start-of-sequence behaviour on the embedded tokenizer, written into `path`."""
-    tokenizer = json.loads((EMBEDDED / "tokenizer.json").read_text())
-    for token in tokenizer["added_tokens"]:
-        if token["id"] == BOS_ID:
-            token["content"] = "<bos>"
-    bos, text = {"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}
-    tokenizer["post_processor"] = {
-        "type": "TemplateProcessing", "single": [bos, text],
-        "pair": [bos, text, {"SpecialToken": {"id": "<bos>", "type_id": 1}},
-                 {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [BOS_ID], "tokens": ["<bos>"]}}}
-    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
-    config = json.loads((EMBEDDED / "tokenizer_config.json").read_text())
-    config.update(bos_token="<bos>", chat_template=BOS_CHAT_TEMPLATE,
-                  extra_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"])
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-    model_config = path / "config.json"
-    if model_config.is_file():
-        (model_config).write_text(json.dumps(json.loads(model_config.read_text())
-                                             | {"bos_token_id": BOS_ID}, indent=1))
     return path
 
 
