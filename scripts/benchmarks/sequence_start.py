@@ -20,8 +20,8 @@ from benchmarks.harness import CACHE, REPO, phitune_json
 def register(sub) -> None:
     p = sub.add_parser("sequence-start", help="perplexity of a BOS-trained Gemma-shaped model "
                        "with and without its <bos>")
-    p.add_argument("--steps", type=int, default=300, help="training steps (batch 16)")
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=200, help="training steps (batch 16)")
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq_len", type=int, default=128, help="training and perplexity windows")
     p.set_defaults(func=run)
 
@@ -106,5 +106,39 @@ def run(args) -> None:
     print(f"  without (plain text windows, before issue 33): {without:.3f} over "
           f"{scored_tokens(ids, args.seq_len, plain)} targets")
     print(f"  ratio without / with: {without / with_rule['ppl']:.2f}×")
+    print("the same targets (text tokens 2..N of each window, by position) with and without "
+          "<bos> before the window:")
+    for span, with_bos, plain_ppl in by_position(model, ids, tokenizer.bos_token_id, args.seq_len):
+        print(f"  text token {span:>6}: {with_bos:9.2f} with <bos>, {plain_ppl:9.2f} without "
+              f"({plain_ppl / with_bos:.2f}×)")
     print(f"reproduce: python scripts/bench.py sequence-start --steps {args.steps} "
           f"--layers {args.layers} --seq_len {args.seq_len}  ({REPO.name})")
+
+
+SPANS = ((1, 2), (2, 3), (3, 5), (5, 9), (9, 17), (17, 33), (33, None))
+
+
+def by_position(model, ids: list[int], bos: int, seq_len: int):
+    """(positions, ppl with <bos>, ppl without) for the same targets: windows of `seq_len`
+    text tokens, each token after the first predicted from the window's text before it, with
+    and without a <bos> in front; the gap is what the missing <bos> costs at that position."""
+    import math
+
+    import torch
+    chunks = torch.tensor([ids[i:i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)])
+
+    def nll(rows, skip):
+        out = []
+        with torch.inference_mode():
+            for batch in rows.split(32):
+                logits = model(batch[:, :-1], use_cache=False).logits.float()
+                scores = torch.log_softmax(logits, -1).gather(-1, batch[:, 1:, None])[..., 0]
+                out.append(-scores[:, skip:])
+        return torch.cat(out)
+    plain = nll(chunks, 0)
+    started = nll(torch.cat([torch.full((len(chunks), 1), bos), chunks], 1), 1)
+    for a, b in SPANS:
+        end = b or seq_len
+        label = f"{a + 1}-{end}" if end > a + 1 else str(a + 1)  # the targets' text positions
+        yield (label, math.exp(started[:, a - 1:end - 1].mean()),
+               math.exp(plain[:, a - 1:end - 1].mean()))
