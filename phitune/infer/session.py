@@ -130,7 +130,7 @@ class Session:
                              str(self.model_dir), "re-export it with phitune auto-opt") from None
         self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
         # og's tokenizer adds no start token: every prompt gets the model's own (a BOS for
-        # Gemma, nothing for Phi-3 or SmolLM2), read from the dir's tokenizer files
+        # Gemma, nothing for tiny-phi3 or SmolLM2), read from the dir's tokenizer files
         self.sequence_start = sequence_start.of_model_dir(self.model_dir)
         self.adapters = og.Adapters(self.model) if adapters else None
         self.adapter_names = [a.name for a in adapters]
