@@ -73,10 +73,10 @@ class EvalOptions(RecordOptions):      # records, read as `phitune finetune` rea
     latency: bool = O.option(True, "Time a 128-token prefill and 1-token decode steps with a KV "
                              "cache.", negatable=True)
     max_ppl: float | None = O.option(None, "Fail (exit 3) when the perplexity is above X.",
-                                     metavar="X", type=float)
+                                     metavar="X", type=float, above=0)
     max_latency_ms: float | None = O.option(
         None, "Fail (exit 3) when the decode latency per token is above MS.", metavar="MS",
-        type=float)
+        type=float, above=0)
     device: str = O.device()
     dtype: str = O.dtype("Torch compute dtype; auto: the dtype finetune trained in when the "
                          "model is a finetune output, else fp32 for small models, bf16 for large.")
@@ -86,8 +86,8 @@ def run(opts: EvalOptions) -> dict:
     """Measure; returns the figures. Raises ConstraintError (its `.metrics` holds the same
     figures) when a `max_ppl` / `max_latency_ms` bound is missed."""
     files = _files(opts.data_files)
+    O.validate(opts)  # declared ranges and choices (for callers in code; the CLI did it)
     records_mode = _check(opts, files)
-    O.validate(opts)  # declared ranges and choices, before any model loads
     watch = time.perf_counter()
     if records_mode:
         source, held, spec, split = _records(opts, files)
@@ -140,20 +140,9 @@ def _check(opts: EvalOptions, files: tuple[str, ...]) -> bool:
     if opts.adapter and opts.no_adapter:
         raise OptionError("--adapter and --no-adapter contradict each other", "phitune eval",
                           "pass one of them")
-    if opts.seq_len < 2 or opts.max_tokens < 2:
-        raise OptionError("--seq_len and --max_tokens must be at least 2", "phitune eval",
-                          "e.g. --seq_len 256 (what quantize measures with)")
-    for name in ("max_ppl", "max_latency_ms"):
-        value = getattr(opts, name)
-        if value is not None and not value > 0:
-            raise OptionError(f"--{name} must be positive (got {value})", f"--{name}",
-                              "pass the largest acceptable figure")
     if opts.max_latency_ms is not None and not opts.latency:
         raise OptionError("--max_latency_ms needs the latency measurement that --no-latency skips",
                           "--max_latency_ms / --no-latency", "drop one of them")
-    if opts.dtype not in O.DTYPES:
-        raise OptionError(f"unknown --dtype {opts.dtype}", "--dtype",
-                          "use auto, float32, bfloat16 or float16")
     return records_mode
 
 

@@ -10,6 +10,7 @@ workflow layer can parse a step's options without importing `phitune.cli`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +44,8 @@ class Spec:
     max: float | None = None
     below: float | None = None       # exclusive upper bound
     above: float | None = None       # exclusive lower bound
+    also: tuple = ()                 # values accepted outside the bounds (max_steps -1: epochs)
+    among: tuple | None = None       # the only numeric values accepted (bits, group sizes)
     ranged: bool = False             # click itself refuses values out of the bounds
     envvar: str | None = None        # read from this environment variable when not given
 
@@ -137,33 +140,54 @@ def command_for(name: str, cls: type) -> click.Command:
 def from_kwargs(cls: type, kwargs: dict) -> Any:
     """`cls` from click's values (dest names like eval_ map back to their fields)."""
     names = {spec.dest or f.name: f.name for f, spec in specs(cls)}
-    return cls(**{names.get(k, k): v for k, v in kwargs.items()})
+    opts = cls(**{names.get(k, k): v for k, v in kwargs.items()})
+    validate(opts)  # every command and every `run --config` step passes here before it runs
+    return opts
 
 
 def validate(opts: Any) -> None:
-    """Every declared range and choice, checked before a model loads."""
+    """Every declared range and choice, checked before a model loads (`from_kwargs` calls it:
+    the CLI and `run --config` alike; a step's `run` may call it again for callers in code)."""
     for f, spec in specs(type(opts)):
-        value = getattr(opts, f.name)
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            continue
-        flag = f"--{f.name}"
-        if spec.choices is not None and value not in spec.choices:
-            raise OptionError(f"{flag} {value} is not one of {', '.join(map(str, spec.choices))}",
-                              flag, f"use one of {', '.join(map(str, spec.choices))}")
-        if isinstance(value, str):
-            continue
-        if spec.min is not None and value < spec.min:
-            raise OptionError(f"{flag} {value} is below {spec.min:g}", flag,
-                              f"pass a value ≥ {spec.min:g}")
-        if spec.max is not None and value > spec.max:
-            raise OptionError(f"{flag} {value} is above {spec.max:g}", flag,
-                              f"pass a value ≤ {spec.max:g}")
-        if spec.above is not None and value <= spec.above:
-            raise OptionError(f"{flag} {value} must be above {spec.above:g}", flag,
-                              f"pass a value > {spec.above:g}")
-        if spec.below is not None and value >= spec.below:
-            raise OptionError(f"{flag} {value} must be below {spec.below:g}", flag,
-                              f"pass a value < {spec.below:g}")
+        check_value(f.name, spec, getattr(opts, f.name))
+
+
+def check_value(name: str, spec: Spec, value: Any) -> None:
+    """One option's value against its declaration; an OptionError naming the option."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return
+    flag = f"--{name}"
+    if spec.choices is not None and value not in spec.choices:
+        raise OptionError(f"{flag} {value} is not one of {', '.join(map(str, spec.choices))}",
+                          flag, f"use one of {', '.join(map(str, spec.choices))}")
+    if isinstance(value, str) or value in spec.also:
+        return
+    bounded = any(b is not None for b in (spec.min, spec.max, spec.above, spec.below, spec.among))
+    if bounded and isinstance(value, float) and not math.isfinite(value):
+        raise OptionError(f"{flag} {value} is not a finite number", flag, _fix(spec))
+    if spec.among is not None and value not in spec.among:
+        raise OptionError(f"{flag} {value} is not supported", flag, _fix(spec))
+    if (spec.min is not None and value < spec.min or spec.max is not None and value > spec.max
+            or spec.above is not None and value <= spec.above
+            or spec.below is not None and value >= spec.below):
+        raise OptionError(f"{flag} {value} is out of range ({_range(spec)})", flag, _fix(spec))
+
+
+def _range(spec: Spec) -> str:
+    low = f"≥ {spec.min:g}" if spec.min is not None else \
+        f"> {spec.above:g}" if spec.above is not None else None
+    high = f"≤ {spec.max:g}" if spec.max is not None else \
+        f"< {spec.below:g}" if spec.below is not None else None
+    text = " and ".join(p for p in (low, high) if p) or "any number"
+    if spec.also:
+        text += f", or {' or '.join(map(str, spec.also))}"
+    return text
+
+
+def _fix(spec: Spec) -> str:
+    if spec.among is not None:
+        return f"use one of {', '.join(map(str, spec.among))}"
+    return f"pass a value {_range(spec)}"
 
 
 def params(opts: Any, exclude: tuple[str, ...] = ()) -> dict:

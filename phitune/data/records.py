@@ -31,12 +31,12 @@ class RecordOptions:
         "prompt/response, instruction/output or question/answer columns; loss on the assistant "
         "turns.", flag=True)
     train_on_prompt: bool = O.option(False, flag=True)
-    max_seq_len: int = O.option(1024, min=1)
+    max_seq_len: int = O.option(1024, min=2)
     overflow: str = O.option("truncate", "What to do with records longer than --max_seq_len.",
                              choices=("truncate", "drop"), dashed=False)
-    eval_split: float | None = O.option(None, type=float)
-    eval_dataset_size: int | None = O.option(None, type=int)
-    seed: int = O.option(42, dashed=False)
+    eval_split: float | None = O.option(None, type=float, above=0, below=1)
+    eval_dataset_size: int | None = O.option(None, type=int, min=1)
+    seed: int = O.option(42, dashed=False, min=0, max=2**32 - 1)
 
 
 class Record(dict):

@@ -130,9 +130,6 @@ def make_spec(text_template: str | None = None, text_cols: str | Sequence[str] |
 def validate_options(max_seq_len: int = 1024, overflow: str = "truncate",
                      eval_split: float | None = None, eval_dataset_size: int | None = None) -> None:
     """The numeric data options, checked before any file or model is read."""
-    if not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise OptionError(f"--max_seq_len must be an integer of at least 2 (got {max_seq_len!r})",
-                          "--max_seq_len", "pass e.g. --max_seq_len 1024")
     if overflow not in OVERFLOW:
         raise OptionError(f"unknown overflow policy '{overflow}'", "--overflow",
                           "pass --overflow truncate or --overflow drop")

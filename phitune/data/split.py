@@ -13,13 +13,6 @@ def check_split_options(eval_split: float | None, eval_dataset_size: int | None)
     if eval_split is not None and eval_dataset_size is not None:
         raise OptionError("--eval_split and --eval_dataset_size are both given",
                           "--eval_split / --eval_dataset_size", "pass one of them")
-    if eval_split is not None and not 0 < eval_split < 1:
-        raise OptionError(f"--eval_split must be a fraction between 0 and 1 (got {eval_split})",
-                          "--eval_split", "pass e.g. --eval_split 0.1")
-    if eval_dataset_size is not None and (not isinstance(eval_dataset_size, int)
-                                          or eval_dataset_size < 1):
-        raise OptionError(f"--eval_dataset_size must be a positive integer (got "
-                          f"{eval_dataset_size!r})", "--eval_dataset_size", "pass e.g. 20")
 
 
 def split_records(records: Sequence[Record], eval_split: float | None = None,

@@ -14,7 +14,6 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import click
 
 from phitune import options as O
 from phitune import sequence_start, ui
@@ -50,10 +49,10 @@ class AutoOptOptions:
         None, "int4 block size of the LM head and of a float input's layers (rounded to "
         "nearest; 128 decodes faster on CPU, 32 stays closer to float). An AWQ input's "
         "layers keep their group size. Default: an AWQ input's group size; for a float input 32, "
-        "or 16 where 32 does not divide the model's widths.", type=int)
+        "or 16 where 32 does not divide the model's widths.", type=int, among=BLOCK_SIZES)
     accuracy_level: int | None = O.option(
         None, "MatMulNBits compute: 4 = int8 (CPU default), 3 = bf16, 2 = fp16, 1 = fp32.",
-        type=click.IntRange(0, 4))
+        type=int, among=(0, 1, 2, 3, 4))
     multi_lora: bool = O.option(True, "Give every projection optional LoRA inputs so any adapter "
                                 "loads at run time.", negatable=True)
     use_ort_genai: bool = O.option(False, "Accepted for the lab's command line: the output is "
@@ -77,9 +76,6 @@ def validate(opts: AutoOptOptions) -> AutoOptOptions:
                               f"{opts.device}", "phitune auto-opt",
                               f"pass --device {wanted}, or drop --provider")
     precision = opts.precision or "int4"
-    if opts.block_size is not None and opts.block_size not in BLOCK_SIZES:
-        raise OptionError(f"--block_size {opts.block_size} is not supported", "--block_size",
-                          "use 16, 32, 64, 128 or 256")
     if opts.accuracy_level is not None and precision != "int4":
         raise OptionError("--accuracy_level applies to int4 only", "phitune auto-opt",
                           "drop --accuracy_level or use --precision int4")

@@ -40,20 +40,21 @@ class FinetuneOptions(RecordOptions):
     packing: bool = O.option(True, "Pack short records into full rows (no compute spent on "
                              "padding).", negatable=True)
     lora_r: int = O.option(64, min=1)
-    lora_alpha: float = O.option(16.0)
+    lora_alpha: float = O.option(16.0, above=0)
     lora_dropout: float = O.option(0.05, min=0, below=1)
     target_modules: str | None = O.option(None, "Modules to adapt (default: every projection).",
                                           metavar="A,B", type=str)
     merge: bool = O.option(False, "Also write merged/: base + adapter in float.", flag=True)
-    max_steps: int = O.option(-1, "Optimizer steps (wins over epochs).")
-    num_train_epochs: float = O.option(1.0)
-    learning_rate: float = O.option(2e-4)
+    max_steps: int = O.option(-1, "Optimizer steps (wins over epochs; -1: train "
+                               "--num_train_epochs).", min=1, also=(-1,))
+    num_train_epochs: float = O.option(1.0, above=0)
+    learning_rate: float = O.option(2e-4, above=0)
     per_device_train_batch_size: int = O.option(
         4, "Rows per optimizer step and device. CPU runs them a row at a time (rows under 512 "
         "tokens: up to 512 tokens a pass): same gradient, less memory.", min=1)
     gradient_accumulation_steps: int = O.option(1, min=1)
     warmup_steps: int = O.option(0, min=0)
-    max_grad_norm: float = O.option(1.0)
+    max_grad_norm: float = O.option(1.0, min=0)  # 0: no clipping
     gradient_checkpointing: bool | None = O.option(
         None, "Recompute activations in backward: less memory, more time (default: on when a "
         "pass's activations would take over half the free memory; never below 64M parameters).",
@@ -77,31 +78,11 @@ _NOT_PARAMS = ("model", "output", "force", "resume", "device", "save_steps", "ex
                "data_files", "data_name")
 
 
-def _check(opts: FinetuneOptions) -> None:
-    if opts.method not in ("lora", "qlora"):
-        raise OptionError(f"unknown --method {opts.method}", "--method", "use lora or qlora")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps"):
-        if getattr(opts, name) < 1:
-            raise OptionError(f"--{name} must be ≥ 1", f"--{name}", "pass a positive integer")
-    if opts.learning_rate <= 0:
-        raise OptionError("--learning_rate must be positive", "--learning_rate", "e.g. 2e-4")
-    if opts.max_steps == 0 or opts.max_steps < -1:
-        raise OptionError(f"--max_steps {opts.max_steps} trains nothing", "--max_steps",
-                          "pass a positive number of steps, or -1 (the default) to train "
-                          "--num_train_epochs")
-    if opts.max_steps <= 0 and opts.num_train_epochs <= 0:
-        raise OptionError("nothing to train: --max_steps and --num_train_epochs are both ≤ 0",
-                          "--max_steps", "pass --max_steps N or --num_train_epochs N")
-    if not 0 <= opts.lora_dropout < 1:
-        raise OptionError("--lora_dropout must be in [0, 1)", "--lora_dropout", "e.g. 0.05")
-
-
 def run(opts: FinetuneOptions) -> tuple[dict, bool]:
     """Fine-tune; returns (manifest, was_up_to_date). Under torchrun every rank trains and
     rank 0 alone writes the output."""
     from phitune import data
     opts = replace(opts, data_files=split_files(opts.data_files))
-    _check(opts)
     O.validate(opts)  # declared ranges and choices, before any data or model loads
     spec = data.make_spec(opts.text_template, opts.text_cols, opts.use_chat_template)
     data.validate_options(opts.max_seq_len, opts.overflow, opts.eval_split, opts.eval_dataset_size)

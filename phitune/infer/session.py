@@ -39,7 +39,7 @@ class Sampling:
     top_k: int | None = O.option(None, "Sample from the k most likely tokens.", type=int, min=1,
                                  ranged=True)
     seed: int | None = O.option(None, "Random seed for sampling (repeatable answers).", type=int,
-                                dashed=False)
+                                dashed=False, min=0, max=2**32 - 1)
 
     @property
     def sample(self) -> bool:

@@ -247,6 +247,11 @@ def _build_step(name: str, spec: dict, earlier: list[str], all_names: list[str],
         raise OptionError(f"step '{name}' ({step_type}): {exc.format_message()}", str(source),
                           f"see 'phitune {step_type} --help'") from None
     spec = registry.step(step_type)
+    try:  # the declared ranges, as on the command line, before any step of the file runs
+        spec.make(ctx.params)
+    except OptionError as exc:
+        raise OptionError(f"step '{name}' ({step_type}): {exc.what}", str(source),
+                          exc.fix) from None
     bounds = {k: ctx.params.get(k) for k in spec.bounds}
     params = {k: v for k, v in ctx.params.items() if k not in spec.not_in_key and k not in bounds}
     return Step(name, step_type, args, params, list(dict.fromkeys(deps)), publish, has_output,
