@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from phitune import __version__, oserrors
+from phitune import __version__, inputfiles, oserrors
 from phitune.errors import InputError, OutputError
 
 MANIFEST = "phitune.json"
@@ -153,6 +153,8 @@ def resolve_model(spec: str, accept: tuple[str, ...], step: str) -> ResolvedMode
             return _from_gguf(spec, path, accept, step)
         return _check_kind(_local(spec, path), accept, step)
     path = Path(spec).expanduser()
+    if not path.is_dir():  # a FIFO or /dev/zero (behind a link or not): refused before reading
+        inputfiles.check_regular(path, f"-m of phitune {step}")
     if path.is_file() and _is_gguf_file(path):
         return _from_gguf(spec, path, accept, step)
     if path.exists():
@@ -222,13 +224,16 @@ def _local(spec: str, path: Path) -> ResolvedModel:
 
 def _config(path: Path) -> dict:
     file = Path(path) / "config.json"
-    if not file.is_file():
+    if not file.exists():
         return {}
     try:
-        return json.loads(file.read_text())
+        return json.loads(inputfiles.read_text(file, str(file), limit=inputfiles.CONFIG_LIMIT))
     except json.JSONDecodeError as exc:
         raise InputError(f"config.json is not valid JSON ({exc.msg}, line {exc.lineno})",
                          str(file), "repair or re-download the model") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"config.json is not UTF-8 text (byte {exc.start})", str(file),
+                         "repair or re-download the model") from None
 
 
 def hf_kind(config: dict) -> str:

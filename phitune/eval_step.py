@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from phitune import genai_config, ui
+from phitune import genai_config, inputfiles, ui
 from phitune import options as O
 from phitune import policy, sequence_start
 from phitune.artifacts import hf_kind, heldout_text, resolve_model
@@ -166,9 +166,10 @@ def _records(opts: EvalOptions, files: tuple[str, ...]):
 def _texts(opts: EvalOptions) -> tuple[str, list[str]]:
     from phitune.quantize.calib import read_texts
     path = Path(opts.text_file).expanduser() if opts.text_file else heldout_text()
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"text file not found: {path}", "--text_file",
                         "pass an existing .txt file (one document) or .jsonl with a 'text' field")
+    inputfiles.check_regular(path, "--text_file", DataError)
     try:
         return str(path), read_texts(path)
     except DataError as exc:

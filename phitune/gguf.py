@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from phitune import __version__, ui
+from phitune import __version__, inputfiles, ui
 from phitune.artifacts import _TMP_MARK, MANIFEST, _recover, make_key, read_manifest
 from phitune.errors import InputError, first_line
 
@@ -62,8 +62,9 @@ def hf_dir(file: Path, spec: str | None = None) -> Path:
     """The Hugging Face checkpoint dir holding `file`'s model, converting it on first use."""
     file = Path(file)
     spec = spec or str(file)
-    if not file.is_file():
+    if not file.exists():
         raise InputError(f"{spec} is not a file", "-m", "pass the path of a .gguf model file")
+    inputfiles.check_regular(file, "-m")
     _check_magic(file, spec)
     sha = file_sha256(file)
     key = conversion_key(sha)

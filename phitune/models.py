@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from phitune import inputfiles
 from phitune.architectures import SUPPORTED_CLASSES, family, family_of_config
 from phitune.errors import DeviceError, InputError
 
@@ -159,7 +160,7 @@ def check_safetensors(file: Path | str) -> tuple[int, dict]:
     zero-byte file is an error here, never zeros later. Reads the header only."""
     import json
     import struct
-    file = Path(file)
+    file = inputfiles.check_regular(file, str(file))
     size = file.stat().st_size
     if size < 8:
         raise corrupt(file, f"{size} bytes, too short for a safetensors header")

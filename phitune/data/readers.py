@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from phitune import inputfiles
 from phitune.data.records import Record
 from phitune.errors import DataError, OptionError, first_line
 
@@ -105,7 +106,7 @@ def _expand(files: list[str]) -> list[Path]:
         if path.is_dir():
             raise DataError(f"{f} is a directory, not a data file", "--data_files",
                             "pass the files inside it, or --data_name DIR for a saved dataset")
-        paths.append(path)
+        paths.append(inputfiles.check_regular(path, "--data_files", DataError))
     return paths
 
 
@@ -119,7 +120,7 @@ def _near_miss(path: Path) -> str:
 
 
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+    data = inputfiles.read_bytes(path, "--data_files", DataError)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

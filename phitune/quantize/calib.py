@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from phitune import inputfiles
 from phitune.errors import DataError
 
 
@@ -12,10 +13,10 @@ def read_texts(path: Path) -> list[str]:
     """Documents from a .jsonl/.json file with a `text` field, or a .txt file as one document
     (paragraph breaks are text, not document ends: no EOS is inserted between them)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"calibration file not found: {path}", "--calib_data",
                         "pass an existing .txt or .jsonl file")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw = inputfiles.read_text(path, "--calib_data", DataError, errors="replace")
     if path.suffix in (".jsonl", ".json"):
         texts = []
         for number, line in enumerate(raw.splitlines(), 1):

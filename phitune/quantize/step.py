@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phitune import options as O
-from phitune import policy, sequence_start, ui
+from phitune import inputfiles, policy, sequence_start, ui
 from phitune.artifacts import (Output, ResolvedModel, content_digest, data_dir, heldout_text,
                                resolve_model)
-from phitune.errors import OptionError
+from phitune.errors import DataError, OptionError
 from phitune.measure import Stopwatch, dir_size_mb
 from phitune.models import architecture
 from phitune.policy import SMALL_MODEL_PARAMS
@@ -99,9 +99,11 @@ def _plan(opts: QuantizeOptions) -> _Plan:
     calib_path = Path(opts.calib_data) if opts.calib_data else default_calib_data()
     texts = calib.read_texts(calib_path) if algorithm.calibrated else None
     eval_path = Path(opts.eval_data) if opts.eval_data else heldout_text()
-    if opts.eval and opts.eval_data and not eval_path.is_file():
+    if opts.eval and opts.eval_data and not eval_path.exists():
         raise OptionError(f"evaluation file not found: {eval_path}", "--eval_data",
                           "pass an existing text file")
+    if opts.eval and opts.eval_data:
+        inputfiles.check_regular(eval_path, "--eval_data", DataError)
     return _Plan(replace(opts, group_size=group_size), model_ref, arch, group_choice, algorithm,
                  calib_path, texts, eval_path)
 

@@ -25,7 +25,7 @@ import click
 
 from phitune.artifacts import (EMBEDDED_MODELS, EMBEDDED_NAMES, content_digest,
                                embedded_path, make_key, read_manifest)
-from phitune import registry
+from phitune import inputfiles, registry
 from phitune.sequence_start import RULE
 from phitune.errors import InputError, OptionError, OutputError
 
@@ -88,10 +88,10 @@ class Planned:
 def read_config(path: str | Path) -> dict:
     """A JSON or YAML file as a dict, with the line of a syntax error."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"no such workflow file: {path}", "--config",
                          "pass a phitune workflow (.yaml/.json) or an Olive config (.json)")
-    text = path.read_text()
+    text = inputfiles.read_text(path, "--config", limit=inputfiles.CONFIG_LIMIT)
     if path.suffix.lower() == ".json":
         try:
             raw = json.loads(text)
