@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -376,6 +377,7 @@ class Output:
                                   f"artifact, not {self.artifact}", "-o",
                                   "choose another path, or pass --force to replace it")
         check_parent_writable(out)
+        probe_writable(out)
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
@@ -439,6 +441,31 @@ def changed_files(directory: Path, manifest: dict) -> list[str]:
         except OSError:
             changed.append(name)
     return changed
+
+
+def probe_writable(out: str | Path, option: str = "-o") -> None:
+    """Prove, before any model loads, that `out` can be made: create its missing parents and
+    a staging dir beside it (as `Output.staging` will), then remove what was created. Root
+    passes `os.access` everywhere, so only a real mkdir tells that /proc or a read-only or
+    full mount refuses."""
+    out = Path(out).expanduser()
+    made: list[Path] = []
+    probe = out.parent / f".{out.name}{_TMP_MARK}probe-{os.getpid()}"
+    try:
+        for parent in reversed([out.parent, *out.parent.parents]):
+            if not parent.exists():
+                parent.mkdir()
+                made.append(parent)
+        probe.mkdir()
+        made.append(probe)
+    except OSError as exc:
+        reason = "the filesystem is read-only" if exc.errno == errno.EROFS else \
+            (exc.strerror or str(exc)).lower()
+        raise OutputError(f"cannot create {out} ({reason} at {exc.filename or probe})", option,
+                          "choose a writable location") from None
+    finally:
+        for path in reversed(made):
+            oserrors.quietly(os.rmdir, path)
 
 
 def check_parent_writable(out: Path) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from phitune import options as O
 from phitune import oserrors
-from phitune.artifacts import check_not_overlapping, check_parent_writable, resolve_model
+from phitune.artifacts import (check_not_overlapping, check_parent_writable, probe_writable,
+                               resolve_model)
 from phitune.errors import InputError, OutputError
 from phitune.measure import Stopwatch
 
@@ -33,7 +34,6 @@ def run(opts: ExportAdapterOptions) -> dict:
     from phitune.export.adapter import convert
     adapter, base, output, force = opts.adapter, opts.base, opts.output, opts.force
     watch = Stopwatch()
-    model = resolve_model(base, accept=("onnx-genai",), step="export-adapter")
     out = Path(output).expanduser()
     if out.is_dir():
         raise OutputError(f"{output} is a directory", "-o", "pass a file path ending in .onnx_adapter")
@@ -52,6 +52,8 @@ def run(opts: ExportAdapterOptions) -> dict:
     # the graph is the normal use. Writing into the adapter dir being read is refused.
     check_not_overlapping(out, [adapter_dir])
     check_parent_writable(out)
+    probe_writable(out)  # a real mkdir beside -o, before the base graph is read
+    model = resolve_model(base, accept=("onnx-genai",), step="export-adapter")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         with oserrors.writing(out):

@@ -460,8 +460,30 @@ def _digest(path: Path, cache: dict) -> str:
 
 # ---------------------------------------------------------------- outputs and the plan
 
+def _step_reads(wf: Workflow) -> list[Path]:
+    """The files and dirs the steps read that no step of the file makes (models, data,
+    calibration, adapters): what output_dir and cache_dir must stay clear of."""
+    reads = []
+    for step in wf.steps:
+        for option in (*INPUT_PATHS, "model", "data_name"):
+            value = step.params.get(option)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if not isinstance(item, str) or REF.match(item) or item in EMBEDDED_MODELS:
+                    continue
+                for part in (p.strip() for p in item.split(",") if p.strip()):
+                    if Path(part).expanduser().exists():
+                        reads.append(Path(part).expanduser())
+    return reads
+
+
 def _check_output_dir(wf: Workflow) -> None:
+    from phitune.artifacts import check_not_overlapping
     out = wf.output_dir
+    reads = _step_reads(wf)
+    # the guard every command's -o has, with links resolved: a loop through a symlink too
+    check_not_overlapping(out, reads, "output_dir")
+    check_not_overlapping(wf.cache_dir, reads, "cache_dir")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output_dir {out} is a file", str(wf.source), "choose a directory path")
     for step in wf.steps:

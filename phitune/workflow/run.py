@@ -57,6 +57,9 @@ def execute(wf: Workflow, plan: list[Planned], dry_run: bool = False) -> dict:
                              "entry": str(p.step.entry), "action": p.action, "reason": p.reason}
                             for p in plan]
         return summary
+    from phitune.artifacts import probe_writable
+    probe_writable(wf.cache_dir, "cache_dir")   # before any step loads a model
+    probe_writable(wf.output_dir, "output_dir")
     total = time.perf_counter()
     for p in plan:
         step = p.step
