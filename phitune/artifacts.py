@@ -184,7 +184,8 @@ def _from_gguf(spec: str, file: Path, accept: tuple[str, ...], step: str) -> Res
     from phitune import gguf
     path = gguf.hf_dir(file, spec)
     config = _config(path)
-    return ResolvedModel(spec, path, hf_kind(config), read_manifest(path), config=config)
+    return _check_kind(ResolvedModel(spec, path, hf_kind(config), read_manifest(path),
+                                     config=config), accept, step)
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -298,6 +299,9 @@ def check_payload(model: ResolvedModel) -> None:
         check_onnx_graph(model.path / name)
     else:
         check_weight_files(model.path)
+        if model.config:  # every parameter of the config's model, at its shape
+            from phitune.checkpoint import check_supplied
+            check_supplied(model.path, model.config)
 
 
 def _model_option(step: str) -> str:

@@ -173,8 +173,8 @@ def _convert(file: Path, work: Path, info: dict) -> str:
         hf_logging.disable_progress_bar()  # per-tensor bars; phitune said what it is doing
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file="model.gguf")
-        model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file="model.gguf",
-                                                     dtype=dtype)
+        model, loaded = AutoModelForCausalLM.from_pretrained(
+            str(source), gguf_file="model.gguf", dtype=dtype, output_loading_info=True)
     except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as exc:
         raise InputError(f"transformers cannot read {file} ({type(exc).__name__}: "
                          f"{first_line(exc, 160, '')})", "-m",
@@ -182,6 +182,8 @@ def _convert(file: Path, work: Path, info: dict) -> str:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    from phitune.checkpoint import check_loading_info
+    check_loading_info(loaded, len(model.state_dict()), file)  # a random weight is never cached
     # The loaded model still says it is GGUF-quantized, and save_pretrained refuses such a
     # model ("not serializable"): its weights are plain float now, so drop the marks.
     model.hf_quantizer = None

@@ -70,12 +70,14 @@ def load_causal_lm(path: Path | str, dtype=None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
     check_weight_files(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype or torch.float32, attn_implementation="sdpa",
-            low_cpu_mem_usage=True)
+            low_cpu_mem_usage=True, output_loading_info=True)
     except (OSError, ValueError, _safetensor_error()) as exc:
         raise InputError(f"cannot load the model ({_first_line(exc)})", str(path),
                          "check that the directory holds a complete checkpoint") from None
+    from phitune.checkpoint import check_loading_info
+    check_loading_info(info, len(model.state_dict()), path)  # nothing left at random init
     return model.to(device).eval()
 
 
@@ -274,10 +276,14 @@ def model_from_state(config, state: dict, dtype, where: str):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state[f"{_record(config).embedding}.weight"]
-    missing = set(model.state_dict()) - set(state)
-    if missing:
-        raise InputError(f"the checkpoint lacks tensors: {', '.join(sorted(missing)[:3])}", where,
-                         "check that the directory holds a complete checkpoint")
+    from phitune.checkpoint import refuse
+    expected = model.state_dict()
+    refuse([f"{name} (missing)" if name not in state else
+            f"{name} ({'×'.join(map(str, state[name].shape))}, the model has "
+            f"{'×'.join(map(str, t.shape))})"
+            for name, t in expected.items()
+            if name not in state or tuple(state[name].shape) != tuple(t.shape)],
+           len(expected), where)
     model.load_state_dict(state, assign=True, strict=False)
     model.tie_weights()
     return model.eval()

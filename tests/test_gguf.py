@@ -73,8 +73,10 @@ def _tokenizer_fields() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def write_gguf(path: Path, model=None, arch: str = "llama", kind: str | None = None) -> Path:
-    """`model` as llama.cpp's converter writes it (F32 tensors; tied: no output.weight)."""
+def write_gguf(path: Path, model=None, arch: str = "llama", kind: str | None = None,
+               skip: tuple[str, ...] | None = ()) -> Path:
+    """`model` as llama.cpp's converter writes it (F32 tensors; tied: no output.weight), less
+    the GGUF tensors named in `skip` (None: every tensor, a header with none)."""
     from gguf import GGUFWriter
     writer = GGUFWriter(str(path), arch)
     if kind:
@@ -109,7 +111,7 @@ def write_gguf(path: Path, model=None, arch: str = "llama", kind: str | None = N
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
                  "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
         state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-        writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+        tensors = {"token_embd.weight": state["model.embed_tokens.weight"]}
         for i in range(c.num_hidden_layers):
             for hf, gg in names.items():
                 tensor = state[f"model.layers.{i}.{hf}.weight"]
@@ -117,8 +119,11 @@ def write_gguf(path: Path, model=None, arch: str = "llama", kind: str | None = N
                     tensor = _permute(tensor, c.num_attention_heads)
                 elif gg == "attn_k":
                     tensor = _permute(tensor, c.num_key_value_heads)
-                writer.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(tensor))
-        writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+                tensors[f"blk.{i}.{gg}.weight"] = np.ascontiguousarray(tensor)
+        tensors["output_norm.weight"] = state["model.norm.weight"]
+        for name, tensor in tensors.items():
+            if skip is not None and name not in skip:
+                writer.add_tensor(name, tensor)
     elif kind == "adapter":
         writer.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((4, 192), dtype=np.float32))
     writer.write_header_to_file()
