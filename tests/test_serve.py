@@ -207,6 +207,9 @@ LONG = "word " * 3000  # > the 2048-token context
 @pytest.mark.parametrize("path,body,status,param", [
     ("/v1/chat/completions", b"{not json", 400, None),
     ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", b"[" * 50_000 + b"]" * 50_000, 400, None),  # was a 500, plain text
+    ("/v1/completions", b'{"model": "x", "prompt": ' + b"[" * 900 + b"]" * 900 + b"}", 400,
+     "prompt"),
     ("/v1/chat/completions", {"model": BASE}, 400, "messages"),
     ("/v1/chat/completions", {"model": BASE, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": BASE, "messages": "hi"}, 400, "messages"),
@@ -236,6 +239,24 @@ def test_bad_input_is_a_4xx_in_openai_shape(server, path, body, status, param):
     assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["message"]
     assert reply["error"]["param"] == param
     assert http("GET", server.url + "/health")[0] == 200  # the server lives on
+
+
+def test_a_client_gone_mid_body_is_one_log_line(server):
+    """It sends half its declared body and hangs up: one log line (status 499), no
+    ClientDisconnect traceback, and the server answers the next request."""
+    before = len(server.text().splitlines())
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"model": "')
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while len(server.text().splitlines()) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    new = server.text().splitlines()[before:]
+    assert len(new) == 1 and "status=499" in new[0], new
+    assert http("GET", server.url + "/health")[0] == 200
 
 
 def test_unknown_route_body_too_large_and_the_client_error_types(server):

@@ -211,13 +211,18 @@ async def _read_body(request, limit: int) -> bytes:
                               "(--max_body_kb)", code="body_too_large")
     if declared is not None and declared > DRAIN_FACTOR * limit:
         raise too_large
+    from starlette.requests import ClientDisconnect
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > DRAIN_FACTOR * limit:
-            raise too_large
-        if size <= limit:
-            chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > DRAIN_FACTOR * limit:
+                raise too_large
+            if size <= limit:
+                chunks.append(chunk)
+    except ClientDisconnect:  # gone mid-body: nothing to answer; the request's log line says 499
+        raise ApiError(499, "the client disconnected before sending the whole body",
+                       code="client_disconnected") from None
     if size > limit:
         raise too_large
     return b"".join(chunks)

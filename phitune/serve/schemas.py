@@ -115,16 +115,22 @@ class CompletionRequest(_Generation):
 
 def parse(body: bytes, kind: type[_Strict]):
     """The request body as `kind`, or ApiError(400) saying what is wrong and where."""
+    too_deep = ApiError(400, "the body nests arrays or objects too deeply",
+                        code="invalid_json")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+    except RecursionError:  # the decoder recurses per level: 50,000 nested arrays end here
+        raise too_deep from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    except RecursionError:
+        raise too_deep from None
 
 
 def _validation_error(exc: ValidationError) -> ApiError:
