@@ -100,8 +100,17 @@ class Chat:
         self.answer(Conversation(self.template), text)
 
     def stdin_lines(self) -> None:
-        """One prompt a line, each its own conversation; blank lines are skipped."""
-        for line in sys.stdin:
+        """One prompt a line, each its own conversation; blank lines are skipped, and so is a
+        line that is not UTF-8 text (said on stderr with its number): the next one is read."""
+        source = getattr(sys.stdin, "buffer", None)
+        for number, line in enumerate(source if source is not None else sys.stdin, 1):
+            if isinstance(line, bytes):
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    ui.error_line(f"warning: stdin line {number} is not UTF-8 text (byte "
+                                  f"{exc.start + 1}); skipped it")
+                    continue
             text = line.rstrip("\r\n")
             if text.strip():
                 self.answer(Conversation(self.template), text)
@@ -224,6 +233,12 @@ def run(options: InferOptions) -> None:
     template = make_template(options.template)
     sampling = Sampling(**{f.name: getattr(options, f.name) for f in fields(Sampling)})
     sampling.validate()
+    if options.prompt is not None:
+        try:  # the shell passes bytes that are not UTF-8 through as lone surrogates
+            options.prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise OptionError(f"--prompt is not UTF-8 text (character {exc.start + 1})",
+                              "--prompt", "pass the prompt as UTF-8 text") from None
     if options.prompt is None and sys.stdin is None:  # started with stdin closed (`<&-`)
         raise OptionError("no --prompt and stdin is closed", "phitune infer",
                           "pass --prompt TEXT, pipe prompts on stdin, or run it in a terminal")
@@ -238,7 +253,8 @@ def run(options: InferOptions) -> None:
         chat.stdin_lines()
 
 
-def resolve(spec: str) -> Path:
-    """`-m D` (an auto-opt output), `-m D/model`, or any directory with genai_config.json."""
+def resolve(spec: str, command: str = "infer") -> Path:
+    """`-m D` (an auto-opt output), `-m D/model`, or any directory with genai_config.json;
+    a refusal names `command` (infer or serve) and the auto-opt step that makes such a dir."""
     from phitune.artifacts import resolve_model
-    return resolve_model(spec, ("onnx-genai",), "infer").path
+    return resolve_model(spec, ("onnx-genai",), command).path

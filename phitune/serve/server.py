@@ -62,7 +62,7 @@ def run(options: ServeOptions) -> None:
     from phitune.serve.app import ServeConfig, build_app
     from phitune.serve.scheduler import Scheduler
 
-    model_dir = resolve(options.model)
+    model_dir = resolve(options.model, "serve")
     check_port(options.host, options.port)
     adapters, _ = plan(model_dir, options.adapter, None, options.no_adapter)
     base = base_id(model_dir, options.model_name)
