@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import signal
 import threading
 import time
@@ -23,6 +24,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from phitune import inputfiles
+from phitune.errors import InputError, first_line
 from phitune.finetune.layer_compile import eager
 from phitune.finetune.loss import CausalLMLoss, labelled_tokens
 
@@ -115,10 +118,24 @@ class Checkpoint:
         self.key = key
         self.file = self.dir / "state.pt"
 
-    def load(self) -> dict | None:
-        if not self.file.is_file():
+    def load(self, damaged_ok: bool = False) -> dict | None:
+        """The saved state of a run with this key, or None. A file that does not read whole
+        (cut by a full disk, a copy) is refused: training never goes on from half a state;
+        `damaged_ok` (a run starting over anyway) treats it as absent."""
+        if not self.file.exists():
             return None
-        state = torch.load(self.file, weights_only=False)
+        try:
+            inputfiles.check_regular(self.file, "--resume")
+            state = torch.load(self.file, weights_only=False)
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                raise ValueError("no training step in it")
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
+                AttributeError, KeyError, InputError) as exc:
+            if damaged_ok:
+                return None
+            raise InputError(f"the finetune checkpoint {self.file} is damaged "
+                             f"({first_line(exc, 120).split('. ')[0]})", "--resume",
+                             "run with --force (or without --resume) to start over") from None
         return state if state.get("key") == self.key else None
 
     def save(self, state: dict) -> None:

@@ -115,6 +115,8 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     if world.size > 1 and device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     watch = Stopwatch()
+    resume = opts.resume and not opts.force  # --force starts over
+    checkpoint = _checkpoint(opts, out, world.main, resume)  # read whole before any load
     tokenizer = load_tokenizer(model_ref.path)
     prepared = _prepare(opts, records, tokenizer, spec, world.main)
 
@@ -133,9 +135,8 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
                       max_grad_norm=opts.max_grad_norm, seed=opts.seed, save_steps=opts.save_steps,
                       autocast_dtype=None if dtype == torch.float32 else dtype,
                       micro_batch_rows=passes)
-    checkpoint = _checkpoint(opts, out, world.main)
     before = eval_loss(model, prepared.eval, collate, cfg, device)
-    result = _train(model, prepared.train, collate, cfg, device, world, checkpoint, opts.resume)
+    result = _train(model, prepared.train, collate, cfg, device, world, checkpoint, resume)
     after = eval_loss(model, prepared.eval, collate, cfg, device)
     if not world.main:
         world.barrier()
@@ -210,19 +211,20 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
     return model, passes, choice.on, compiled
 
 
-def _checkpoint(opts, out: Output, say: bool):
-    """The checkpoint of an interrupted run with the same key; says whether --resume uses it."""
+def _checkpoint(opts, out: Output, say: bool, resume: bool):
+    """The checkpoint of an interrupted run with the same key; says whether --resume uses it
+    (a damaged one is refused with --resume, and ignored by a run that starts over)."""
     from phitune.finetune.loop import Checkpoint
     checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
-    saved = checkpoint.load()
-    if say and not opts.resume and saved:
+    saved = checkpoint.load(damaged_ok=not resume)
+    if say and not resume and saved:
         ui.info("a checkpoint of an interrupted run exists: --resume continues from it; "
                 "starting over")
-    if say and opts.resume and not saved:
+    if say and resume and not saved:
         ui.info(f"--resume: no checkpoint of an interrupted run with these options and data "
                 f"({checkpoint.file}{' was made with others' if checkpoint.file.is_file() else ' does not exist'}); "
                 "starting at step 0")
-    if say and opts.resume and saved:
+    if say and resume and saved:
         ui.info(f"--resume: continuing from step {saved['step']}")
     return checkpoint
 
