@@ -130,6 +130,7 @@ class OnnxScorer:
         import onnxruntime as ort
         model_dir = Path(model_dir)
         self.decoder = genai_config.decoder(model_dir)
+        self.min_kv = genai_config.min_kv_tokens(model_dir)  # the graph's window, if any
         options = ort.SessionOptions()
         options.log_severity_level = 3  # LoRA defaults are initializers that are also inputs
         self.session = ort.InferenceSession(
@@ -152,8 +153,7 @@ class OnnxScorer:
         # An empty cache, except that a sliding-window graph (Gemma 3) refuses a KV buffer
         # smaller than its window: there it is a zero buffer of that room, which the graph
         # reads as empty (the attention mask says nothing is cached; logits as PyTorch's).
-        window = (self.decoder.get("sliding_window") or {}).get("window_size")
-        room = max(x.shape[1], int(window)) if window else 0
+        room = max(x.shape[1], self.min_kv) if self.min_kv else 0
         for entry in self.past:
             dtype = np.float16 if "float16" in entry.type else np.float32
             feeds[entry.name] = np.zeros((1, self.decoder["num_key_value_heads"], room,
@@ -227,7 +227,9 @@ def onnx_latency(model_dir, adapter_file=None, prefill: int = 128, decode: int =
     prefill_s, decode_s = [], []
     for r in range(repeats + 1):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prefill + decode + 2, do_sample=False)
+        params.set_search_options(max_length=genai_config.kv_tokens(Path(model_dir),
+                                                                    prefill + decode + 2),
+                                  do_sample=False)
         generator = og.Generator(model, params)
         if adapters is not None:
             generator.set_active_adapter(adapters, "eval")

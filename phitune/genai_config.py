@@ -76,3 +76,23 @@ def context_length(model_dir: Path) -> int:
 
 def vocab_size(model_dir: Path) -> int:
     return _positive_int(model_dir, "vocab_size")
+
+
+def min_kv_tokens(model_dir: Path) -> int:
+    """The fewest tokens a KV cache of this graph may hold: its sliding window when any layer
+    has one (Gemma 3; Qwen2 with use_sliding_window), else 0. onnxruntime's GroupQueryAttention
+    refuses a smaller buffer ("KV cache capacity (12) must be at least local_window_size
+    (64)"), so every place that sizes a cache — infer, serve, eval's scorer and latency,
+    bench — sizes it to at least this, whatever the prompt and answer need."""
+    window = decoder(model_dir).get("sliding_window")
+    if not isinstance(window, dict) or window.get("layers") == []:
+        return 0
+    try:
+        return max(int(window.get("window_size") or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def kv_tokens(model_dir: Path, needed: int) -> int:
+    """The KV cache length for `needed` tokens on this graph: at least its window."""
+    return max(needed, min_kv_tokens(model_dir))

@@ -265,6 +265,8 @@ class Session:
 
     def _new_generator(self, max_length: int, search: dict, active: str | None):
         params = self._og.GeneratorParams(self.model)
+        # a sliding-window graph needs a cache of at least its window, however short the answer
+        max_length = genai_config.kv_tokens(self.model_dir, max_length)
         params.set_search_options(max_length=max_length, **search)
         generator = self._og.Generator(self.model, params)
         if active is not None:
