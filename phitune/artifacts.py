@@ -291,6 +291,9 @@ def check_payload(model: ResolvedModel) -> None:
     that parses and whose external weights the data file holds. Headers only: cheap."""
     from phitune import genai_config
     from phitune.models import check_onnx_graph, check_weight_files
+    for entry in model.path.iterdir():  # a FIFO tokenizer.json or genai_config.json would hang
+        if not entry.is_dir():          # a reader; a link to /dev/zero would fill memory
+            inputfiles.check_regular(entry, str(model.path))
     if model.kind == "onnx-genai":
         try:
             name = genai_config.decoder_file(model.path)
@@ -368,7 +371,7 @@ class Output:
         overrides."""
         out = self.path
         check_not_overlapping(out, reads)
-        if out.is_file() or out.is_symlink() and not out.is_dir():
+        if (out.exists() or out.is_symlink()) and not out.is_dir():  # a file, FIFO, device
             raise OutputError(f"output path {out} is an existing file", "-o",
                               "choose a directory path")
         if out.is_dir():

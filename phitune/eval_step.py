@@ -171,7 +171,7 @@ def _texts(opts: EvalOptions) -> tuple[str, list[str]]:
                         "pass an existing .txt file (one document) or .jsonl with a 'text' field")
     inputfiles.check_regular(path, "--text_file", DataError)
     try:
-        return str(path), read_texts(path)
+        return str(path), read_texts(path, "--text_file")
     except DataError as exc:
         raise DataError(exc.what.replace("calibration file", "text file"),
                         exc.where if ":" in (exc.where or "") else "--text_file", exc.fix) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from phitune import inputfiles
 from phitune.errors import InputError
 
 FILE = "genai_config.json"
@@ -21,7 +22,7 @@ def read(model_dir: Path) -> dict:
     """The whole config; InputError when the file is missing or is not a JSON object."""
     file = Path(model_dir) / FILE
     try:
-        config = json.loads(file.read_text())
+        config = json.loads(inputfiles.read_text(file, str(file), limit=inputfiles.CONFIG_LIMIT))
     except FileNotFoundError:
         raise InputError(f"{model_dir} is not an onnxruntime-genai model (no {FILE})", "-m",
                          "export the model with phitune auto-opt first") from None

@@ -200,6 +200,7 @@ def check_weight_files(directory: Path | str) -> None:
     """Check every .safetensors file of a checkpoint or adapter dir (headers only: cheap)."""
     directory = Path(directory)
     for file in safetensors_files(directory):
+        inputfiles.check_regular(file, str(directory))  # a FIFO or /dev/zero: not "missing"
         if not file.is_file():
             raise InputError(f"the checkpoint index names {file.name}, which is missing",
                              str(directory), _REDO)

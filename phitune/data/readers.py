@@ -141,6 +141,8 @@ def _read_json(path: Path) -> list[Record]:
             continue
         try:
             value = json.loads(line)
+        except RecursionError:
+            raise _too_deep(path, number) from None
         except json.JSONDecodeError as exc:
             if number == 1 and head == "{":
                 whole = _read_json_document(path, text)
@@ -157,11 +159,16 @@ def _read_json(path: Path) -> list[Record]:
     return records
 
 
+def _too_deep(path: Path, number: int) -> DataError:
+    return DataError(f"line {number} nests arrays or objects too deeply to read",
+                     f"{path}:{number}", "a record is an object of text columns: fix that line")
+
+
 def _read_json_document(path: Path, text: str) -> list[Record] | None:
     """A pretty-printed JSON object: one record, or {"key": [records]} as the HF loader allows."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     lists = [v for v in value.values() if isinstance(v, list) and v and
              all(isinstance(x, dict) for x in v)]
@@ -204,6 +211,8 @@ def _read_json_array(path: Path, text: str) -> list[Record]:
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column "
                         f"{exc.colno})", f"{path}:{exc.lineno}", "fix the JSON there") from None
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise _too_deep(path, line_at(pos)) from None
     if text[pos + 1:].strip():
         number = line_at(ws.match(text, pos + 1).end())
         raise DataError(f"{path} has text after the closing ] of its JSON array",

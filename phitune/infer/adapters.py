@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from phitune import genai_config
+from phitune import genai_config, inputfiles
 from phitune.errors import InputError, OptionError, first_line
 
 SUFFIX = ".onnx_adapter"
@@ -117,6 +117,7 @@ def check_fits(model_dir: Path, adapter_file: Path) -> None:
 
 def _read_parameters(adapter_file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (element type, shape) of each parameter in an onnxruntime adapter file."""
+    inputfiles.check_regular(adapter_file, "--adapter")
     if not adapter_file.is_file():
         raise InputError("no such adapter file", str(adapter_file),
                          f"pass a {SUFFIX} file (phitune auto-opt writes "

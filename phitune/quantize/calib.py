@@ -9,14 +9,14 @@ from phitune import inputfiles
 from phitune.errors import DataError
 
 
-def read_texts(path: Path) -> list[str]:
+def read_texts(path: Path, option: str = "--calib_data") -> list[str]:
     """Documents from a .jsonl/.json file with a `text` field, or a .txt file as one document
     (paragraph breaks are text, not document ends: no EOS is inserted between them)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"calibration file not found: {path}", "--calib_data",
+        raise DataError(f"calibration file not found: {path}", option,
                         "pass an existing .txt or .jsonl file")
-    raw = inputfiles.read_text(path, "--calib_data", DataError, errors="replace")
+    raw = inputfiles.read_text(path, option, DataError, errors="replace")
     if path.suffix in (".jsonl", ".json"):
         texts = []
         for number, line in enumerate(raw.splitlines(), 1):
@@ -24,14 +24,14 @@ def read_texts(path: Path) -> list[str]:
                 continue
             try:
                 texts.append(str(json.loads(line)["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                 raise DataError(f"line {number} is not a JSON object with a 'text' field",
                                 f"{path}:{number}", "fix that line or pass a .txt file") from None
     else:
         texts = [raw.strip()]
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise DataError(f"calibration file {path} has no text", "--calib_data",
+        raise DataError(f"calibration file {path} has no text", option,
                         "pass a file with some text in it")
     return texts
 

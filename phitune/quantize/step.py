@@ -102,7 +102,7 @@ def _plan(opts: QuantizeOptions) -> _Plan:
     if opts.eval and opts.eval_data and not eval_path.exists():
         raise OptionError(f"evaluation file not found: {eval_path}", "--eval_data",
                           "pass an existing text file")
-    if opts.eval and opts.eval_data:
+    if opts.eval is not False and opts.eval_data:  # None: on for small models
         inputfiles.check_regular(eval_path, "--eval_data", DataError)
     return _Plan(replace(opts, group_size=group_size), model_ref, arch, group_choice, algorithm,
                  calib_path, texts, eval_path)
@@ -222,7 +222,7 @@ def _measure_quantized(work: Path, eval_ids: list[int], start, metrics: dict) ->
 def _eval_ids(tokenizer, path: Path) -> list[int]:
     from phitune.evaluate import token_ids
     from phitune.quantize import calib
-    return token_ids(tokenizer, calib.read_texts(path))
+    return token_ids(tokenizer, calib.read_texts(path, "--eval_data"))
 
 
 def _ppl(model, ids: list[int], start, metrics: dict) -> float:
