@@ -152,6 +152,13 @@ def validate(opts: Any) -> None:
         check_value(f.name, spec, getattr(opts, f.name))
 
 
+def check_field(cls: type, name: str, value: Any) -> None:
+    """`value` against the declaration of `cls`'s option `name` (for library functions that
+    take the option as an argument)."""
+    spec = next(s for f, s in specs(cls) if f.name == name)
+    check_value(name, spec, value)
+
+
 def check_value(name: str, spec: Spec, value: Any) -> None:
     """One option's value against its declaration; an OptionError naming the option."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float, str)):

@@ -134,8 +134,14 @@ def test_option_misuse_is_an_option_error(kwargs, needle):
 
 
 def test_numeric_options_are_checked():
+    """Ranges are declared on RecordOptions' fields (phitune.options checks them);
+    validate_options keeps what no single field can say."""
+    from phitune import options as O
     for kwargs in (dict(max_seq_len=1), dict(overflow="wrap"), dict(eval_split=1.0),
-                   dict(eval_split=0.1, eval_dataset_size=3), dict(eval_dataset_size=0)):
+                   dict(eval_dataset_size=0)):
+        with pytest.raises(OptionError):
+            O.validate(D.RecordOptions(**kwargs))
+    for kwargs in (dict(overflow="wrap"), dict(eval_split=0.1, eval_dataset_size=3)):
         with pytest.raises(OptionError):
             D.validate_options(**kwargs)
     D.validate_options(max_seq_len=64, overflow="drop", eval_dataset_size=5)

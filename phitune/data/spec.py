@@ -129,7 +129,11 @@ def make_spec(text_template: str | None = None, text_cols: str | Sequence[str] |
 
 def validate_options(max_seq_len: int = 1024, overflow: str = "truncate",
                      eval_split: float | None = None, eval_dataset_size: int | None = None) -> None:
-    """The numeric data options, checked before any file or model is read."""
+    """The numeric data options, checked before any file or model is read (their ranges as
+    declared on RecordOptions' fields)."""
+    from phitune import options
+    from phitune.data.records import RecordOptions
+    options.check_field(RecordOptions, "max_seq_len", max_seq_len)
     if overflow not in OVERFLOW:
         raise OptionError(f"unknown overflow policy '{overflow}'", "--overflow",
                           "pass --overflow truncate or --overflow drop")

@@ -10,6 +10,10 @@ from phitune.errors import OptionError
 
 
 def check_split_options(eval_split: float | None, eval_dataset_size: int | None) -> None:
+    from phitune import options
+    from phitune.data.records import RecordOptions
+    options.check_field(RecordOptions, "eval_split", eval_split)  # the declared ranges
+    options.check_field(RecordOptions, "eval_dataset_size", eval_dataset_size)
     if eval_split is not None and eval_dataset_size is not None:
         raise OptionError("--eval_split and --eval_dataset_size are both given",
                           "--eval_split / --eval_dataset_size", "pass one of them")
