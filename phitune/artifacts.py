@@ -201,10 +201,19 @@ def _nearest_existing_parent(path: Path) -> Path | None:
     return None
 
 
+def check_files_regular(directory: Path) -> None:
+    """Every file of a model dir is a regular one: a FIFO tokenizer.json or genai_config.json
+    would hang its reader, a link to /dev/zero fill memory (subdirectories are not entered)."""
+    for entry in sorted(Path(directory).iterdir()):
+        if not entry.is_dir():
+            inputfiles.check_regular(entry, str(directory))
+
+
 def _local(spec: str, path: Path) -> ResolvedModel:
     if path.is_file():
         raise InputError(f"{spec} is a file, not a model directory", "-m",
                          "pass the directory that holds config.json")
+    check_files_regular(path)  # before telling the kind by which files are there
     manifest = read_manifest(path)
     if manifest and manifest.get("artifact") in NESTED_PAYLOAD:
         payload = path / "model"
@@ -291,9 +300,7 @@ def check_payload(model: ResolvedModel) -> None:
     that parses and whose external weights the data file holds. Headers only: cheap."""
     from phitune import genai_config
     from phitune.models import check_onnx_graph, check_weight_files
-    for entry in model.path.iterdir():  # a FIFO tokenizer.json or genai_config.json would hang
-        if not entry.is_dir():          # a reader; a link to /dev/zero would fill memory
-            inputfiles.check_regular(entry, str(model.path))
+    check_files_regular(model.path)
     if model.kind == "onnx-genai":
         try:
             name = genai_config.decoder_file(model.path)

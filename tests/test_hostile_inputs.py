@@ -213,3 +213,83 @@ def test_serve_on_an_awq_dir_names_auto_opt(cli, misfits):
     assert result.code == 2
     line = one_error(result, "phitune auto-opt", "serve")
     assert "phitune infer" not in line
+
+
+# ---------------------------------------------------------------- more of the same rules
+
+def _model_with(tmp_path: Path, src: Path, name: str, make) -> Path:
+    """A copy of model dir `src` whose file `name` is replaced by `make(path)` (a FIFO, a
+    link to /dev/zero)."""
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    target = dst / name
+    target.unlink()
+    make(target)
+    return dst
+
+
+@pytest.mark.parametrize("command, name, make", [
+    ("quantize", "tokenizer.json", os.mkfifo),
+    ("quantize", "config.json", os.mkfifo),
+    ("eval", "model.safetensors", lambda p: p.symlink_to("/dev/zero")),
+    ("infer", "model/genai_config.json", os.mkfifo),   # hung infer
+    ("infer", "model/tokenizer.json", lambda p: p.symlink_to("/dev/zero")),
+], ids=["tokenizer-fifo", "config-fifo", "weights-devzero", "genai-config-fifo",
+        "onnx-tokenizer-devzero"])
+def test_a_model_dir_file_that_is_not_regular_is_refused(genai_model, tmp_path, command, name,
+                                                         make):
+    src = genai_model.parent if command == "infer" else EMBEDDED
+    if command == "infer":  # genai_model is D/model; give it the D/model layout of auto-opt
+        shutil.copytree(genai_model, tmp_path / "src" / "model")
+        src = tmp_path / "src" / "model"
+        name = name.removeprefix("model/")
+    model = _model_with(tmp_path, src, name, make)
+    out = tmp_path / "out"
+    args = {"quantize": ["quantize", "-m", str(model), "--algorithm", "rtn", "-o", str(out)],
+            "eval": ["eval", "-m", str(model), "--no-latency"],
+            "infer": ["infer", "-m", str(model), "--prompt", "hi"]}[command]
+    done = limited(args, seconds=60)
+    assert done.returncode == 2
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1 and str(model / name) in lines[0], lines
+    assert "not a regular file" in lines[0]
+    assert not out.exists()
+
+
+def test_an_adapter_or_output_that_is_a_fifo_is_refused(genai_model, cli, tmp_path):
+    fifo = tmp_path / "a.onnx_adapter"
+    os.mkfifo(fifo)
+    done = limited(["infer", "-m", str(genai_model), "--adapter", str(fifo), "--prompt", "hi"],
+                   seconds=60)
+    assert done.returncode == 2
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1 and str(fifo) in lines[0] and "not a regular file" in lines[0]
+    out = tmp_path / "out"
+    os.mkfifo(out)  # quantize used to move it aside and publish over it
+    result = cli("quantize", "-m", "tiny-phi3", "--algorithm", "rtn", "--no-eval", "-o", str(out))
+    assert result.code == 2
+    one_error(result, str(out), "existing file")
+    assert out.is_fifo() and siblings(out) == [out.name]
+
+
+@pytest.mark.parametrize("args, option", [
+    (["finetune", "-m", "tiny-phi3", "--data_name", "json", "--text_template", TEMPLATE,
+      "--data_files"], "{file}:1"),
+    (["quantize", "-m", "tiny-phi3", "--calib_data"], "{file}:1"),
+])
+def test_deeply_nested_json_records_are_one_line(cli, tmp_path, args, option):
+    """50,000 nested arrays in a record: a RecursionError traceback before."""
+    file = tmp_path / "deep.jsonl"
+    file.write_text("[" * 50_000 + "]" * 50_000 + "\n")
+    result = cli(*args, str(file), "-o", str(tmp_path / "out"))
+    assert result.code == 2
+    one_error(result, option.format(file=file))
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_eval_data_dev_zero_is_refused_before_the_model_loads(cli, tmp_path):
+    result = cli("quantize", "-m", "tiny-phi3", "--algorithm", "rtn", "--eval_data", "/dev/zero",
+                 "-o", str(tmp_path / "out"))
+    assert result.code == 2
+    one_error(result, "/dev/zero", "--eval_data", "not a regular file")
+    assert "loading" not in result.err
