@@ -91,11 +91,7 @@ def run(opts: QuantizeOptions) -> tuple[dict, bool]:
 def _plan(opts: QuantizeOptions) -> _Plan:
     """The model, group size, algorithm and data files, each checked."""
     from phitune.quantize import algorithms, calib
-    model_ref = resolve_model(opts.model, accept=("hf-model",), step="quantize")
-    arch = architecture(model_ref.config, model_ref.path)
-    _validate(opts, model_ref.config, str(model_ref.path))
-    group_size, group_choice = _group_size(opts, model_ref.config, str(model_ref.path))
-    algorithm = algorithms.get(opts.algorithm)
+    algorithm = algorithms.get(opts.algorithm)  # the data files first: they need no model
     calib_path = Path(opts.calib_data) if opts.calib_data else default_calib_data()
     texts = calib.read_texts(calib_path) if algorithm.calibrated else None
     eval_path = Path(opts.eval_data) if opts.eval_data else heldout_text()
@@ -104,6 +100,10 @@ def _plan(opts: QuantizeOptions) -> _Plan:
                           "pass an existing text file")
     if opts.eval is not False and opts.eval_data:  # None: on for small models
         inputfiles.check_regular(eval_path, "--eval_data", DataError)
+    model_ref = resolve_model(opts.model, accept=("hf-model",), step="quantize")
+    arch = architecture(model_ref.config, model_ref.path)
+    _validate(opts, model_ref.config, str(model_ref.path))
+    group_size, group_choice = _group_size(opts, model_ref.config, str(model_ref.path))
     return _Plan(replace(opts, group_size=group_size), model_ref, arch, group_choice, algorithm,
                  calib_path, texts, eval_path)
 
