@@ -25,7 +25,7 @@ _SHOWN = 3
 def expected_parameters(directory: Path | str) -> tuple[dict[str, tuple], dict[str, set]]:
     """(name → shape of every parameter and persistent buffer, name → names tied to it) of
     the model `directory`'s config describes, built on the meta device (no memory)."""
-    from accelerate import init_empty_weights
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -36,7 +36,7 @@ def expected_parameters(directory: Path | str) -> tuple[dict[str, tuple], dict[s
                          ) from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the float model's shapes; AWQ's are derived below
-    with init_empty_weights(include_buffers=True):
+    with torch.device("meta"):  # shapes only; no accelerate import (seconds) for that
         model = AutoModelForCausalLM.from_config(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     by_tensor: dict[int, set] = {}
