@@ -14,7 +14,7 @@ from phitune import ui
 from phitune.artifacts import Output, content_digest, resolve_model
 from phitune.data import RecordOptions
 from phitune.data.records import RECORD_FIELDS, split_files
-from phitune.errors import Interrupted, OptionError
+from phitune.errors import Interrupted
 from phitune.measure import Stopwatch, return_large_frees_to_os
 
 
