@@ -28,7 +28,7 @@ from typing import ClassVar
 from phitune import genai_config, inputfiles, ui
 from phitune import options as O
 from phitune import policy, sequence_start
-from phitune.artifacts import hf_kind, heldout_text, resolve_model
+from phitune.artifacts import check_files_regular, hf_kind, heldout_text, resolve_model
 from phitune.data import RecordOptions
 from phitune.data.records import RECORD_FIELDS, split_files
 from phitune.errors import ConstraintError, DataError, InputError, OptionError, first_line
@@ -248,6 +248,8 @@ class _TorchModel:
                                  "adapter directory", "--adapter",
                                  "pass the adapter/ dir of a finetune output (.onnx_adapter "
                                  "files are for onnx-genai models)")
+            if path.is_dir():
+                check_files_regular(path)
             if not (path / "adapter_config.json").is_file():
                 raise InputError(f"no PEFT adapter in {opts.adapter} (no adapter_config.json)",
                                  "--adapter", "pass the adapter/ dir written by phitune finetune")

@@ -291,3 +291,22 @@ def test_quantize_eval_data_dev_zero_is_refused_before_the_model_loads(cli, tmp_
     assert result.code == 2
     one_error(result, "/dev/zero", "--eval_data", "not a regular file")
     assert "loading" not in result.err
+
+
+@pytest.mark.parametrize("command", ["export-adapter", "eval", "auto-opt"])
+def test_an_adapter_dir_with_a_fifo_is_refused(genai_model, tmp_path, command):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    os.mkfifo(adapter / "adapter_model.safetensors")
+    out = tmp_path / ("x.onnx_adapter" if command == "export-adapter" else "out")
+    args = {"export-adapter": ["export-adapter", "-a", str(adapter), "--base", str(genai_model),
+                               "-o", str(out)],
+            "eval": ["eval", "-m", "tiny-phi3", "--adapter", str(adapter), "--no-latency"],
+            "auto-opt": ["auto-opt", "-m", "tiny-phi3", "--adapter_path", str(adapter), "-o",
+                         str(out)]}[command]
+    done = limited(args, seconds=60)
+    assert done.returncode == 2
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1 and "adapter_model.safetensors" in lines[0], lines
+    assert "not a regular file" in lines[0] and not out.exists()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from phitune import options as O
 from phitune import oserrors
-from phitune.artifacts import (check_not_overlapping, check_parent_writable, probe_writable,
-                               resolve_model)
+from phitune.artifacts import (check_files_regular, check_not_overlapping, check_parent_writable,
+                               probe_writable, resolve_model)
 from phitune.errors import InputError, OutputError
 from phitune.measure import Stopwatch
 
@@ -50,6 +50,7 @@ def run(opts: ExportAdapterOptions) -> dict:
                          "pass the adapter/ dir written by phitune finetune")
     # -o ends in .onnx_adapter, so it can't be one of the base's graph files; a new file beside
     # the graph is the normal use. Writing into the adapter dir being read is refused.
+    check_files_regular(adapter_dir)  # a FIFO adapter_model.safetensors: said, not "missing"
     check_not_overlapping(out, [adapter_dir])
     check_parent_writable(out)
     probe_writable(out)  # a real mkdir beside -o, before the base graph is read

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from phitune import options as O
 from phitune import sequence_start, ui
-from phitune.artifacts import Output, hf_kind, content_digest, resolve_model
+from phitune.artifacts import Output, check_files_regular, content_digest, hf_kind, resolve_model
 from phitune.errors import InputError, OptionError
 from phitune.genai_config import ADAPTER_FILE
 from phitune.measure import Stopwatch, current_rss_mb, dir_size_mb, release_memory
@@ -96,6 +96,7 @@ def _adapter_dir(opts: AutoOptOptions, model_ref) -> Path | None:
         if not path.is_dir():
             raise InputError(f"no such adapter directory: {opts.adapter_path}", "--adapter_path",
                              "pass the adapter/ dir written by phitune finetune")
+        check_files_regular(path)
         return path
     if model_ref.kind == "finetuned":  # -m D of a finetune output: its adapter comes along
         candidate = model_ref.path.parent / "adapter"
