@@ -35,11 +35,20 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64
        "tensor(int32)": np.int32}
 
 
+class Unbatchable(Exception):
+    """A graph whose KV cache this module cannot manage (serve then runs a generator each)."""
+
+
 def per_row_graph(model_file: Path) -> bytes:
     """The decoder graph with a leading per-row dimension on every LoRA input (and its empty
     default, now [1, in, 0]); the rest of the graph as it is."""
     import onnx
     model = onnx.load(str(model_file), load_external_data=False)
+    for node in model.graph.node:
+        # Gemma3's local layers keep a rolling window-sized cache that only og manages
+        if node.op_type == "GroupQueryAttention" and any(
+                a.name == "sliding_window_cache" and a.i for a in node.attribute):
+            raise Unbatchable(f"{node.name} keeps a sliding-window KV cache")
     for value in model.graph.input:
         if value.name.endswith(LORA_SUFFIXES):
             dims = value.type.tensor_type.shape.dim

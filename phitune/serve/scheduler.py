@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from phitune import ui
 from phitune.errors import first_line
-from phitune.infer.batched import Batch, BatchModel, Row, next_token
+from phitune.infer.batched import Batch, BatchModel, Row, Unbatchable, next_token
 from phitune.infer.session import Sampling, Session
+from phitune.serve import alone
 
 
 class QueueFull(Exception):
@@ -53,6 +55,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     row: Row | None = None  # made when the scheduler admits the job
+    decoding: object = None  # its own og generator, on a graph that cannot batch (alone.py)
     stream: object = None  # the tokenizer's incremental decoder for this answer
     rng: object = None  # its sampling generator, seeded by the request's seed
     completion_tokens: int = 0
@@ -88,6 +91,9 @@ class Job:
         return False
 
     def _finish(self, reason: str, error: str | None = None) -> None:
+        if self.decoding is not None:
+            self.completion_tokens = self.decoding.tokens
+            self.decoding = None  # frees the generator and its KV cache now
         self.finish_reason = reason
         if error is None and self._held and reason != "stop":
             self._emit("text", self._held)
@@ -102,8 +108,12 @@ class Scheduler:
         self.session = session
         # the graph again, with a LoRA input per row (weights loaded a second time: og's
         # model above still serves the tokenizer and chat template)
-        self.model = BatchModel(session.model_dir, session.adapter_files)
-        self.batch = Batch(self.model)
+        try:
+            self.model = BatchModel(session.model_dir, session.adapter_files)
+            self.batch = Batch(self.model)
+        except Unbatchable as exc:  # a generator per request, a token each in turn (alone.py)
+            ui.debug(f"no batching for {session.model_dir}: {exc}")
+            self.model = self.batch = None
         self.parallel = parallel
         self.max_queue = max_queue
         self._waiting: deque[Job] = deque()
@@ -174,6 +184,9 @@ class Scheduler:
             for job in gone:
                 job._finish("cancelled")
             self._end(gone)  # before the step: no token is computed for a client gone
+            if self.model is None:
+                self._end([job for job in turn if job not in gone and alone.advance(self, job)])
+                continue
             ended = [job for job in turn if job not in gone and self._prefill(job)]
             time.sleep(0)
             ended += self._step([job for job in turn if job not in gone and job not in ended])
@@ -184,7 +197,8 @@ class Scheduler:
         """Take ended jobs out of the batch (their KV rows freed) and off the active list."""
         if not jobs:
             return
-        self.batch.drop([job.row for job in jobs if job.row is not None])
+        if self.batch is not None:
+            self.batch.drop([job.row for job in jobs if job.row is not None])
         with self._lock:
             for job in jobs:
                 job.row = None
