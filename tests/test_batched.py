@@ -47,8 +47,9 @@ def multi_lora(genai_model, tmp_path_factory) -> tuple[Path, dict[str, Path]]:  
         rng = np.random.default_rng(seed)
         params = {}
         for slot in slots[::every]:
-            params[slot.input_a] = (rng.standard_normal((slot.in_features, rank)) * 0.05).astype(np.float32)
-            params[slot.input_b] = (rng.standard_normal((rank, slot.out_features)) * 0.05).astype(np.float32)
+            a = rng.standard_normal((slot.in_features, rank)) * 0.05
+            b = rng.standard_normal((rank, slot.out_features)) * 0.05
+            params[slot.input_a], params[slot.input_b] = a.astype(np.float32), b.astype(np.float32)
         files[name] = write_adapter(root / f"{name}.onnx_adapter", params)
     return out, files
 

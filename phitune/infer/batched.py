@@ -117,8 +117,11 @@ class BatchModel:
         self.mask = names.get("attention_mask", "attention_mask")
         self.logits = names.get("logits", "logits")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-        options.log_severity_level = 3  # the LoRA defaults are overridable initializers: a warning each
+        # as infer.Session: every core, unless the model dir sets a count
+        options.intra_op_num_threads = int(threads or config.get("session_options", {}).get(
+            "intra_op_num_threads") or len(os.sched_getaffinity(0)))
+        # the LoRA defaults are overridable initializers: onnxruntime warns about each
+        options.log_severity_level = 3
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.model_dir.resolve()))
         graph = per_row_graph(self.model_dir / genai_config.decoder_file(self.model_dir))
