@@ -148,10 +148,13 @@ class BatchModel:
     def lora_feed(self, adapters: tuple) -> dict[str, np.ndarray]:
         """Stacked A/B for rows under `adapters` (None: the base): [rows, in, r] and
         [rows, r, out], each slot's rank padded to its largest; slots no row adapts keep
-        their empty defaults. Kept for the last few row sets (a batch reuses it per step)."""
-        feed = self._lora_cache.get(adapters)
-        if feed is not None:
-            return feed
+        their empty defaults. One row's are views of its adapter (no copy); a batch's are
+        copies (rows x the adapters' bytes), kept while the batch's rows stay the same."""
+        if len(adapters) == 1:
+            params = self.adapters[adapters[0]] if adapters[0] else {}
+            return {name: value[None] for name, value in params.items()}
+        if adapters in self._lora_cache:
+            return self._lora_cache[adapters]
         params = [self.adapters[name] if name else {} for name in adapters]
         feed = {}
         for name in sorted({n for p in params for n in p if n.endswith(".lora_A")}):
@@ -164,9 +167,7 @@ class BatchModel:
                 if rank:
                     a[row, :, :rank], b[row, :rank] = p[name], p[b_name]
             feed[name], feed[b_name] = a, b
-        if len(self._lora_cache) >= 8:
-            self._lora_cache.pop(next(iter(self._lora_cache)))
-        self._lora_cache[adapters] = feed
+        self._lora_cache = {adapters: feed}  # the old set's copies are freed
         return feed
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray | None,
