@@ -56,7 +56,7 @@ def tokenizers(gemma) -> dict:
 
 @pytest.fixture
 def fed(monkeypatch) -> list[list[int]]:
-    """The prompt ids every onnxruntime-genai answer starts from, as they reach the generator."""
+    """The prompt ids every answer starts from, as they reach the generator (or serve's batch)."""
     from phitune.infer import session
     seen: list[list[int]] = []
     prefill = session.Decoding.prefill
@@ -66,6 +66,14 @@ def fed(monkeypatch) -> list[list[int]]:
             seen.append(list(self.prompt))
         return prefill(self, chunk)
     monkeypatch.setattr(session.Decoding, "prefill", recording)
+    from phitune.infer import batched
+    batch_prefill = batched.BatchModel.prefill
+
+    def batch_recording(self, row, chunk=None):  # serve's batched rows
+        if row.fed == 0:
+            seen.append(list(row.prompt))
+        return batch_prefill(self, row, chunk)
+    monkeypatch.setattr(batched.BatchModel, "prefill", batch_recording)
     return seen
 
 

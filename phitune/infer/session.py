@@ -134,6 +134,7 @@ class Session:
         self.sequence_start = sequence_start.of_model_dir(self.model_dir)
         self.adapters = og.Adapters(self.model) if adapters else None
         self.adapter_names = [a.name for a in adapters]
+        self.adapter_files = {a.name: a.path for a in adapters}
         for adapter in adapters:
             try:
                 self.adapters.load(str(adapter.path), adapter.name)

@@ -1,26 +1,33 @@
-"""One thread that owns every generation: requests decode side by side, a token each in turn.
+"""One thread that owns every generation: the requests decoding at once form one batch, each
+row with its own adapter or none, and every decode step computes a token for all of them.
 
-Why not a batch: onnxruntime-genai 0.18 batches only through `og.Engine`, whose requests take
-no adapter (the adapter API exists on `og.Generator` alone), and whose static scheduler (the one
-a model without a paged KV cache gets) makes a request that arrives mid-batch wait until the
-whole batch ends. So each request gets its own generator (its own KV cache and adapter: tokens
-never mix) and the thread round-robins over the active ones: a prompt chunk or one token per
-turn, so a long prompt or a long answer cannot starve the others. Figures in README (serve).
+The batch is continuous: a request admitted while others decode prefills alone (a chunk of its
+prompt per turn, so a long prompt cannot stall the others for long), then joins the batch at
+the next step; a row that ends (end of sequence, max_tokens, a stop string, a client gone)
+leaves at once. So a request that arrives mid-batch waits at most one decode step plus its own
+prefill, whatever the others' lengths. `infer/batched.py` runs the graph with a LoRA adapter per
+row; greedy tokens are the ones each request gets alone (tests/test_batched.py).
 
-onnxruntime-genai holds the GIL while it computes, so after each step the thread yields it
-(time.sleep(0)) to let the HTTP event loop accept, stream and notice disconnects.
+onnxruntime releases the GIL while it computes; between steps the thread still yields
+(time.sleep(0)) so the HTTP event loop can accept, stream and notice disconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from phitune import ui
 from phitune.errors import first_line
-from phitune.infer.session import Decoding, Sampling, Session
+from phitune.infer.batched import Batch, BatchModel, Row, Unbatchable, next_token
+from phitune.infer.session import Sampling, Session
+from phitune.serve import alone
 
 
 class QueueFull(Exception):
@@ -47,7 +54,10 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    decoding: Decoding | None = None
+    row: Row | None = None  # made when the scheduler admits the job
+    decoding: object = None  # its own og generator, on a graph that cannot batch (alone.py)
+    stream: object = None  # the tokenizer's incremental decoder for this answer
+    rng: object = None  # its sampling generator, seeded by the request's seed
     completion_tokens: int = 0
     finish_reason: str | None = None
     ttft_s: float | None = None
@@ -96,6 +106,14 @@ class Scheduler:
 
     def __init__(self, session: Session, parallel: int = 4, max_queue: int = 16):
         self.session = session
+        # the graph again, with a LoRA input per row (weights loaded a second time: og's
+        # model above still serves the tokenizer and chat template)
+        try:
+            self.model = BatchModel(session.model_dir, session.adapter_files)
+            self.batch = Batch(self.model)
+        except Unbatchable as exc:  # a generator per request, a token each in turn (alone.py)
+            ui.debug(f"no batching for {session.model_dir}: {exc}")
+            self.model = self.batch = None
         self.parallel = parallel
         self.max_queue = max_queue
         self._waiting: deque[Job] = deque()
@@ -157,42 +175,95 @@ class Scheduler:
                 while self._waiting and len(self._active) < self.parallel:
                     self._active.append(self._waiting.popleft())
                 for job in [j for j in self._waiting if j.cancelled.is_set()]:
-                    self._waiting.remove(job)  # gone before its turn: no generator made
+                    self._waiting.remove(job)  # gone before its turn: nothing was computed
                     job._finish("cancelled")
                 if self._closing and not self._active and not self._waiting:
                     return
                 turn = list(self._active)
-            for job in turn:
-                if self._advance(job):
-                    with self._lock:
-                        self._active.remove(job)
-                time.sleep(0)  # hand the GIL to the event loop between steps
+            gone = [job for job in turn if job.cancelled.is_set()]
+            for job in gone:
+                job._finish("cancelled")
+            self._end(gone)  # before the step: no token is computed for a client gone
+            if self.model is None:
+                self._end([job for job in turn if job not in gone and alone.advance(self, job)])
+                continue
+            ended = [job for job in turn if job not in gone and self._prefill(job)]
+            time.sleep(0)
+            ended += self._step([job for job in turn if job not in gone and job not in ended])
+            self._end(ended)
+            time.sleep(0)  # hand the GIL to the event loop between steps
 
-    def _advance(self, job: Job) -> bool:
-        """One step of `job` (a prompt chunk or a token); True when it has ended."""
-        if job.cancelled.is_set():
-            job._finish("cancelled")
-            return True
+    def _end(self, jobs: list[Job]) -> None:
+        """Take ended jobs out of the batch (their KV rows freed) and off the active list."""
+        if not jobs:
+            return
+        if self.batch is not None:
+            self.batch.drop([job.row for job in jobs if job.row is not None])
+        with self._lock:
+            for job in jobs:
+                job.row = None
+                self._active.remove(job)
+
+    def _prefill(self, job: Job) -> bool:
+        """A prompt chunk of a job not in the batch yet; with the prompt in, its first token
+        and its place in the batch. True when it has ended."""
+        if job.row is not None and job.row.prefilled:
+            return False
         try:
-            if job.decoding is None:
-                job.decoding = self.session.start(job.ids, job.sampling, job.adapter)
-            decoding = job.decoding
-            if not decoding.prefilled:
-                decoding.prefill(PREFILL_CHUNK)
+            if job.row is None:
+                job.row = Row(list(job.ids), job.adapter)
+                job.stream = self.session.tokenizer.create_stream()
+                job.rng = np.random.default_rng(job.sampling.seed if job.sampling.seed
+                                                is not None else random.getrandbits(64))
+            logits = self.model.prefill(job.row, PREFILL_CHUNK)
+            if logits is None:
                 return False
-            piece = decoding.step()
-            job.completion_tokens = decoding.tokens  # live, for the log line of a dropped client
-            if job.ttft_s is None:
-                job.ttft_s = time.perf_counter() - job.submitted
-            if piece and job._text(piece):
-                job._finish("stop")
+            if self._token(job, logits):
                 return True
-            if decoding.done:
-                job._finish("stop" if decoding.eos else "length")
-                return True
+            self.batch.join(job.row)
             return False
         except Exception as exc:  # noqa: BLE001 — one request fails, the server lives on
-            self.failures += 1
+            return self._fail([job], exc)
+
+    def _step(self, jobs: list[Job]) -> list[Job]:
+        """One decode step of the batch; the jobs that ended with it."""
+        by_row = {id(job.row): job for job in jobs if job.row is not None}
+        in_batch = [by_row[id(row)] for row in self.batch.rows if id(row) in by_row]
+        if not in_batch:
+            return []
+        try:
+            logits = self.batch.step()
+        except Exception as exc:  # noqa: BLE001 — the batch's requests fail, the server lives on
+            self._fail(in_batch, exc)
+            return in_batch
+        return [job for job, row_logits in zip(in_batch, logits) if self._token(job, row_logits)]
+
+    def _token(self, job: Job, logits) -> bool:
+        """Choose `job`'s next token from its logits and send its text; True when it ended
+        (end of sequence, a stop string, max_tokens or the context length)."""
+        row = job.row
+        token = next_token(logits, job.sampling, job.rng)
+        row.new.append(token)
+        eos = token in self.session.eos_ids
+        job.completion_tokens = len(row.new) - (1 if eos else 0)  # live, for a dropped client's log
+        if job.ttft_s is None:
+            job.ttft_s = time.perf_counter() - job.submitted
+        if eos:
+            job._finish("stop")
+            return True
+        piece = job.stream.decode(token)
+        if piece and job._text(piece):
+            job._finish("stop")
+            return True
+        if (len(row.new) >= job.sampling.max_new_tokens
+                or len(row.prompt) + len(row.new) >= self.session.context_length):
+            job._finish("length")
+            return True
+        return False
+
+    def _fail(self, jobs: list[Job], exc: Exception) -> bool:
+        self.failures += len(jobs)
+        for job in jobs:
             job._finish("error", f"generation failed: {type(exc).__name__}: "
                                  f"{first_line(exc, 200, '')}")
-            return True
+        return True

@@ -31,7 +31,7 @@ class ServeOptions:
     api_key: str | None = O.option(None, "Require 'Authorization: Bearer KEY' on every endpoint "
                                    "but /health.", metavar="KEY", type=str,
                                    envvar="PHITUNE_API_KEY")
-    parallel: int = O.option(4, "Requests decoding at once, interleaved a token at a time.",
+    parallel: int = O.option(4, "Requests decoding at once, as one batch (each with its own adapter).",
                              min=1, ranged=True)
     max_queue: int = O.option(16, "Requests that may wait for a decoding slot; beyond that: "
                               "HTTP 429.", min=0, ranged=True)
