@@ -35,8 +35,9 @@ class FinetuneOptions(RecordOptions):
     model: str = O.model("Base model: a float or phitune AWQ checkpoint dir, a .gguf file, a hub "
                          "id, or 'tiny-phi3' / 'smollm2-135m-instruct'.")
     output: str = O.output()
-    method: str = O.option("lora", "lora: on a float or AWQ base (CPU or GPU); qlora: nf4 base, "
-                           "CUDA only.", choices=("lora", "qlora"))
+    method: str = O.option("lora", "lora: on a float or AWQ base; qlora: a float base quantized "
+                           "to nf4 as it loads (bitsandbytes; CPU or GPU).",
+                           choices=("lora", "qlora"))
     packing: bool = O.option(True, "Pack short records into full rows (no compute spent on "
                              "padding).", negatable=True)
     lora_r: int = O.option(64, min=1)
@@ -176,7 +177,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
         **{f"data_{k}": v for k, v in prepared.stats.items()},
     }
     with out.staging() as work:
-        _write_outputs(model, model_ref, work, opts.merge)
+        _write_outputs(model, model_ref, work, opts.merge, opts.method)
         metrics.update(watch.metrics())
         manifest = out.publish(work, metrics)
     checkpoint.remove()
@@ -282,19 +283,42 @@ def _round(value):
     return None if value is None else round(value, 4)
 
 
-def _write_outputs(model, model_ref, work: Path, merge: bool) -> None:
-    """adapter/ as PEFT writes it; model/ a link to the base trained on (no gigabyte copy);
-    merged/ with --merge: base + adapter folded, in float (an AWQ base is dequantized)."""
+def _write_outputs(model, model_ref, work: Path, merge: bool, method: str) -> None:
+    """adapter/ as PEFT writes it; model/ a link to the base trained on (no gigabyte copy; for
+    qlora the float checkpoint that was quantized to nf4 as it loaded); merged/ with --merge:
+    base + adapter folded, in float (an AWQ base is dequantized; for qlora the adapter is
+    folded into the float base, not into nf4 weights)."""
     model.save_pretrained(str(work / "adapter"))
     _point_adapter_at_base(work / "adapter", model_ref.path)
     os.symlink(Path(model_ref.path).resolve(), work / "model", target_is_directory=True)
     if merge:
         from phitune.models import copy_tokenizer_files
+        if method == "qlora":
+            model = _on_float_base(model_ref, work / "adapter")
         merged = model.merge_and_unload()
         if hasattr(merged.config, "quantization_config"):
             del merged.config.quantization_config
         merged.save_pretrained(str(work / "merged"))
         copy_tokenizer_files(model_ref.path, work / "merged")
+
+
+def _on_float_base(model_ref, adapter: Path):
+    """The trained adapter on the float checkpoint, as plain PEFT loads it."""
+    from peft import PeftModel
+
+    from phitune.models import load_causal_lm_lean
+    base = load_causal_lm_lean(model_ref.path, dtype=_float_dtype(model_ref.path))
+    return PeftModel.from_pretrained(base, str(adapter))
+
+
+def _float_dtype(path):
+    """The checkpoint's own float dtype (merged/ keeps the base's precision)."""
+    import json
+
+    import torch
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else torch.float32
 
 
 def _point_adapter_at_base(adapter_dir: Path, base: Path) -> None:
