@@ -15,6 +15,7 @@ from phitune.artifacts import Output, content_digest, resolve_model
 from phitune.data import RecordOptions
 from phitune.data.records import RECORD_FIELDS, split_files
 from phitune.errors import Interrupted, OptionError
+from phitune.finetune import report as reporting
 from phitune.measure import Stopwatch, return_large_frees_to_os
 
 
@@ -68,6 +69,12 @@ class FinetuneOptions(RecordOptions):
                                min=1)
     resume: bool = O.option(False, "Continue an interrupted run from its last checkpoint.",
                             flag=True)
+    eval_steps: int = O.option(0, "Also measure the eval loss every N steps (default 0: before "
+                               "and after training only).", min=0)
+    report_to: str = O.option("none", "tensorboard: also write the loss curves as event files "
+                              "in OUTPUT/runs (live beside the resume checkpoint while training; "
+                              f"needs {reporting.INSTALL}). The manifest keeps them either way.",
+                              choices=reporting.REPORTERS)
     device: str = O.device()
     force: bool = O.force()
     extra: dict = field(default_factory=dict)
@@ -104,6 +111,7 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
     opts = replace(opts, data_files=split_files(opts.data_files))
     _check(opts)
     O.validate(opts)  # declared ranges and choices, before any data or model loads
+    reporting.check(opts.report_to)
     spec = data.make_spec(opts.text_template, opts.text_cols, opts.use_chat_template)
     data.validate_options(opts.max_seq_len, opts.overflow, opts.eval_split, opts.eval_dataset_size)
     records = data.load_and_validate(list(opts.data_files), opts.data_name, spec,
@@ -127,7 +135,7 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
 def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     import torch
 
-    from phitune.finetune.loop import TrainConfig, World, eval_loss
+    from phitune.finetune.loop import TrainConfig, World
     from phitune.models import load_tokenizer, resolve_device
 
     device = resolve_device(opts.device)
@@ -152,11 +160,11 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
                       grad_accum=opts.gradient_accumulation_steps, warmup_steps=opts.warmup_steps,
                       max_grad_norm=opts.max_grad_norm, seed=opts.seed, save_steps=opts.save_steps,
                       autocast_dtype=None if dtype == torch.float32 else dtype,
-                      micro_batch_rows=passes)
-    checkpoint = _checkpoint(opts, out, world.main)
-    before = eval_loss(model, prepared.eval, collate, cfg, device)
-    result = _train(model, prepared.train, collate, cfg, device, world, checkpoint, opts.resume)
-    after = eval_loss(model, prepared.eval, collate, cfg, device)
+                      micro_batch_rows=passes, eval_steps=opts.eval_steps)
+    checkpoint, resumed = _checkpoint(opts, out, world.main)
+    report = _report(opts, checkpoint, resumed, out, world.main)
+    before, result, after = _train_between_evals(model, prepared, collate, cfg, device, world,
+                                                 checkpoint, resumed, report)
     if not world.main:
         world.barrier()
         return {}
@@ -178,11 +186,35 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     }
     with out.staging() as work:
         _write_outputs(model, model_ref, work, opts.merge, opts.method)
+        report.publish(work)
         metrics.update(watch.metrics())
-        manifest = out.publish(work, metrics)
+        manifest = out.publish(work, metrics, history=reporting.history(result, before, after))
     checkpoint.remove()
     world.barrier()
     return manifest
+
+
+def _train_between_evals(model, prepared, collate, cfg, device: str, world, checkpoint,
+                         resumed: int, report):
+    """Eval loss before, every --eval_steps and after training, each one reported as it comes;
+    returns (before, the training result, after)."""
+    from phitune.finetune.loop import eval_loss
+    try:
+        before = eval_loss(model, prepared.eval, collate, cfg, device)
+        if not resumed:
+            report.eval(0, before)
+
+        def evaluate(step: int):
+            value = eval_loss(model, prepared.eval, collate, cfg, device) if world.main else None
+            report.eval(step, value)
+            return value
+        result = _train(model, prepared.train, collate, cfg, device, world, checkpoint,
+                        bool(resumed), report, evaluate)
+        after = eval_loss(model, prepared.eval, collate, cfg, device)
+        report.eval(result.steps, after)
+    finally:
+        report.close()
+    return before, result, after
 
 
 def _prepare(opts, records, tokenizer, spec, say: bool):
@@ -231,7 +263,8 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
 
 
 def _checkpoint(opts, out: Output, say: bool):
-    """The checkpoint of an interrupted run with the same key; says whether --resume uses it."""
+    """The checkpoint of an interrupted run with the same key, and the step --resume continues
+    from (0: none); says whether --resume uses it."""
     from phitune.finetune.loop import Checkpoint
     checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
     saved = checkpoint.load()
@@ -244,18 +277,29 @@ def _checkpoint(opts, out: Output, say: bool):
                 "starting at step 0")
     if say and opts.resume and saved:
         ui.info(f"--resume: continuing from step {saved['step']}")
-    return checkpoint
+    return checkpoint, saved["step"] if opts.resume and saved else 0
 
 
-def _train(model, rows, collate, cfg, device: str, world, checkpoint, resume: bool):
+def _report(opts, checkpoint, resumed: int, out: Output, say: bool):
+    """The loss curve's live writer (event files beside the checkpoint until publishing)."""
+    report = reporting.Report(opts.report_to, checkpoint.dir / reporting.RUNS, resumed, say)
+    if say and report.writer is not None:
+        ui.info(f"loss curves: tensorboard --logdir {report.live_dir} while training, "
+                f"{out.path / reporting.RUNS} when done")
+    return report
+
+
+def _train(model, rows, collate, cfg, device: str, world, checkpoint, resume: bool, report,
+           evaluate):
     """The training loop with a progress bar; Ctrl-C leaves a checkpoint and one line."""
     from phitune.finetune.loop import train
     with ui.progress("training", 1, "loss", "tok/s") as (bar, task):
         def on_step(step: int, steps: int, loss: float, rate: float) -> None:
             bar.update(task, total=steps, completed=step, loss=f"{loss:.4f}", **{"tok/s": f"{rate:.0f}"})
+            report.train(step, loss)
         try:
             return train(model, rows, collate, cfg, device, world, checkpoint, resume=resume,
-                         on_step=on_step)
+                         on_step=on_step, evaluate=evaluate)
         except KeyboardInterrupt:
             state = checkpoint.load() if world.main else None
             if state is None:
