@@ -219,6 +219,14 @@ def test_translation_of_the_seed_shapes(tmp_path):
     workflow, notes = translated(tmp_path, QLORA_MERGE)
     (qlora,) = workflow["steps"]
     assert qlora["method"] == "qlora" and qlora["eval_dataset_size"] == 16
+    config = copy.deepcopy(QLORA_MERGE)
+    config["passes"]["qlora"]["training_args"].update(report_to=["tensorboard"], eval_steps=2)
+    workflow, notes = translated(tmp_path, config)
+    assert workflow["steps"][0]["report_to"] == "tensorboard"
+    assert workflow["steps"][0]["eval_steps"] == 2
+    config["passes"]["qlora"]["training_args"]["report_to"] = "wandb"
+    workflow, notes = translated(tmp_path, config)
+    assert "report_to" not in workflow["steps"][0] and any("report_to" in n for n in notes)
 
 
 def test_awq_lora_builder_extract_chain(tmp_path):
