@@ -409,8 +409,9 @@ class Output:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def publish(self, work: Path, metrics: dict) -> dict:
-        """Write the manifest last, then swap the finished directory into place."""
+    def publish(self, work: Path, metrics: dict, **sections) -> dict:
+        """Write the manifest last, then swap the finished directory into place. `sections`
+        are a step's own top-level entries (finetune's per-step `history`)."""
         manifest = {
             "artifact": self.artifact,
             "created_by": f"phitune {self.step} {__version__}",
@@ -419,6 +420,7 @@ class Output:
             "params": self.params,
             "key": self.key,
             "metrics": metrics,
+            **sections,
             "files": file_sizes(work),
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

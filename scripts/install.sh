@@ -5,7 +5,8 @@
 #   - no NVIDIA GPU: torch==$PHITUNE_TORCH (default 2.13.0), the CPU build. Where pip's
 #     default index would give a CUDA build, set PHITUNE_TORCH_INDEX to a CPU wheel index.
 #   - NVIDIA GPU (nvidia-smi works): the default CUDA torch build and the [cuda] extra.
-# Usage: scripts/install.sh [extra...]   e.g. scripts/install.sh dev
+# bitsandbytes (QLoRA's nf4) is a dependency on every machine: its CPU backend runs it too.
+# Usage: scripts/install.sh [extra...]   e.g. scripts/install.sh dev, scripts/install.sh tensorboard
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -174,17 +174,52 @@ def test_data_parallel_under_a_launcher(launcher, awq_base, tmp_path):
     assert len(summaries) <= 1  # one summary, from rank 0
 
 
-def test_qlora_on_cpu_is_refused_in_one_line(cli, tmp_path):
-    result = cli(*lab("tiny-phi3", tmp_path / "q", "--max_steps", "1"), "--method", "qlora",
-                 "--device", "cpu")
+def test_qlora_base_is_nf4_and_lora_gets_gradient_on_cpu():
+    from bitsandbytes.nn import Linear4bit
+
+    from phitune.artifacts import resolve_model
+    from phitune.finetune import lora
+    from phitune.finetune.base import load_base
+    base = load_base(resolve_model("tiny-phi3", ("hf-model",), "finetune"), "qlora", "cpu",
+                     torch.float32)
+    quantized = [m for m in base.modules() if isinstance(m, Linear4bit)]
+    assert len(quantized) == 4 * base.config.num_hidden_layers  # every projection, not the head
+    assert all(m.weight.quant_type == "nf4" and m.weight.quant_state.nested for m in quantized)
+    model = lora.wrap(base, 4, 8, 0.0, ["qkv_proj", "down_proj"])
+    model.train()
+    ids = torch.randint(0, 1000, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(grads) == 2 * model.config.num_hidden_layers
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_qlora_on_an_awq_base_is_refused_in_one_line(awq_base, cli, tmp_path):
+    result = cli(*lab(awq_base, tmp_path / "q", "--max_steps", "1"), "--method", "qlora")
     assert result.code == 2
-    assert len(result.error_lines) == 1 and "needs a CUDA GPU" in result.error_lines[0]
+    assert len(result.error_lines) == 1 and "AWQ" in result.error_lines[0]
+    assert "--method lora" in result.error_lines[0]
+    assert not (tmp_path / "q").exists()
+
+
+def test_bitsandbytes_import_asks_no_hub_and_says_nothing():
+    # A fresh interpreter without HF_HUB_OFFLINE: bitsandbytes would ask the hub for a kernel
+    # and warn when it cannot; phitune imports it with neither.
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    code = ("import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
+            "from phitune.finetune.nf4 import quiet_bitsandbytes; quiet_bitsandbytes()\n"
+            "import bitsandbytes; assert 'kernels' not in sys.modules, 'kernels imported'\n"
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('other warnings show')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "gemm_4bit" not in proc.stderr and "kernels-community" not in proc.stderr
+    assert "other warnings show" in proc.stderr
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_qlora_on_cuda(cli, tmp_path):
-    pytest.importorskip("bitsandbytes")
     result = cli(*lab("tiny-phi3", tmp_path / "q", "--max_steps", "5"), "--method", "qlora")
     assert result.code == 0, result.err
 

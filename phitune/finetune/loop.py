@@ -45,6 +45,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     autocast_dtype: torch.dtype | None = None
     micro_batch_rows: int | None = None  # rows per forward/backward pass; None: the whole batch
+    eval_steps: int = 0            # > 0: `evaluate` after every this many steps (not the last)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss) in training
 
 
 def total_steps(n_rows: int, cfg: TrainConfig, world: World) -> int:
@@ -187,8 +189,11 @@ def _autocast(device: str, dtype):
 
 def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, device: str,
           world: World, checkpoint: Checkpoint, resume: bool,
-          on_step: Callable[[int, int, float, float], None] | None = None) -> TrainResult:
-    """Train the model's trainable (LoRA) parameters in place; returns the loss history."""
+          on_step: Callable[[int, int, float, float], None] | None = None,
+          evaluate: Callable[[int], float | None] | None = None) -> TrainResult:
+    """Train the model's trainable (LoRA) parameters in place; returns the loss history.
+    `evaluate(step)` runs every `cfg.eval_steps` steps (eval mode, no dropout: it draws no
+    random numbers, so training is the same with or without it)."""
     params = [p for p in model.parameters() if p.requires_grad]
     steps = total_steps(len(rows), cfg, world)
     optimizer, scheduler = _optimizer(params, cfg, steps)
@@ -214,8 +219,14 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
             result.losses.append(_mean_over_ranks(step_loss, world))
             result.tokens += step_tokens * world.size
             if on_step:
-                on_step(step, steps, step_loss,
+                on_step(step, steps, result.losses[-1],
                         (result.tokens - tokens_before) / max(time.perf_counter() - began, 1e-9))
+            if evaluate and cfg.eval_steps and step % cfg.eval_steps == 0 and step < steps:
+                paused = time.perf_counter()
+                value = evaluate(step)
+                if value is not None:
+                    result.evals.append((step, value))
+                began += time.perf_counter() - paused  # tok/s counts training time only
             interrupted = stop.requested and step < steps
             if world.main and (interrupted or cfg.save_steps and step % cfg.save_steps == 0
                                and step < steps):
@@ -249,13 +260,15 @@ def _restore(state: dict, model, optimizer, scheduler, result: TrainResult) -> N
     result.resumed_from = state["step"]
     result.losses = state["losses"]
     result.tokens = state["tokens"]
+    result.evals = [tuple(e) for e in state.get("evals", [])]
 
 
 def _snapshot(step: int, model, optimizer, scheduler, result: TrainResult) -> dict:
     """State after `step` whole steps, taken between steps."""
     return {"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-            "losses": list(result.losses), "tokens": result.tokens}
+            "losses": list(result.losses), "tokens": result.tokens,
+            "evals": list(result.evals)}
 
 
 def _loss_model(model, world: World):

@@ -15,6 +15,7 @@ from phitune.artifacts import Output, content_digest, resolve_model
 from phitune.data import RecordOptions
 from phitune.data.records import RECORD_FIELDS, split_files
 from phitune.errors import Interrupted
+from phitune.finetune import report as reporting
 from phitune.measure import Stopwatch, return_large_frees_to_os
 
 
@@ -35,8 +36,9 @@ class FinetuneOptions(RecordOptions):
     model: str = O.model("Base model: a float or phitune AWQ checkpoint dir, a .gguf file, a hub "
                          "id, or 'tiny-phi3' / 'smollm2-135m-instruct'.")
     output: str = O.output()
-    method: str = O.option("lora", "lora: on a float or AWQ base (CPU or GPU); qlora: nf4 base, "
-                           "CUDA only.", choices=("lora", "qlora"))
+    method: str = O.option("lora", "lora: on a float or AWQ base; qlora: a float base quantized "
+                           "to nf4 as it loads (bitsandbytes; CPU or GPU).",
+                           choices=("lora", "qlora"))
     packing: bool = O.option(True, "Pack short records into full rows (no compute spent on "
                              "padding).", negatable=True)
     lora_r: int = O.option(64, min=1)
@@ -68,6 +70,12 @@ class FinetuneOptions(RecordOptions):
                                min=1)
     resume: bool = O.option(False, "Continue an interrupted run from its last checkpoint.",
                             flag=True)
+    eval_steps: int = O.option(0, "Also measure the eval loss every N steps (default 0: before "
+                               "and after training only).", min=0)
+    report_to: str = O.option("none", "tensorboard: also write the loss curves as event files "
+                              "in OUTPUT/runs (live beside the resume checkpoint while training; "
+                              f"needs {reporting.INSTALL}). The manifest keeps them either way.",
+                              choices=reporting.REPORTERS)
     device: str = O.device()
     force: bool = O.force()
     extra: dict = field(default_factory=dict)
@@ -84,6 +92,7 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
     from phitune import data
     opts = replace(opts, data_files=split_files(opts.data_files))
     O.validate(opts)  # declared ranges and choices, before any data or model loads
+    reporting.check(opts.report_to)
     spec = data.make_spec(opts.text_template, opts.text_cols, opts.use_chat_template)
     data.validate_options(opts.max_seq_len, opts.overflow, opts.eval_split, opts.eval_dataset_size)
     records = data.load_and_validate(list(opts.data_files), opts.data_name, spec,
@@ -107,7 +116,7 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
 def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     import torch
 
-    from phitune.finetune.loop import TrainConfig, World, eval_loss
+    from phitune.finetune.loop import World
     from phitune.models import load_tokenizer, resolve_device
 
     device = resolve_device(opts.device)
@@ -116,7 +125,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     watch = Stopwatch()
     resume = opts.resume and not opts.force  # --force starts over
-    checkpoint = _checkpoint(opts, out, world.main, resume)  # read whole before any load
+    checkpoint, resumed = _checkpoint(opts, out, world.main, resume)  # read before any load
     tokenizer = load_tokenizer(model_ref.path)
     prepared = _prepare(opts, records, tokenizer, spec, world.main)
 
@@ -129,15 +138,10 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
                                                          world.main)
 
     collate = _collate(model, tokenizer, opts.packing)
-    cfg = TrainConfig(max_steps=opts.max_steps, num_train_epochs=opts.num_train_epochs,
-                      learning_rate=opts.learning_rate, batch_size=opts.per_device_train_batch_size,
-                      grad_accum=opts.gradient_accumulation_steps, warmup_steps=opts.warmup_steps,
-                      max_grad_norm=opts.max_grad_norm, seed=opts.seed, save_steps=opts.save_steps,
-                      autocast_dtype=None if dtype == torch.float32 else dtype,
-                      micro_batch_rows=passes)
-    before = eval_loss(model, prepared.eval, collate, cfg, device)
-    result = _train(model, prepared.train, collate, cfg, device, world, checkpoint, resume)
-    after = eval_loss(model, prepared.eval, collate, cfg, device)
+    cfg = _train_config(opts, None if dtype == torch.float32 else dtype, passes)
+    report = _report(opts, checkpoint, resumed, out, world.main)
+    before, result, after = _train_between_evals(model, prepared, collate, cfg, device, world,
+                                                 checkpoint, resumed, report)
     if not world.main:
         world.barrier()
         return {}
@@ -158,12 +162,36 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
         **{f"data_{k}": v for k, v in prepared.stats.items()},
     }
     with out.staging() as work:
-        _write_outputs(model, model_ref, work, opts.merge)
+        _write_outputs(model, model_ref, work, opts.merge, opts.method)
+        report.publish(work)
         metrics.update(watch.metrics())
-        manifest = out.publish(work, metrics)
+        manifest = out.publish(work, metrics, history=reporting.history(result, before, after))
     checkpoint.remove()
     world.barrier()
     return manifest
+
+
+def _train_between_evals(model, prepared, collate, cfg, device: str, world, checkpoint,
+                         resumed: int, report):
+    """Eval loss before, every --eval_steps and after training, each one reported as it comes;
+    returns (before, the training result, after)."""
+    from phitune.finetune.loop import eval_loss
+    try:
+        before = eval_loss(model, prepared.eval, collate, cfg, device)
+        if not resumed:
+            report.eval(0, before)
+
+        def evaluate(step: int):
+            value = eval_loss(model, prepared.eval, collate, cfg, device) if world.main else None
+            report.eval(step, value)
+            return value
+        result = _train(model, prepared.train, collate, cfg, device, world, checkpoint,
+                        bool(resumed), report, evaluate)
+        after = eval_loss(model, prepared.eval, collate, cfg, device)
+        report.eval(result.steps, after)
+    finally:
+        report.close()
+    return before, result, after
 
 
 def _prepare(opts, records, tokenizer, spec, say: bool):
@@ -211,9 +239,21 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
     return model, passes, choice.on, compiled
 
 
+def _train_config(opts, autocast_dtype, passes: int):
+    from phitune.finetune.loop import TrainConfig
+    return TrainConfig(max_steps=opts.max_steps, num_train_epochs=opts.num_train_epochs,
+                       learning_rate=opts.learning_rate,
+                       batch_size=opts.per_device_train_batch_size,
+                       grad_accum=opts.gradient_accumulation_steps,
+                       warmup_steps=opts.warmup_steps, max_grad_norm=opts.max_grad_norm,
+                       seed=opts.seed, save_steps=opts.save_steps, autocast_dtype=autocast_dtype,
+                       micro_batch_rows=passes, eval_steps=opts.eval_steps)
+
+
 def _checkpoint(opts, out: Output, say: bool, resume: bool):
-    """The checkpoint of an interrupted run with the same key; says whether --resume uses it
-    (a damaged one is refused with --resume, and ignored by a run that starts over)."""
+    """The checkpoint of an interrupted run with the same key, and the step --resume continues
+    from (0: none); says whether --resume uses it (a damaged one is refused with --resume, and
+    ignored by a run that starts over)."""
     from phitune.finetune.loop import Checkpoint
     checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
     saved = checkpoint.load(damaged_ok=not resume)
@@ -226,18 +266,29 @@ def _checkpoint(opts, out: Output, say: bool, resume: bool):
                 "starting at step 0")
     if say and resume and saved:
         ui.info(f"--resume: continuing from step {saved['step']}")
-    return checkpoint
+    return checkpoint, saved["step"] if resume and saved else 0
 
 
-def _train(model, rows, collate, cfg, device: str, world, checkpoint, resume: bool):
+def _report(opts, checkpoint, resumed: int, out: Output, say: bool):
+    """The loss curve's live writer (event files beside the checkpoint until publishing)."""
+    report = reporting.Report(opts.report_to, checkpoint.dir / reporting.RUNS, resumed, say)
+    if say and report.writer is not None:
+        ui.info(f"loss curves: tensorboard --logdir {report.live_dir} while training, "
+                f"{out.path / reporting.RUNS} when done")
+    return report
+
+
+def _train(model, rows, collate, cfg, device: str, world, checkpoint, resume: bool, report,
+           evaluate):
     """The training loop with a progress bar; Ctrl-C leaves a checkpoint and one line."""
     from phitune.finetune.loop import train
     with ui.progress("training", 1, "loss", "tok/s") as (bar, task):
         def on_step(step: int, steps: int, loss: float, rate: float) -> None:
             bar.update(task, total=steps, completed=step, loss=f"{loss:.4f}", **{"tok/s": f"{rate:.0f}"})
+            report.train(step, loss)
         try:
             return train(model, rows, collate, cfg, device, world, checkpoint, resume=resume,
-                         on_step=on_step)
+                         on_step=on_step, evaluate=evaluate)
         except KeyboardInterrupt:
             state = checkpoint.load() if world.main else None
             if state is None:
@@ -265,19 +316,42 @@ def _round(value):
     return None if value is None else round(value, 4)
 
 
-def _write_outputs(model, model_ref, work: Path, merge: bool) -> None:
-    """adapter/ as PEFT writes it; model/ a link to the base trained on (no gigabyte copy);
-    merged/ with --merge: base + adapter folded, in float (an AWQ base is dequantized)."""
+def _write_outputs(model, model_ref, work: Path, merge: bool, method: str) -> None:
+    """adapter/ as PEFT writes it; model/ a link to the base trained on (no gigabyte copy; for
+    qlora the float checkpoint that was quantized to nf4 as it loaded); merged/ with --merge:
+    base + adapter folded, in float (an AWQ base is dequantized; for qlora the adapter is
+    folded into the float base, not into nf4 weights)."""
     model.save_pretrained(str(work / "adapter"))
     _point_adapter_at_base(work / "adapter", model_ref.path)
     os.symlink(Path(model_ref.path).resolve(), work / "model", target_is_directory=True)
     if merge:
         from phitune.models import copy_tokenizer_files
+        if method == "qlora":
+            model = _on_float_base(model_ref, work / "adapter")
         merged = model.merge_and_unload()
         if hasattr(merged.config, "quantization_config"):
             del merged.config.quantization_config
         merged.save_pretrained(str(work / "merged"))
         copy_tokenizer_files(model_ref.path, work / "merged")
+
+
+def _on_float_base(model_ref, adapter: Path):
+    """The trained adapter on the float checkpoint, as plain PEFT loads it."""
+    from peft import PeftModel
+
+    from phitune.models import load_causal_lm_lean
+    base = load_causal_lm_lean(model_ref.path, dtype=_float_dtype(model_ref.path))
+    return PeftModel.from_pretrained(base, str(adapter))
+
+
+def _float_dtype(path):
+    """The checkpoint's own float dtype (merged/ keeps the base's precision)."""
+    import json
+
+    import torch
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else torch.float32
 
 
 def _point_adapter_at_base(adapter_dir: Path, base: Path) -> None:

@@ -45,7 +45,7 @@ LOCAL_FILE_FORMATS = ("json", "csv", "parquet")
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 TRAINING_ARGS = ("max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed",
-                 "gradient_checkpointing", "save_steps")
+                 "gradient_checkpointing", "save_steps", "eval_steps")
 ENGINE_KEYS = ("cache_dir", "output_dir", "host", "target", "execution_providers",
                "search_strategy", "log_severity_level", "ort_log_severity_level",
                "ort_py_log_severity_level", "log_to_file", "evaluator", "evaluate_input_model",
@@ -476,6 +476,8 @@ class _Translator:
                 for k, v in value.items():
                     if k in TRAINING_ARGS and k in known:
                         step[k] = v
+                    elif k == "report_to" and v in ("tensorboard", ["tensorboard"]):
+                        step["report_to"] = "tensorboard"  # event files in the step's runs/
                     else:
                         self.note(f"{kpath}.{k}")
             elif ptype == "QLoRA" and (key, value) in (("quant_type", "nf4"), ("double_quant", True)):
