@@ -130,9 +130,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     from phitune.models import load_tokenizer, resolve_device
 
     device = resolve_device(opts.device)
-    world = World.from_env(device)
-    if world.size > 1 and device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    world = World.from_env(device)  # under torchrun on CUDA: also this rank's GPU
     watch = Stopwatch()
     tokenizer = load_tokenizer(model_ref.path)
     prepared = _prepare(opts, records, tokenizer, spec, world.main)
