@@ -88,3 +88,32 @@ def test_cuda_check_without_cuda_says_so_in_one_line_and_runs_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1 and "no CUDA device" in done.stdout
     assert done.stderr == ""
+
+
+def test_install_on_a_gpu_machine_keeps_only_the_cuda_onnxruntime(tmp_path):
+    """scripts/install.sh where nvidia-smi works: after the editable install (which brings the
+    CPU onnxruntime and onnxruntime-genai as base dependencies) the CPU builds are removed and
+    the CUDA builds reinstalled at the resolved versions, so no CPU file hides the CUDA one.
+    Run with a recording `python` and a working `nvidia-smi` on PATH: nothing is installed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "python").write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        'case "$*" in "-m pip show onnxruntime-gpu") echo "Version: 1.31.1";; '
+        '"-m pip show onnxruntime-genai-cuda") echo "Version: 0.18.0";; esac\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "VIRTUAL_ENV": str(tmp_path), "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "install.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    install = next(i for i, c in enumerate(calls) if "install" in c and "-e .[cuda]" in c)
+    remove = next(i for i, c in enumerate(calls) if c.startswith("-m pip uninstall"))
+    again = next(i for i, c in enumerate(calls) if "--force-reinstall" in c)
+    assert install < remove < again
+    assert "onnxruntime onnxruntime-genai" in calls[remove]
+    assert "onnxruntime-gpu==1.31.1" in calls[again] and "onnxruntime-genai-cuda==0.18.0" in calls[again]
