@@ -17,10 +17,11 @@ if [ "$rehearse" = 0 ] && [ "${CUDA_CHECK_REHEARSE:-0}" != 1 ]; then
     echo "cuda_check: no CUDA device here (torch.cuda.is_available() is not True): nothing run"
     exit 0
   fi
-  if compgen -G ".whl/*.whl" >/dev/null; then
+  wheels=${CUDA_CHECK_WHEELS:-.whl}  # .whl-model for the SmolLM2 call (scripts/cuda_wheels.sh)
+  if compgen -G "$wheels/*.whl" >/dev/null; then
     site=${CUDA_CHECK_SITE:-/tmp/cuda-check-site}
     mkdir -p "$site"
-    for w in .whl/*.whl; do "$PY" -m zipfile -e "$w" "$site" || exit 2; done
+    for w in "$wheels"/*.whl; do "$PY" -m zipfile -e "$w" "$site" || exit 2; done
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi

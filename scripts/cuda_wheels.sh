@@ -14,7 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-.whl}
 big=.whl-big
-mkdir -p "$dir" "$big"
+model_dir=.whl-model
+mkdir -p "$dir" "$big" "$model_dir"
 PY=${PY:-.venv/bin/python}
 
 # name==version, the path that needs it, where it goes. One version of each: two break the install.
@@ -27,8 +28,8 @@ wheels=(
   # CUDA 13 build (libcudart.so.13, libcublas.so.13): matches the machine, but its CUDA provider
   # library alone is 284 MB: it cannot travel in one call
   "onnxruntime-gpu==1.31.1 4b:infer-on-cuda $big"
-  # only for a GGUF SmolLM2 form (path 1's second model)
-  "gguf==0.19.0 1:smollm2-gguf $dir"
+  # only for the SmolLM2 slice (path 1's second model), carried in a call of its own (below)
+  "gguf==0.19.0 1:smollm2-slice $model_dir"
 )
 
 download() {
@@ -76,4 +77,8 @@ for entry in "${wheels[@]}"; do
   fits=$(awk "BEGIN{print ($size_b/1048576 <= $budget) ? \"yes\" : \"NO\"}")
   printf '%-72s %6s  %-18s %s\n' "$(basename "$file")" "$size" "$path" "$fits"
 done
+# SmolLM2-135M's GGUF is 94 MB; its Q8_0 embedding alone ~30 MiB: the first 2 layers travel
+# (scripts/smollm2_slice.py) with gguf in a second call, without $dir.
+PY=$PY "$PY" scripts/smollm2_slice.py --layers 2 -o "$model_dir/smollm2-2l.gguf"
+echo "in $model_dir (a second call): $(du -cb "$model_dir"/* | tail -1 | awk '{printf "%.1f", $1/1048576}') MiB + tree ${tree_mib} MiB of 64"
 echo "in $dir (carried): $(awk "BEGIN{printf \"%.1f\", $total/1048576}") MiB + tree ${tree_mib} MiB of 64"
