@@ -117,3 +117,14 @@ def test_install_on_a_gpu_machine_keeps_only_the_cuda_onnxruntime(tmp_path):
     assert install < remove < again
     assert "onnxruntime onnxruntime-genai" in calls[remove]
     assert "onnxruntime-gpu==1.31.1" in calls[again] and "onnxruntime-genai-cuda==0.18.0" in calls[again]
+
+
+def test_cuda_fp32_export_with_adapters_is_refused_before_the_build(cli, tmp_path):
+    """The builder's CUDA fp32 graph computes q/k/v inside one Attention op: a LoRA on them
+    could not attach, which the build would find only after spending its time."""
+    result = cli("auto-opt", "-m", "tiny-phi3", "--device", "gpu", "--precision", "fp32",
+                 "-o", str(tmp_path / "o"))
+    assert result.code == 2
+    assert "--precision fp32 on --device gpu" in result.error_lines[0]
+    assert "fp16" in result.error_lines[0]
+    assert not (tmp_path / "o").exists()
