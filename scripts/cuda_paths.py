@@ -208,11 +208,13 @@ def _cuda_runtime() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-def _built_for_cuda(c: Check, out_dir: Path, *flags: str) -> Path:
+def _built_for_cuda(c: Check, out_dir: Path, *flags: str, adapter: bool = True) -> Path:
     """auto-opt for CUDA (the builder writes the graph on any machine; only running it needs
     a GPU): genai_config names cuda, and the adapter auto-opt wrote fits the graph's LoRA
     inputs (element type: the CUDA graph computes in fp16)."""
-    built = c.phitune("auto-opt", "-m", str(c.work / f"ft-lora-{c.device}"), "--device", "gpu",
+    ft = c.work / f"ft-lora-{c.device}"
+    base = c.work / f"awq-tiny-{c.device}"  # what ft/model links to (that would bring adapter/)
+    built = c.phitune("auto-opt", "-m", str(ft if adapter else base), "--device", "gpu",
                       "--provider", "CUDAExecutionProvider", *flags, "-o", str(out_dir), "--force")
     model = out_dir / "model"
     config = json.loads((model / "genai_config.json").read_text())
@@ -220,52 +222,53 @@ def _built_for_cuda(c: Check, out_dir: Path, *flags: str) -> Path:
                  .get("provider_options", [])]
     if "cuda" not in providers:
         raise Failed(f"the CUDA build's genai_config names providers {providers}, not cuda")
-    from phitune.infer.adapters import check_fits, graph_inputs
-    adapter = model / "adapter_weights.onnx_adapter"
-    try:
-        check_fits(model, adapter)
-    except Exception as exc:
-        raise Failed(f"the CUDA build's adapter does not fit its graph: {exc}") from None
-    lora = {dtype for name, (dtype, _) in graph_inputs(model).items() if "lora" in name.lower()}
-    c.notes.append(f"{flags[-1] if flags else 'int4'} CUDA build {built.get('seconds', 0):.0f} s, "
-                   f"LoRA inputs {'/'.join(sorted(lora))}, adapter fits")
+    what = f"{' '.join(flags) or 'int4'} CUDA build {built.get('seconds', 0):.0f} s"
+    if adapter:
+        from phitune.infer.adapters import check_fits, graph_inputs
+        try:
+            check_fits(model, model / "adapter_weights.onnx_adapter")
+        except Exception as exc:
+            raise Failed(f"the CUDA build's adapter does not fit its graph: {exc}") from None
+        lora = {dtype for name, (dtype, _) in graph_inputs(model).items() if "lora" in name}
+        what += f", LoRA inputs {'/'.join(sorted(lora))}, adapter fits"
+    c.notes.append(what)
     return model
 
 
+def _cpu_build(c: Check, out_dir: Path, *flags: str) -> Path:
+    c.phitune("auto-opt", "-m", str(c.work / f"ft-lora-{c.device}"), "--device", "cpu", *flags,
+              "-o", str(out_dir), "--force")
+    return out_dir / "model"
+
+
 def path_onnx(c: Check) -> None:
-    """4. auto-opt for CUDA (the builder's CUDA graph, int4) and infer on it with and without
-    the adapter; an fp32 CUDA build answers as the fp32 CPU build does (greedy). Rehearsing,
-    the CUDA graphs are built and checked, and infer runs on the CPU builds instead."""
+    """4. auto-opt for CUDA (the builder's CUDA graph: int4, and fp16 with the adapter; fp32
+    only without adapters, see auto-opt's refusal) and infer on it with and without the
+    adapter; the fp32 CUDA base answers as the fp32 CPU base does (greedy). Rehearsing, the
+    CUDA graphs are built and checked, and infer runs on CPU builds instead."""
     if not (c.work / f"ft-lora-{c.device}" / "adapter").is_dir():
         path_lora(c)
-    ft = c.work / f"ft-lora-{c.device}"
-    model = _built_for_cuda(c, c.work / "onnx-int4-gpu")
+    int4 = _built_for_cuda(c, c.work / "onnx-int4-gpu")
+    fp16 = _built_for_cuda(c, c.work / "onnx-fp16-gpu", "--precision", "fp16")
+    fp32 = _built_for_cuda(c, c.work / "onnx-fp32-gpu", "--precision", "fp32", "--no-multi_lora",
+                           adapter=False)
     if not c.rehearsal and not _cuda_runtime():
         raise Blocked("infer on CUDA needs onnxruntime-gpu (a 244 MiB wheel, not carried)")
-    if c.rehearsal:
-        c.phitune("auto-opt", "-m", str(ft), "--device", "cpu", "-o", str(c.work / "onnx-int4-cpu"),
-                  "--force")
-        model = c.work / "onnx-int4-cpu" / "model"
-    with_adapter, without = _answer(c, model), _answer(c, model, "--no-adapter")
+    cpu32 = _cpu_build(c, c.work / "onnx-fp32-cpu", "--precision", "fp32")
+    if c.rehearsal:  # the same answers, from CPU builds
+        int4, fp16, fp32 = _cpu_build(c, c.work / "onnx-int4-cpu"), cpu32, cpu32
+    with_adapter, without = _answer(c, int4), _answer(c, int4, "--no-adapter")
     if not with_adapter or not without:
         raise Failed("infer gave an empty answer")
-    answers = {}
-    for device in ("gpu", "cpu"):  # rehearsing, the fp32 CUDA graph is built and checked only
-        out_dir = c.work / f"onnx-fp32-{device}"
-        if device == "gpu":
-            fp32 = _built_for_cuda(c, out_dir, "--precision", "fp32")
-            if c.rehearsal:
-                continue
-        else:
-            c.phitune("auto-opt", "-m", str(ft), "--device", "cpu", "--precision", "fp32",
-                      "-o", str(out_dir), "--force")
-            fp32 = out_dir / "model"
-        answers[device] = (_answer(c, fp32), _answer(c, fp32, "--no-adapter"))
-    if len(set(answers.values())) != 1:
-        raise Failed(f"fp32 greedy answers differ, CUDA vs CPU: {answers}")
+    base, base_cpu = _answer(c, fp32), _answer(c, cpu32, "--no-adapter")
+    if base != base_cpu:
+        raise Failed(f"fp32 greedy answers differ, CUDA {base!r} vs CPU {base_cpu!r}")
+    tuned, tuned_cpu = _answer(c, fp16), _answer(c, cpu32)
     same = "changes" if with_adapter != without else "does not change"
-    c.notes.append(f"fp32 greedy answers equal on {'/'.join(answers)}; the adapter {same} "
-                   "the int4 answer")
+    c.notes.append(("rehearsal, infer on CPU builds: " if c.rehearsal else "")
+                   + f"base fp32 greedy answer equal on CUDA and CPU; with the adapter fp16 CUDA "
+                   f"{'equals' if tuned == tuned_cpu else 'differs from'} fp32 CPU; the adapter "
+                   f"{same} the int4 answer")
 
 
 def path_phi3_mini(c: Check) -> None:
