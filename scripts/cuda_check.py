@@ -35,9 +35,13 @@ class SmiPoll:
         self.peak, self._stop = 0.0, threading.Event()
 
     def used(self) -> float:
-        out = subprocess.run([self.exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
-        return float(out.split()[0]) if out.split() else 0.0
+        try:
+            out = subprocess.run([self.exe, "--query-gpu=memory.used",
+                                  "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            return float(out.split()[0])
+        except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+            return 0.0  # no figure rather than no table
 
     def __enter__(self):
         if self.exe:
@@ -48,10 +52,7 @@ class SmiPoll:
 
     def _run(self):
         while not self._stop.wait(0.5):
-            try:
-                self.peak = max(self.peak, self.used() - self.base)
-            except (subprocess.SubprocessError, ValueError, OSError):
-                pass
+            self.peak = max(self.peak, self.used() - self.base)
 
     def __exit__(self, *exc):
         self._stop.set()

@@ -128,3 +128,23 @@ def test_cuda_fp32_export_with_adapters_is_refused_before_the_build(cli, tmp_pat
     assert "--precision fp32 on --device gpu" in result.error_lines[0]
     assert "fp16" in result.error_lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_gpu_memory_poll_reports_the_peak_above_the_baseline(tmp_path, monkeypatch):
+    """cuda_check's nvidia-smi poll (peak GPU memory of a path whose work runs in children,
+    onnxruntime's included): the highest reading while the path ran, less the reading before."""
+    import time
+
+    from cuda_check import SmiPoll
+    reading = tmp_path / "used"
+    reading.write_text("1000\n")
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\ncat {reading}\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with SmiPoll() as poll:
+        reading.write_text("1800\n")
+        time.sleep(1.3)
+        reading.write_text("1100\n")
+        time.sleep(0.7)
+    assert poll.peak == 800
