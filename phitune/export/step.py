@@ -76,6 +76,14 @@ def validate(opts: AutoOptOptions) -> AutoOptOptions:
                               f"{opts.device}", "phitune auto-opt",
                               f"pass --device {wanted}, or drop --provider")
     precision = opts.precision or "int4"
+    if opts.device == "gpu" and precision == "fp32" and opts.multi_lora:
+        # onnxruntime-genai 0.18's builder has no GroupQueryAttention for CUDA in fp32: it
+        # writes a packed Attention op holding q/k/v inside it, with no projection MatMul for
+        # a LoRA branch (found building tiny-phi3's adapter for CUDA, issue 32).
+        raise OptionError("--precision fp32 on --device gpu leaves no q/k/v projection for "
+                          "LoRA: the builder packs them into its CUDA fp32 Attention op",
+                          "phitune auto-opt", "use --precision fp16 or int4 for CUDA, or "
+                          "--no-multi_lora for a base model without adapters")
     if opts.accuracy_level is not None and precision != "int4":
         raise OptionError("--accuracy_level applies to int4 only", "phitune auto-opt",
                           "drop --accuracy_level or use --precision int4")

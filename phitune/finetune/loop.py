@@ -65,6 +65,8 @@ class World:
         if size == 1:
             return cls()
         import torch.distributed as dist
+        if device == "cuda":  # this rank's GPU before NCCL starts: else every rank takes GPU 0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device == "cuda" else "gloo")
         return cls(dist.get_rank(), size)
@@ -128,7 +130,9 @@ class Checkpoint:
             return None
         try:
             inputfiles.check_regular(self.file, "--resume")
-            state = torch.load(self.file, weights_only=False)
+            # on the CPU: the optimizer and copy_ move each value to its parameter's device, and a
+            # checkpoint written on a GPU still loads where there is none
+            state = torch.load(self.file, weights_only=False, map_location="cpu")
             if not isinstance(state, dict) or not isinstance(state.get("step"), int):
                 raise ValueError("no training step in it")
         except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
@@ -256,17 +260,36 @@ def _restore(state: dict, model, optimizer, scheduler, result: TrainResult) -> N
             named[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     result.resumed_from = state["step"]
     result.losses = state["losses"]
     result.tokens = state["tokens"]
     result.evals = [tuple(e) for e in state.get("evals", [])]
 
 
+def rng_state() -> dict:
+    """The generators a step draws from: the CPU's, and the GPUs' where CUDA is in use (LoRA
+    dropout on CUDA draws from the device's generator, so a resumed CUDA run without it would
+    drop other units than the uninterrupted one)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state) -> None:
+    """Restore what rng_state() saved (a bare tensor: a checkpoint from before CUDA's was kept)."""
+    if isinstance(state, torch.Tensor):
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _snapshot(step: int, model, optimizer, scheduler, result: TrainResult) -> dict:
     """State after `step` whole steps, taken between steps."""
     return {"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(),
             "losses": list(result.losses), "tokens": result.tokens,
             "evals": list(result.evals)}
 
@@ -276,7 +299,9 @@ def _loss_model(model, world: World):
     loss_model = CausalLMLoss(model)
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        loss_model = DistributedDataParallel(loss_model)
+        on_gpu = next(model.parameters()).is_cuda
+        loss_model = DistributedDataParallel(
+            loss_model, device_ids=[torch.cuda.current_device()] if on_gpu else None)
     return loss_model
 
 
@@ -306,9 +331,15 @@ def _mean_over_ranks(value: float, world: World) -> float:
     """The step's loss over the whole global batch, not only this rank's share."""
     if world.size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     torch.distributed.all_reduce(t)
     return t.item() / world.size
+
+
+def _collective_device() -> str:
+    """Where a tensor must be for a collective: NCCL reduces only CUDA tensors (a CPU one
+    fails the first step of a multi-GPU run), gloo CPU ones."""
+    return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
 
 
 class _StopRequest:

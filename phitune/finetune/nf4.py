@@ -57,6 +57,8 @@ def load_nf4(model_ref, device: str, dtype):
                           "int4 checkpoint", str(model_ref.path),
                           "use --method lora on the AWQ base (it trains on its 4-bit weights), "
                           "or --method qlora on the float model it came from")
+    import torch
+
     try:
         quiet_bitsandbytes()
     except ImportError:
@@ -69,5 +71,7 @@ def load_nf4(model_ref, device: str, dtype):
                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(
         str(model_ref.path), quantization_config=config, dtype=dtype,
-        device_map={"": 0} if device == "cuda" else "cpu", attn_implementation="sdpa")
+        # this rank's GPU under torchrun (the step sets it before loading), not always GPU 0
+        device_map={"": torch.cuda.current_device()} if device == "cuda" else "cpu",
+        attn_implementation="sdpa")
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -120,9 +120,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     from phitune.models import load_tokenizer, resolve_device
 
     device = resolve_device(opts.device)
-    world = World.from_env(device)
-    if world.size > 1 and device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    world = World.from_env(device)  # under torchrun on CUDA: also this rank's GPU
     watch = Stopwatch()
     resume = opts.resume and not opts.force  # --force starts over
     checkpoint, resumed = _checkpoint(opts, out, world.main, resume)  # read before any load
