@@ -22,8 +22,9 @@ from torch import nn
 CHUNK_LOGITS_MB = 32.0
 
 
-def chunk_positions(vocab_size: int, budget_mb: float = CHUNK_LOGITS_MB) -> int:
+def chunk_positions(vocab_size: int, budget_mb: float | None = None) -> int:
     """Positions whose fp32 logits fit `budget_mb` (at least one)."""
+    budget_mb = CHUNK_LOGITS_MB if budget_mb is None else budget_mb
     return max(1, int(budget_mb * 2**20 // (4 * max(1, vocab_size))))
 
 
