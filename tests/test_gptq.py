@@ -178,3 +178,23 @@ def test_finetune_then_auto_opt_then_infer(gptq_out, cli):
     result = cli("infer", "-m", str(onnx / "model"), "--prompt", "what to see in chicago",
                  "--max_new_tokens", "8")
     assert result.code == 0 and result.out.strip()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "llama"])
+@pytest.mark.parametrize("algorithm", ["gptq", "awq_gptq"])
+def test_every_family_quantizes_and_reads_back(tmp_path, cli, family, algorithm):
+    """Each family's layer (split q/k/v and gate/up, Gemma's extra norms) goes through the
+    in-forward rounding: every linear packed, phitune's reader gives back what was measured."""
+    from conftest import build_random_model
+    from test_architectures import build_tiny
+
+    from phitune.formats.awq_gemm import load_awq_dequantized
+    model = (build_random_model(tmp_path / "m", arch="llama") if family == "llama"
+             else build_tiny(family, tmp_path / "m"))
+    result = cli("--json", "quantize", "-m", str(model), "--algorithm", algorithm,
+                 "--calib_samples", "4", "--calib_seq_len", "64", "-o", str(tmp_path / "q"))
+    assert result.code == 0, result.err[-2000:]
+    metrics = json.loads(result.out)
+    assert metrics["ppl_after"] == pytest.approx(
+        metrics["ppl_before"] + metrics["ppl_gap"], abs=1e-3)
+    load_awq_dequantized(tmp_path / "q")  # every linear's three tensors present

@@ -141,8 +141,9 @@ class RoundInForward:
         r0 = 0
         for f in together:
             rows = slice(r0, r0 + f.out_features)
-            part = QuantizedWeight(qw.intweight[rows], qw.scales[rows], qw.zeros[rows],
-                                   cfg.group_size)
+            # copies, not views: a view into the stacked tensor would be saved with its storage
+            part = QuantizedWeight(qw.intweight[rows].clone(), qw.scales[rows].clone(),
+                                   qw.zeros[rows].clone(), cfg.group_size)
             self.packed[self.names[f]] = pack_gemm(part)
             f.weight.data = part.dequantize(f.weight.dtype)
             r0 += f.out_features
