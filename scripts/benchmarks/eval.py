@@ -99,14 +99,20 @@ def bench_eval(args: argparse.Namespace) -> None:
                             args.vocab, args.hidden, args.layers)
     print(f"== eval: random Llama-shaped model, vocabulary {args.vocab}, hidden {args.hidden}, "
           f"{args.layers} layers, tied embeddings; held-out text, {args.seq_len}-token windows")
-    results = {}
-    for variant in VARIANTS:
-        proc = subprocess.run([sys.executable, str(BENCH), "_eval_variant", "--variant", variant,
-                               "--model", str(model), "--seq_len", str(args.seq_len),
-                               "--max_tokens", str(args.max_tokens)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    rounds: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):  # interleaved, so the machine's drift hits every variant alike
+        for variant in VARIANTS:
+            proc = subprocess.run([sys.executable, str(BENCH), "_eval_variant", "--variant", variant,
+                                   "--model", str(model), "--seq_len", str(args.seq_len),
+                                   "--max_tokens", str(args.max_tokens)], capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+            rounds[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    # per variant the round with the median time (its peak memory is the same every round)
+    results = {v: sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2] for v, rs in rounds.items()}
+    print(f"median of {args.rounds} interleaved rounds; every round's seconds: "
+          + ", ".join(f"{v} {[round(r['seconds'], 1) for r in rs]}" for v, rs in rounds.items()))
     fwd = results["forward"]
     labels = {"forward": "plain forward (logits, no loss)",
               "whole": "whole-window log-softmax (before)",
@@ -133,7 +139,8 @@ def register(sub) -> None:
     e.add_argument("--hidden", type=int, default=256)
     e.add_argument("--layers", type=int, default=2)
     e.add_argument("--seq_len", type=int, default=256)
-    e.add_argument("--max_tokens", type=int, default=16384)
+    e.add_argument("--max_tokens", type=int, default=8192)
+    e.add_argument("--rounds", type=int, default=3)
     e.add_argument("--cli", action=argparse.BooleanOptionalAction, default=True,
                    help="also the whole `phitune eval` command's figures")
     e.add_argument("--cache", default=str(CACHE))
