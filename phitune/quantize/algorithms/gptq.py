@@ -69,32 +69,38 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                   zero_point: bool = True, damp: float = DAMP, block: int = BLOCK) -> QuantizedWeight:
     """GPTQ-round `weight` [out, in] given H [in, in]; computes in `weight`'s dtype (fp32 or
     fp64), on its device. `block` must be a multiple of `group_size` (a group never spans two
-    blocks, so its parameters come from its columns with every earlier update applied)."""
+    blocks, so its parameters come from its columns with every earlier update applied).
+
+    Works on the transpose [in, out]: a weight column is then a contiguous row, and each
+    column's update of the block's later columns one in-place outer product (`addr_`); on the
+    row-major weight the same updates were strided and ~4x slower on CPU."""
     block = max(group_size, block // group_size * group_size)
     w = weight.clone()
-    rows, cols = w.shape
     u = inverse_hessian_factor(hessian.to(w.dtype), w, damp)
-    q_int = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)
-    n_groups = cols // group_size
-    scales = torch.empty(rows, n_groups, dtype=w.dtype, device=w.device)
+    wt = w.t().contiguous()  # [cols, rows]
+    cols, rows = wt.shape
+    q_int = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(cols // group_size, rows, dtype=w.dtype, device=w.device)
     zeros = torch.empty_like(scales)
     max_int = 2**bits - 1
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        w1, u1 = w[:, b0:b1].clone(), u[b0:b1, b0:b1]
+        w1, u1 = wt[b0:b1].clone(), u[b0:b1, b0:b1]
         err1 = torch.zeros_like(w1)
         for i in range(b1 - b0):
             if i % group_size == 0:
-                s, z = group_params(w1[:, i:i + group_size], bits, zero_point)
-                scales[:, (b0 + i) // group_size], zeros[:, (b0 + i) // group_size] = s[:, 0], z[:, 0]
-            col = w1[:, i]
-            q = (torch.round(col / s[:, 0]) + z[:, 0]).clamp(0, max_int)
-            q_int[:, b0 + i] = q.to(torch.uint8)
-            err = (col - (q - z[:, 0]) * s[:, 0]) / u1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, b1:] -= err1 @ u[b0:b1, b1:]  # the block's errors onto every later column at once
-    return QuantizedWeight(q_int, scales.half(), zeros.to(torch.uint8), group_size)
+                s, z = group_params(w1[i:i + group_size].t(), bits, zero_point)
+                s, z = s[:, 0], z[:, 0]
+                scales[(b0 + i) // group_size], zeros[(b0 + i) // group_size] = s, z
+            col = w1[i]
+            q = (torch.round(col / s) + z).clamp_(0, max_int)
+            q_int[b0 + i] = q.to(torch.uint8)
+            err = (col - (q - z) * s).div_(u1[i, i])
+            w1[i:].addr_(u1[i, i:], err, alpha=-1)
+            err1[i] = err
+        wt[b1:].addmm_(u[b0:b1, b1:].t(), err1, alpha=-1)  # the block's errors onto later columns
+    return QuantizedWeight(q_int.t().contiguous(), scales.t().contiguous().half(),
+                           zeros.t().contiguous().to(torch.uint8), group_size)
 
 
 class RoundInForward:
