@@ -59,8 +59,12 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, max_token
 
     `ids` (from `token_ids`) skips the tokenization when one text scores several models.
     Equal-length windows run `batch_tokens` at a time under inference_mode, so scoring costs
-    about one plain forward over the same tokens (a window at a time cost several)."""
+    about one plain forward over the same tokens (a window at a time cost several); the LM
+    head runs a chunk of positions at a time (`phitune.nll`): memory does not grow with the
+    vocabulary beyond one chunk's logits."""
     import torch
+
+    from phitune.nll import causal_lm_nll
     start = _start_of(tokenizer, start)
     if ids is None:
         ids = token_ids(tokenizer, texts, max_tokens)
@@ -72,13 +76,9 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, max_token
             batch = rows_all[first:first + per_batch]
             for length in sorted({len(w) for w in batch}):  # the last window may be short
                 rows = torch.tensor([w for w in batch if len(w) == length], device=device)
-                logits = model(rows[:, :-1], use_cache=False).logits[:, skip - 1:]
-                targets = rows[:, skip:]
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                    reduction="sum")
-                total += loss.item()
-                count += targets.numel()
+                nll, n = causal_lm_nll(model, rows, skip)
+                total += nll
+                count += n
     return math.exp(total / count)
 
 
@@ -147,6 +147,8 @@ class OnnxScorer:
     def log_probs(self, ids):
         """log p(ids[t] | ids[:t]) for t = 1 .. len(ids)-1, as a float64 numpy array."""
         import numpy as np
+
+        from phitune.nll import log_probs_rows
         ids = list(ids)
         x = np.array([ids[:-1]], dtype=np.int64)
         feeds = dict(self.feeds, input_ids=x, attention_mask=np.ones_like(x))
@@ -158,10 +160,8 @@ class OnnxScorer:
             dtype = np.float16 if "float16" in entry.type else np.float32
             feeds[entry.name] = np.zeros((1, self.decoder["num_key_value_heads"], room,
                                           self.decoder["head_size"]), dtype=dtype)
-        logits = self.session.run(["logits"], feeds)[0][0].astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        return log_probs[np.arange(len(ids) - 1), ids[1:]]
+        logits = self.session.run(["logits"], feeds)[0][0]  # the graph's: the whole window
+        return log_probs_rows(logits, np.array(ids[1:]))
 
 
 def onnx_labels_nll(scorer: OnnxScorer, examples, ignore_index: int = -100) -> tuple[float, int]:

@@ -9,6 +9,7 @@
     python scripts/bench.py chat                          # TTFT per chat turn: kept KV cache vs a fresh prefill per turn
     python scripts/bench.py serve                         # phitune serve: 1-8 clients, two adapters + base; soak
     python scripts/bench.py sequence-start                # a BOS-trained Gemma-shaped model's ppl with / without <bos>
+    python scripts/bench.py eval                          # perplexity on a 262k-vocabulary model: chunked NLL vs whole-window logits
 
 Each benchmark is a module of scripts/benchmarks/ (one per step, one shared harness).
 Every run is a fresh `phitune --json quantize` subprocess, so peak RSS is that run's own.

@@ -21,3 +21,6 @@ def test_a_search_version_enters_the_key_under_the_algorithm_name():
     from phitune.quantize.algorithms import awq
     assert get("awq").key_params == {"awq_search": awq.SEARCH_VERSION}
     assert get("rtn").key_params == {}
+    from phitune.quantize.algorithms import awq_gptq, gptq
+    assert get("gptq").key_params == {"gptq_search": gptq.SEARCH_VERSION}
+    assert get("awq_gptq").key_params == {"awq_gptq_search": awq_gptq.SEARCH_VERSION}

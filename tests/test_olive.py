@@ -286,3 +286,37 @@ def test_the_examples_load(monkeypatch):
         result = phitune("run", "--config", REPO / "examples" / name, "--dry-run")
         assert result.code == 0, (name, result.err)
         assert "nothing was run" in result.err
+
+
+GPTQ_BUILDER = {
+    "input_model": {"type": "HfModel", "model_path": "tiny-phi3"},
+    "passes": {
+        "gptq": {"type": "GptqQuantizer", "bits": 4, "group_size": 64, "sym": False,
+                 "desc_act": True, "damp_percent": 0.01, "true_sequential": True,
+                 "data_config": "wikitext"},
+        "builder": {"type": "ModelBuilder", "precision": "int4"},
+    },
+    "engine": {"cache_dir": "cache", "output_dir": "models"},
+}
+
+
+def test_gptq_quantizer_translates_to_quantize_gptq(tmp_path):
+    workflow, notes = translated(tmp_path, GPTQ_BUILDER)
+    gptq, builder = workflow["steps"]
+    assert gptq == {"name": "gptq", "type": "quantize", "model": "tiny-phi3", "algorithm": "gptq",
+                    "bits": 4, "group_size": 64, "zero_point": True}
+    assert builder["model"] == "@gptq"
+    text = "\n".join(notes)
+    assert "desc_act" in text and "data_config" in text  # not applied, and said so
+    assert "damp_percent" not in text and "true_sequential" not in text  # what phitune does
+
+
+@pytest.mark.slow
+def test_gptq_quantizer_runs_under_run_config(tmp_path):
+    config = copy.deepcopy(GPTQ_BUILDER)
+    config["passes"].pop("builder")
+    result = phitune("run", "--config", write(tmp_path, config))
+    assert result.code == 0, result.err[-3000:]
+    out = tmp_path / "models" / "gptq"  # the last step, linked by name
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["meta"]["algorithm"] == "gptq" and qconfig["group_size"] == 64

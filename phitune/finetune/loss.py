@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from phitune.data.tokens import IGNORE_INDEX
-
-
-def _ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+from phitune.nll import head_nll, hidden_nll, parts
 
 
 class CausalLMLoss(nn.Module):
@@ -35,15 +31,11 @@ class CausalLMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.keep_logits_mb = keep_logits_mb
 
-    def _parts(self) -> tuple[nn.Module, nn.Module]:
-        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return lm.get_decoder(), lm.get_output_embeddings()
-
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
                 **inputs) -> torch.Tensor:
         """Mean next-token loss over the labelled positions; `reduction="sum"` gives their sum,
         for micro-batches weighted by their share of a step's labelled tokens."""
-        decoder, head = self._parts()
+        decoder, head, cap = parts(self.model)
         hidden = decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
         targets = labels[:, 1:].reshape(-1)
         keep = targets != IGNORE_INDEX
@@ -51,17 +43,26 @@ class CausalLMLoss(nn.Module):
         targets = targets[keep]
         if targets.numel() == 0:
             return hidden.sum() * 0.0  # keeps the graph (and DDP) whole
+        if not torch.is_grad_enabled():  # eval: one small chunk of logits at a time
+            total = hidden_nll(hidden, targets, head, cap)
+        else:
+            total = self._train_nll(hidden, targets, head, cap)
+        return total if reduction == "sum" else total / targets.numel()
+
+    def _train_nll(self, hidden, targets, head, cap) -> torch.Tensor:
+        """The summed loss in chunks of `chunk_tokens`, each chunk's logits recomputed in
+        backward when they are large (kept otherwise: see the module's docstring)."""
         total = hidden.new_zeros((), dtype=torch.float32)
         logits_mb = min(targets.numel(), self.chunk_tokens) * head.weight.shape[0] * 4 / 2**20
-        recompute = torch.is_grad_enabled() and logits_mb > self.keep_logits_mb
+        recompute = logits_mb > self.keep_logits_mb
         for start in range(0, targets.numel(), self.chunk_tokens):
             chunk = slice(start, start + self.chunk_tokens)
             if recompute:
-                total = total + checkpoint(_ce_sum, hidden[chunk], targets[chunk], head,
+                total = total + checkpoint(head_nll, hidden[chunk], targets[chunk], head, cap,
                                            use_reentrant=False)
             else:
-                total = total + _ce_sum(hidden[chunk], targets[chunk], head)
-        return total if reduction == "sum" else total / targets.numel()
+                total = total + head_nll(hidden[chunk], targets[chunk], head, cap)
+        return total
 
 
 def labelled_tokens(labels) -> int:

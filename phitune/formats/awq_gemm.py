@@ -132,9 +132,18 @@ def unpack_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     )
 
 
-def quantization_config(bits: int, group_size: int, zero_point: bool) -> dict:
-    return {"quant_method": "awq", "bits": bits, "group_size": group_size,
-            "zero_point": zero_point, "version": "gemm", "modules_to_not_convert": None}
+def quantization_config(bits: int, group_size: int, zero_point: bool,
+                        algorithm: str | None = None) -> dict:
+    """The config every reader keys on: `quant_method: awq` names the layout, not how the
+    values were chosen. That goes in `meta` (transformers' GPTQConfig/AwqConfig field for
+    "properties that do not contribute to quantization or inference", e.g. the quantizer):
+    `meta.algorithm` says which algorithm made them (rtn, awq, gptq, awq_gptq)."""
+    config = {"quant_method": "awq", "bits": bits, "group_size": group_size,
+              "zero_point": zero_point, "version": "gemm", "modules_to_not_convert": None}
+    if algorithm is not None:
+        from phitune import __version__
+        config["meta"] = {"quantizer": [f"phitune:{__version__}"], "algorithm": algorithm}
+    return config
 
 
 def save_awq_checkpoint(model: nn.Module, packed: dict, out_dir: Path, qconfig: dict,

@@ -206,7 +206,8 @@ def _quantize_layers(model, plan: _Plan, samples, device: str, compute_dtype, co
 def _save(model, packed, plan: _Plan, work: Path) -> None:
     from phitune.formats import awq_gemm as checkpoint
     opts = plan.opts
-    qconfig = checkpoint.quantization_config(opts.bits, opts.group_size, opts.zero_point)
+    qconfig = checkpoint.quantization_config(opts.bits, opts.group_size, opts.zero_point,
+                                             opts.algorithm)
     checkpoint.save_awq_checkpoint(model, packed, work, qconfig)
     _copy_tokenizer(plan.model_ref.path, work)
 

@@ -9,6 +9,9 @@ the previous one's output:
                  pre_process_data_config.params.{text_cols, text_template, source_max_len,
                  corpus_strategy}  (and the older params_config.component_kwargs shape)
     passes       AutoAWQQuantizer → quantize --algorithm awq (bits, group_size, zero_point)
+                 GptqQuantizer    → quantize --algorithm gptq (bits, group_size, sym → no
+                                    zero point); desc_act (act-order) is noted, not applied:
+                                    phitune's GPTQ rounds columns in order
                  LoRA / QLoRA     → finetune --method lora|qlora (lora_r, lora_alpha,
                                     lora_dropout, target_modules, eval_dataset_size, the data
                                     config, training_args that finetune has as options)
@@ -35,7 +38,7 @@ from typing import Any
 from phitune.errors import OptionError
 from phitune.export.step import PROVIDERS  # Olive names the execution providers as auto-opt does
 
-PASSES = ("AutoAWQQuantizer", "LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder",
+PASSES = ("AutoAWQQuantizer", "GptqQuantizer", "LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder",
           "ExtractAdapters")
 MODEL_TYPES = ("HfModel", "HFModel", "PyTorchModel", "PytorchModel")
 AZURE_TYPES = ("AzureML", "azureml_model", "azureml_registry_model", "azureml_datastore",
@@ -443,12 +446,15 @@ class _Translator:
                     if key == "make_inputs" and value is not False:
                         continue  # auto-opt's multi-LoRA inputs, adapter file beside the model
                     self.note(kpath)
-            elif ptype == "AutoAWQQuantizer":
+            elif ptype in ("AutoAWQQuantizer", "GptqQuantizer"):
                 if kind != "hf":
-                    self.fail(path, f"AutoAWQQuantizer reads a float Hugging Face model, here "
+                    self.fail(path, f"{ptype} reads a float Hugging Face model, here "
                               f"it would read {kind} output", "put it before LoRA/ModelBuilder "
                               "or after MergeAdapterWeights")
-                self._awq(name, fields, current)
+                if ptype == "AutoAWQQuantizer":
+                    self._awq(name, fields, current)
+                else:
+                    self._gptq(name, fields, current)
                 current, kind = f"@{name}", "awq"
             else:
                 self.fail(f"{path}.type", f"pass type '{ptype}' is not supported",
@@ -534,6 +540,29 @@ class _Translator:
                 step[names[key]] = value
             elif key == "version" and str(value).lower() == "gemm":
                 continue  # the layout phitune writes
+            elif key == "data_config":
+                self.note(kpath, "phitune calibrates on its shipped text (calib_data in a "
+                          "phitune workflow); not applied")
+            else:
+                self.note(kpath)
+        self.steps.append(step)
+
+    # GptqQuantizer settings that are what phitune's GPTQ does anyway (not noted as dropped)
+    GPTQ_AS_PHITUNE = {"damp_percent": 0.01, "true_sequential": True, "static_groups": False,
+                       "desc_act": False, "lm_head": False}
+
+    def _gptq(self, name: str, fields: dict, current: str) -> None:
+        step: dict = {"name": name, "type": "quantize", "model": current, "algorithm": "gptq"}
+        for key, (value, kpath) in fields.items():
+            if key in ("bits", "group_size"):
+                step[key] = value
+            elif key == "sym":
+                step["zero_point"] = not value
+            elif self.GPTQ_AS_PHITUNE.get(key, object()) == value:
+                continue
+            elif key == "desc_act":
+                self.note(kpath, "phitune's GPTQ rounds columns in order (no act-order: static "
+                          "groups every reader handles); not applied")
             elif key == "data_config":
                 self.note(kpath, "phitune calibrates on its shipped text (calib_data in a "
                           "phitune workflow); not applied")

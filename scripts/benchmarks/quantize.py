@@ -1,4 +1,4 @@
-"""`bench.py quantize`: AWQ vs RTN quality, time and memory, against one plain forward and
+"""`bench.py quantize`: AWQ, GPTQ and AWQ+GPTQ vs RTN quality, time and memory, against one plain forward and
 llm-compressor's AWQ in its own environment."""
 
 from __future__ import annotations
@@ -103,27 +103,36 @@ def bench_quantize(args: argparse.Namespace) -> None:
         sys.exit(f"plain forward failed:\n{proc.stderr[-3000:]}")
     fwd = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
     print(f"plain fp32 forward over the calibration tokens  {fwd:.1f} s (the unit below)")
-    runs = {}
-    for alg in ("awq", "rtn"):
-        for evaluated in (False, True):
+    runs, algs = {}, args.algorithms
+    for alg in algs:
+        for evaluated in ((False, True) if args.separate_timing else (True,)):
             runs[alg, evaluated] = phitune_json(
                 "quantize", "-m", args.model, "--algorithm", alg, "-o", str(work / alg), "--force",
                 *calib, *extra, *([] if evaluated else ["--no-eval"]))
-    base = runs["awq", True]["ppl_before"]
+    base = runs[algs[0], True]["ppl_before"]
     print(f"float perplexity            {base:.3f}")
-    for alg in ("awq", "rtn"):
-        r, plain = runs[alg, True], runs[alg, False]
+    seconds = {}
+    for alg in algs:
+        r = runs[alg, True]
+        # without a separate --no-eval run: the evaluated run's seconds less its perplexity passes
+        plain = runs.get((alg, False))
+        seconds[alg] = plain["seconds"] if plain else r["seconds"] - r["eval_seconds"]
         per_16k = r["eval_seconds"] / fwd * 16384 / r["eval_tokens"]
-        print(f"{alg.upper():4} perplexity {r['ppl_after']:.3f}  gap {r['ppl_gap']:+.4f}  "
-              f"--no-eval {plain['seconds']:.1f} s = {plain['seconds'] / fwd:.2f}x forward  "
+        print(f"{alg.upper():8} perplexity {r['ppl_after']:.3f}  gap {r['ppl_gap']:+.4f}  "
+              f"{'--no-eval' if plain else 'less eval'} {seconds[alg]:.1f} s = "
+              f"{seconds[alg] / fwd:.2f}x forward  "
               f"eval {r['eval_seconds']:.1f} s over {r['eval_tokens']} tokens "
-              f"({per_16k:.2f} forwards per 16k)  peak RSS {plain['peak_rss_mb']:.0f} MB  "
+              f"({per_16k:.2f} forwards per 16k)  peak RSS {(plain or r)['peak_rss_mb']:.0f} MB  "
               f"size {r['size_before_mb']:.1f} → {r['size_mb']:.1f} MB")
-    gap = {alg: runs[alg, True]["ppl_gap"] for alg in ("awq", "rtn")}
-    ratio = gap["awq"] / gap["rtn"] if gap["rtn"] else float("nan")
-    print(f"AWQ gap / RTN gap           {ratio:.3f}")
+    gap = {alg: runs[alg, True]["ppl_gap"] for alg in algs}
+    for alg in algs:
+        if alg != "rtn" and gap.get("rtn"):
+            print(f"{alg.upper()} gap / RTN gap".ljust(28) + f"{gap[alg] / gap['rtn']:.3f}")
+    if "awq" in seconds and "awq_gptq" in seconds:
+        print(f"AWQ_GPTQ time / AWQ time    {seconds['awq_gptq'] / seconds['awq']:.2f}")
     if args.llmcompressor:
-        compare_llmcompressor(tokens, runs["awq", True]["group_size"], fwd, gap["rtn"], work / "llmc")
+        compare_llmcompressor(tokens, runs[algs[0], True]["group_size"], fwd, gap.get("rtn"),
+                              work / "llmc")
 
     if args.phi3_mini_layers:
         layers = args.phi3_mini_layers
@@ -140,7 +149,7 @@ def bench_quantize(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
-    q = sub.add_parser("quantize", help="AWQ vs RTN quality, time and memory")
+    q = sub.add_parser("quantize", help="AWQ, GPTQ, AWQ+GPTQ vs RTN quality, time and memory")
     q.add_argument("--model", default="tiny-phi3",
                    help="model to compare AWQ and RTN on (a dir or an embedded name)")
     q.add_argument("--calib_samples", type=int, default=64)
@@ -149,6 +158,11 @@ def register(sub) -> None:
     q.add_argument("--eval_data", default=None, help="held-out text (default: phitune's)")
     q.add_argument("--phi3-mini-layers", type=int, default=0,
                    help="also time a Phi-3-mini-shaped model with this many layers (32 = full size)")
+    q.add_argument("--algorithms", nargs="+", default=["awq", "rtn", "gptq", "awq_gptq"],
+                   help="phitune algorithms compared (rtn gives the gap every ratio divides by)")
+    q.add_argument("--separate-timing", action=argparse.BooleanOptionalAction, default=True,
+                   help="time each algorithm in its own --no-eval run (else: the evaluated run's "
+                        "seconds less its perplexity passes, half the runs)")
     q.add_argument("--big_calib_samples", type=int, default=64)
     q.add_argument("--device", default="auto")
     q.add_argument("--big_dtype", default="auto", help="calibration dtype for the big model")

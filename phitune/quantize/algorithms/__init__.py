@@ -7,7 +7,7 @@ None when the algorithm needs no calibration data) and {"packed": {name: tensors
 "alphas": {group: alpha}}. A module whose search can change sets `SEARCH_VERSION`, which
 goes into every output's cache key as `<name>_search`: bump it and older outputs go stale.
 
-Adding an algorithm (GPTQ, say) is one module here plus one line in ALGORITHMS below; the
+Adding an algorithm is one module here plus one line in ALGORITHMS below; the
 `--algorithm` choices and help come from that table. This file imports no algorithm module
 (nor torch): `phitune quantize --help` reads the table.
 """
@@ -47,6 +47,9 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("awq", "activation-aware scale + clip search", calibrated=True, searches=True),
     Algorithm("rtn", "plain round-to-nearest baseline", calibrated=False),
+    Algorithm("gptq", "Hessian-based rounding with error feedback (GPTQ)", calibrated=True),
+    Algorithm("awq_gptq", "AWQ's scale search, then GPTQ's rounding in place of clip + "
+              "round-to-nearest", calibrated=True, searches=True),
 )}
 
 

@@ -1,0 +1,174 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323) in plain torch, device-agnostic.
+
+Each linear's weight columns are rounded one at a time, and each column's rounding error is
+moved onto the columns not yet rounded, weighted by the inverse Hessian H = Σ x xᵀ of the
+linear's calibration inputs: the optimal correction for the output error ‖(Q − W) X‖² (the
+OBS update). As in the paper: dampening (1% of H's mean diagonal), the inverse from a
+Cholesky factorisation (upper factor of H⁻¹: row i of it is the update direction once
+columns < i are fixed), lazy updates a block of 128 columns at a time.
+
+Groups are static in the sense every reader needs: columns are rounded in order (no
+act-order), and group k's scale and zero come from its columns as updated when the group is
+reached, so the result is the same group-wise asymmetric int4 as RTN and AWQ, written in the
+same AutoAWQ GEMM layout (formats/awq_gemm.py) and bit for bit what that layout dequantizes to
+(scales rounded to fp16 first, zeros integers in [0, 15]).
+
+The layer runs once, over every calibration token in one chunk, with a pre-hook on each
+linear: when the forward reaches a linear, its Hessian comes from the input it is about to
+multiply, the linear is quantized there, and the forward continues with the quantized
+weight. So every linear's Hessian sees the errors of the linears quantized before it (the
+paper's "true sequential" order, for free), and the forward's output is the quantized
+layer's: the next layer's input (the driver's propagation) with no second pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from phitune.formats.awq_gemm import QuantizedWeight, pack_gemm
+from phitune.quantize.arch import linear_names
+from phitune.quantize.driver import QuantConfig, hidden_states
+
+# Bump when the rounding's choices change (enters the key as gptq_search).
+SEARCH_VERSION = 1
+DAMP = 0.01        # × mean(diag H), added to H's diagonal
+BLOCK = 128        # columns per lazy update
+
+
+def group_params(w: torch.Tensor, bits: int, zero_point: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros) [rows, 1] of one group's columns [rows, g], as `quantize_weight` makes
+    them: the scale rounded to fp16 so the stored checkpoint dequantizes to what was used."""
+    max_int = 2**bits - 1
+    if zero_point:
+        hi, lo = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
+        scales = ((hi - lo).clamp(min=1e-5) / max_int).half().to(w.dtype)
+        zeros = (-torch.round(lo / scales)).clamp(0, max_int)
+    else:
+        half = 2 ** (bits - 1)
+        scales = (w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / (half - 1)).half().to(w.dtype)
+        zeros = torch.full_like(scales, float(half))
+    return scales, zeros
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor,
+                           damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹. Columns no input ever reached (H_ii = 0) get
+    H_ii = 1 and a zero weight, as in the paper's code (their value cannot matter)."""
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    weight[:, dead] = 0
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+                  zero_point: bool = True, damp: float = DAMP, block: int = BLOCK) -> QuantizedWeight:
+    """GPTQ-round `weight` [out, in] given H [in, in]; computes in `weight`'s dtype (fp32 or
+    fp64), on its device. `block` must be a multiple of `group_size` (a group never spans two
+    blocks, so its parameters come from its columns with every earlier update applied).
+
+    Works on the transpose [in, out]: a weight column is then a contiguous row, and each
+    column's update of the block's later columns one in-place outer product (`addr_`); on the
+    row-major weight the same updates were strided and ~4x slower on CPU."""
+    block = max(group_size, block // group_size * group_size)
+    w = weight.clone()
+    u = inverse_hessian_factor(hessian.to(w.dtype), w, damp)
+    wt = w.t().contiguous()  # [cols, rows]
+    cols, rows = wt.shape
+    q_int = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(cols // group_size, rows, dtype=w.dtype, device=w.device)
+    zeros = torch.empty_like(scales)
+    max_int = 2**bits - 1
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        w1, u1 = wt[b0:b1].clone(), u[b0:b1, b0:b1]
+        err1 = torch.zeros_like(w1)
+        for i in range(b1 - b0):
+            if i % group_size == 0:
+                s, z = group_params(w1[i:i + group_size].t(), bits, zero_point)
+                s, z = s[:, 0], z[:, 0]
+                scales[(b0 + i) // group_size], zeros[(b0 + i) // group_size] = s, z
+            col = w1[i]
+            q = (torch.round(col / s) + z).clamp_(0, max_int)
+            q_int[b0 + i] = q.to(torch.uint8)
+            err = (col - (q - z) * s).div_(u1[i, i])
+            w1[i:].addr_(u1[i, i:], err, alpha=-1)
+            err1[i] = err
+        wt[b1:].addmm_(u[b0:b1, b1:].t(), err1, alpha=-1)  # the block's errors onto later columns
+    return QuantizedWeight(q_int.t().contiguous(), scales.t().contiguous().half(),
+                           zeros.t().contiguous().to(torch.uint8), group_size)
+
+
+class RoundInForward:
+    """Pre-hooks that GPTQ-round each of `linears` the first time the forward reaches it, from
+    the input it is given; `packed` collects them by name. Linears fed the same input (a scale
+    group's: q/k/v, gate/up on Llama-style layers) share one Hessian and are rounded together,
+    as one matrix of their stacked rows (rows are independent in GPTQ: the same result, one
+    column loop instead of three)."""
+
+    def __init__(self, linears: dict[nn.Linear, str], cfg: QuantConfig, groups: list = ()):
+        self.names, self.cfg = linears, cfg
+        self.siblings = {fc: list(g.linears) for g in groups for fc in g.linears}
+        self.packed: dict[str, dict[str, torch.Tensor]] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its Hessian)
+        self._hooks = []
+
+    def __enter__(self) -> RoundInForward:
+        self._hooks = [fc.register_forward_pre_hook(self._round) for fc in self.names]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._last = None
+
+    def hessian(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        tokens = x.reshape(-1, x.shape[-1])
+        h = torch.zeros(tokens.shape[1], tokens.shape[1], device=x.device)
+        for start in range(0, tokens.shape[0], self.cfg.chunk_tokens):  # fp32 temporaries bounded
+            part = tokens[start:start + self.cfg.chunk_tokens].float()
+            h.addmm_(part.t(), part)
+        self._last = (x, h)
+        return h
+
+    def _round(self, fc: nn.Module, args: tuple) -> None:
+        if self.names[fc] in self.packed:
+            return
+        cfg = self.cfg
+        together = [f for f in self.siblings.get(fc, [fc]) if self.names[f] not in self.packed]
+        weight = torch.cat([f.weight.data.float() for f in together])
+        qw = gptq_quantize(weight, self.hessian(args[0]), cfg.bits, cfg.group_size, cfg.zero_point)
+        r0 = 0
+        for f in together:
+            rows = slice(r0, r0 + f.out_features)
+            # copies, not views: a view into the stacked tensor would be saved with its storage
+            part = QuantizedWeight(qw.intweight[rows].clone(), qw.scales[rows].clone(),
+                                   qw.zeros[rows].clone(), cfg.group_size)
+            self.packed[self.names[f]] = pack_gemm(part)
+            f.weight.data = part.dequantize(f.weight.dtype)
+            r0 += f.out_features
+
+
+@torch.no_grad()
+def round_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict, cfg: QuantConfig,
+                groups: list = ()) -> tuple[torch.Tensor, dict]:
+    """GPTQ-round every linear of the layer in one forward over all of `inps` (module
+    docstring); (the quantized layer's output, packed tensors by name within the layer)."""
+    with RoundInForward(linear_names(layer), cfg, groups) as rounding:
+        outs = hidden_states(layer(inps, **kwargs))
+    missing = set(linear_names(layer).values()) - set(rounding.packed)
+    if missing:  # a linear the forward never reached has no inputs to round from
+        raise RuntimeError(f"GPTQ: the layer's forward never reached {sorted(missing)}")
+    return outs, rounding.packed
+
+
+def quantize_layer(layer: nn.Module, groups: list, inps: torch.Tensor, kwargs: dict,
+                   cfg: QuantConfig) -> tuple[torch.Tensor, dict]:
+    outs, packed = round_layer(layer, inps, kwargs, cfg, groups)
+    return outs, {"packed": packed, "alphas": {}}
