@@ -262,8 +262,9 @@ def check_onnx_graph(model_file: Path | str) -> None:
                                      f"{sizes[location]} (truncated)")
 
 
-def model_from_state(config, state: dict, dtype, where: str):
-    """A causal LM built on the meta device and given `state`'s tensors (no second copy)."""
+def model_from_state(config, state: dict, dtype, where: str, prepare=None):
+    """A causal LM built on the meta device and given `state`'s tensors (no second copy).
+    `prepare(model)` may first swap in modules that bring their own tensors (packed int4)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -273,7 +274,10 @@ def model_from_state(config, state: dict, dtype, where: str):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state[f"{_record(config).embedding}.weight"]
-    missing = set(model.state_dict()) - set(state)
+    if prepare is not None:
+        prepare(model)
+    missing = {k for k, v in model.state_dict().items()
+               if k not in state and (prepare is None or v.is_meta)}
     if missing:
         raise InputError(f"the checkpoint lacks tensors: {', '.join(sorted(missing)[:3])}", where,
                          "check that the directory holds a complete checkpoint")

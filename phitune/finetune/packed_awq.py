@@ -1,0 +1,157 @@
+"""LoRA on an AWQ base that stays int4 in memory.
+
+Each quantized linear keeps the checkpoint's qweight/qzeros/scales (AutoAWQ GEMM layout,
+phitune/formats/awq_gemm.py) as read. Its float weight exists only while its matmul runs: the
+forward dequantizes, multiplies and drops it; the backward dequantizes it again for the input's
+gradient (what LoRA upstream needs). Nothing but the packed tensors is saved for backward (the
+base gets no gradient, so not even the input is needed). The weight is dequantized exactly as
+`load_awq_dequantized` does it ((q - z) * s in fp32, then rounded to the compute dtype), so
+the function trained on is the one the float path trains on.
+
+Phi-3-mini: the base weights take 1.9 GB packed instead of 7.6 GB in bf16. The dequantization
+is a pointwise kernel over int32 words; inside compiled decoder layers inductor fuses it into
+one loop, and in eager mode a separately compiled kernel does the same when a C++ compiler
+works (a pointwise torch expression would read and write the weight ~6 times: slower than
+the matmul it feeds).
+
+PEFT wraps these modules through `LoraConfig._register_custom_module` with its own
+`lora.Linear`, so the adapter's module names and saved tensors are those of the float path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from phitune.formats.awq_gemm import AWQ_ORDER, PACK
+
+# Right shifts that take column c of a packed int32 word to its low nibble (AWQ order).
+_SHIFTS = tuple(4 * AWQ_ORDER.index(c) for c in range(PACK))
+
+
+def dequantize_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """The float weight [in, out] of a GEMM-packed linear, bit for bit
+    `unpack_gemm(...).dequantize(dtype).t()`."""
+    in_f, words = qweight.shape
+    groups, out_f = scales.shape
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=qweight.device)
+    q = (qweight.unsqueeze(-1) >> shifts) & 0xF            # [in, out/8, 8] in column order
+    z = (qzeros.unsqueeze(-1) >> shifts) & 0xF              # [groups, out/8, 8]
+    w = (q.view(groups, in_f // groups, out_f).float() - z.view(groups, 1, out_f).float()) \
+        * scales.view(groups, 1, out_f).float()
+    return w.view(in_f, out_f).to(dtype)
+
+
+_fused = {"kernel": None}
+
+
+def use_fused_dequantize(on: bool) -> None:
+    """Eager-mode dequantization through one compiled pointwise kernel (needs a C++ compiler;
+    the caller asks phitune.compiling). Compiled layers fuse it on their own either way."""
+    _fused["kernel"] = torch.compile(dequantize_packed, dynamic=False) if on else None
+
+
+def _dequantize(qweight, qzeros, scales, dtype):
+    kernel = _fused["kernel"]
+    if kernel is None or torch.compiler.is_compiling():
+        return dequantize_packed(qweight, qzeros, scales, dtype)
+    return kernel(qweight, qzeros, scales, dtype)
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """y = x @ dequant(W) with dequant(W) recomputed in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, qzeros, scales, dtype):
+        ctx.save_for_backward(qweight, qzeros, scales)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        return x.to(dtype) @ _dequantize(qweight, qzeros, scales, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        qweight, qzeros, scales = ctx.saved_tensors
+        w = _dequantize(qweight, qzeros, scales, ctx.dtype)
+        return (grad.to(ctx.dtype) @ w.t()).to(ctx.x_dtype), None, None, None, None
+
+
+class PackedAwqLinear(nn.Module):
+    """A frozen AWQ-GEMM linear computing in `compute_dtype` (the dtype finetune's policy
+    picked). `in_features`/`out_features` and `compute_dtype` are what PEFT reads to size and
+    place the LoRA weights; the packed tensors are buffers (frozen by construction)."""
+
+    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        self.in_features = qweight.shape[0]
+        self.out_features = scales.shape[1]
+        self.compute_dtype = compute_dtype
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("qzeros", qzeros)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype),
+                                                           requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _PackedMatmul.apply(x, self.qweight, self.qzeros, self.scales, self.compute_dtype)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> nn.Linear:
+        """This layer as a plain float nn.Linear (for merging an adapter into the base)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta")
+        w = dequantize_packed(self.qweight, self.qzeros, self.scales, self.compute_dtype)
+        linear.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 group_size={self.in_features // self.scales.shape[0]}, "
+                f"compute_dtype={self.compute_dtype}")
+
+
+def has_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, PackedAwqLinear) for m in model.modules())
+
+
+def register_with_peft(config) -> None:
+    """Let PEFT's LoRA wrap PackedAwqLinear with its own lora.Linear (its forward calls the
+    base layer and adds the adapter; nothing in training touches the base's weight)."""
+    from peft.tuners.lora.layer import Linear
+    config._register_custom_module({PackedAwqLinear: Linear})
+
+
+def load_awq_packed(path, dtype: torch.dtype) -> nn.Module:
+    """An AWQ checkpoint whose quantized linears stay packed (PackedAwqLinear computing in
+    `dtype`); every other tensor (embedding, norms, LM head) in `dtype`, as the float path."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from phitune.models import model_from_state, read_safetensors, safetensors_files
+    path = Path(path)
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state: dict[str, torch.Tensor] = {}
+    quant: dict[str, dict[str, torch.Tensor]] = {}
+    for file in safetensors_files(path):
+        for key, tensor in read_safetensors(file):
+            module, _, leaf = key.rpartition(".")
+            if leaf in ("qweight", "qzeros", "scales"):
+                quant.setdefault(module, {})[leaf] = tensor
+            else:
+                state[key] = tensor.to(dtype)
+
+    def swap(model: nn.Module) -> None:
+        for name, tensors in quant.items():
+            parent, _, child = name.rpartition(".")
+            bias = state.pop(f"{name}.bias", None)
+            setattr(model.get_submodule(parent), child,
+                    PackedAwqLinear(tensors["qweight"], tensors["qzeros"],
+                                    tensors["scales"], bias, dtype))
+    return model_from_state(config, state, dtype, str(path), prepare=swap)
