@@ -246,7 +246,9 @@ def _loss_model(model, world: World):
     loss_model = CausalLMLoss(model)
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        loss_model = DistributedDataParallel(loss_model)
+        # No buffer broadcast per forward: a packed int4 base keeps its weights in buffers
+        # (frozen, identical on every rank; DDP checks them once at construction).
+        loss_model = DistributedDataParallel(loss_model, broadcast_buffers=False)
     return loss_model
 
 

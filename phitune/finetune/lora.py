@@ -29,4 +29,7 @@ def wrap(model, r: int, alpha: float, dropout: float, targets):
         raise OptionError(f"--lora_r must be ≥ 1 (got {r})", "--lora_r", "use e.g. 16 or 64")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
+    from phitune.finetune.packed_awq import has_packed, register_with_peft
+    if has_packed(model):  # not saved in adapter_config.json: the adapter is plain LoRA
+        register_with_peft(config)
     return get_peft_model(model, config)

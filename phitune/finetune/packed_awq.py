@@ -155,3 +155,12 @@ def load_awq_packed(path, dtype: torch.dtype) -> nn.Module:
                     PackedAwqLinear(tensors["qweight"], tensors["qzeros"],
                                     tensors["scales"], bias, dtype))
     return model_from_state(config, state, dtype, str(path), prepare=swap)
+
+
+def dequantize_bases(model: nn.Module) -> None:
+    """Give every LoRA layer on a packed base the float nn.Linear it computes, so PEFT can
+    merge the adapter into it (merge_and_unload reads base_layer.weight)."""
+    from peft.tuners.lora.layer import LoraLayer
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.base_layer, PackedAwqLinear):
+            module.base_layer = module.base_layer.dequantized()

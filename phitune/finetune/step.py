@@ -60,6 +60,10 @@ class FinetuneOptions(RecordOptions):
         negatable=True)
     compile: bool | None = O.compile("the decoder layers: fused elementwise kernels, a slower "
                                      "first step", "64M")
+    base_weights: str = O.option(
+        "int4", "How an AWQ base is held: int4 (packed, as on disk; each weight dequantized "
+        "while its matmul runs: ~4x less memory) or float (dequantized once at load: faster "
+        "passes, 4x the memory).", choices=("int4", "float"))
     dtype: str = O.dtype("Frozen base dtype (LoRA stays fp32, matmuls autocast); auto: fp32 "
                          "below 64M parameters (an AWQ base counts as float), else bf16 on CUDA "
                          "and bf16-capable CPUs.")
@@ -211,7 +215,7 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
     from phitune.finetune.base import load_base
     from phitune.models import quiet_gptqmodel
 
-    base = load_base(model_ref, opts.method, device, dtype)
+    base = load_base(model_ref, opts.method, device, dtype, opts.base_weights)
     passes = memory.rows_per_pass(device, opts.max_seq_len)
     pass_rows = min(passes or opts.per_device_train_batch_size, opts.per_device_train_batch_size)
     choice = memory.choose_checkpointing(opts.gradient_checkpointing, large, base.config,
@@ -226,7 +230,18 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
     model = lora.wrap(base, opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
     model.train()  # before any forward: some quantized kernels latch inference-only paths
     compiled = _compile(model, opts.compile, large, device, say)
+    _fuse_dequantize(model, large, device)
     return model, passes, choice.on, compiled
+
+
+def _fuse_dequantize(model, large: bool, device: str) -> None:
+    """A packed int4 base of a large model dequantizes through one compiled kernel where eager
+    code runs it (eval, --no-compile): the eager expression reads and writes each weight
+    several times. Compiled layers fuse it themselves."""
+    from phitune.compiling import choose_compile
+    from phitune.finetune import packed_awq
+    if packed_awq.has_packed(model):
+        packed_awq.use_fused_dequantize(large and choose_compile(None, True, device).on)
 
 
 def _checkpoint(opts, out: Output, say: bool):
@@ -289,7 +304,9 @@ def _write_outputs(model, model_ref, work: Path, merge: bool) -> None:
     _point_adapter_at_base(work / "adapter", model_ref.path)
     os.symlink(Path(model_ref.path).resolve(), work / "model", target_is_directory=True)
     if merge:
+        from phitune.finetune.packed_awq import dequantize_bases
         from phitune.models import copy_tokenizer_files
+        dequantize_bases(model)  # an int4 base is merged as the float weights it computes
         merged = model.merge_and_unload()
         if hasattr(merged.config, "quantization_config"):
             del merged.config.quantization_config
