@@ -36,14 +36,30 @@ def phi3_rtn(random_phi3, tmp_path_factory):
     return out
 
 
+needs_compiler = pytest.mark.skipif(not cpu_compiler(), reason="needs a C++ compiler")
+
+
+@pytest.fixture(params=["torch ops", pytest.param("kernel", marks=needs_compiler)])
+def dequantizer(request):
+    """Both ways a packed weight is dequantized: the torch expression, phitune's C++ kernel."""
+    from phitune.finetune import packed_awq
+    assert packed_awq.use_fused_dequantize(request.param == "kernel") is (request.param == "kernel")
+    yield request.param
+    packed_awq.use_fused_dequantize(False)
+
+
 @pytest.mark.parametrize("zero_point", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_packed_is_the_readers_dequantization_bit_for_bit(zero_point, dtype):
+def test_dequantize_packed_is_the_readers_dequantization_bit_for_bit(zero_point, dtype,
+                                                                      dequantizer):
+    from phitune.finetune.packed_awq import _weight
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
     packed = pack_gemm(quantize_weight(w, 4, 64, zero_point))
     reference = unpack_gemm(**packed).dequantize(dtype).t()
     assert torch.equal(dequantize_packed(packed["qweight"], packed["qzeros"], packed["scales"],
                                          dtype), reference)
+    assert torch.equal(_weight(packed["qweight"], packed["qzeros"], packed["scales"], dtype),
+                       reference)
 
 
 def _lora(path, packed: bool, dtype, checkpointing=False):
@@ -78,7 +94,7 @@ def _step(model, dtype, seed=1):
 # relative); bf16 computes the very same ops (measured: equal).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("base", ["tiny_awq", "phi3_rtn"])
-def test_loss_and_lora_gradients_equal_the_dequantized_base(base, dtype, request):
+def test_loss_and_lora_gradients_equal_the_dequantized_base(base, dtype, request, dequantizer):
     path = request.getfixturevalue(base)
     float_loss, float_grads = _step(_lora(path, False, dtype), dtype)
     packed = _lora(path, True, dtype)
@@ -138,8 +154,8 @@ def test_adapter_names_match_the_float_path_and_load_with_plain_peft(tiny_awq, t
                                    packed.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not cpu_compiler(), reason="torch.compile needs a C++ compiler")
-def test_a_compiled_step_on_the_packed_base_matches_the_eager_step(phi3_rtn):
+@needs_compiler
+def test_a_compiled_step_on_the_packed_base_matches_the_eager_step(phi3_rtn, dequantizer):
     from phitune.finetune import layer_compile
     model = _lora(phi3_rtn, True, torch.float32)
     eager_loss, eager_grads = _step(model, torch.float32)

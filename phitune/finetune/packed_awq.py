@@ -43,38 +43,80 @@ def dequantize_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     return w.view(in_f, out_f).to(dtype)
 
 
-_fused = {"kernel": None}
+_kernel = {"module": None}
+_workspace: dict = {}
 
 
-def use_fused_dequantize(on: bool) -> None:
-    """Eager-mode dequantization through one compiled pointwise kernel (needs a C++ compiler;
-    the caller asks phitune.compiling). Compiled layers fuse it on their own either way."""
-    _fused["kernel"] = torch.compile(dequantize_packed, dynamic=False) if on else None
+def use_fused_dequantize(on: bool) -> bool:
+    """Dequantize on CPU with phitune's C++ kernel into one reused buffer (built at first use,
+    awq_kernel.py); off, or where it cannot be built, with the torch expression into fresh
+    memory. Returns whether the kernel is in use."""
+    from phitune.finetune import awq_kernel
+    _kernel["module"] = awq_kernel.load() if on else None
+    return _kernel["module"] is not None
 
 
-def _dequantize(qweight, qzeros, scales, dtype):
-    kernel = _fused["kernel"]
-    if kernel is None or torch.compiler.is_compiling():
+def _weight(qweight, qzeros, scales, dtype) -> torch.Tensor:
+    """The float weight [in, out], valid until the next call: the kernel writes it into a
+    buffer shared by every layer (one weight at a time exists in float; the buffer's pages stay
+    mapped, where a fresh 100 MB tensor per matmul costs page faults)."""
+    kernel = _kernel["module"]
+    if kernel is None or qweight.device.type != "cpu" or dtype not in _KERNEL_DTYPES:
         return dequantize_packed(qweight, qzeros, scales, dtype)
-    return kernel(qweight, qzeros, scales, dtype)
+    in_f, out_f = qweight.shape[0], scales.shape[1]
+    buffer = _workspace.get(dtype)
+    if buffer is None or buffer.numel() < in_f * out_f:
+        buffer = _workspace[dtype] = torch.empty(in_f * out_f, dtype=dtype)
+    w = buffer[:in_f * out_f].view(in_f, out_f)
+    kernel.dequantize_into(qweight, qzeros, scales, w)
+    return w
 
 
-class _PackedMatmul(torch.autograd.Function):
-    """y = x @ dequant(W) with dequant(W) recomputed in backward, never saved."""
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-    @staticmethod
-    def forward(ctx, x, qweight, qzeros, scales, dtype):
-        ctx.save_for_backward(qweight, qzeros, scales)
-        ctx.dtype, ctx.x_dtype = dtype, x.dtype
-        return x.to(dtype) @ _dequantize(qweight, qzeros, scales, dtype)
 
-    @staticmethod
-    def backward(ctx, grad):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        qweight, qzeros, scales = ctx.saved_tensors
-        w = _dequantize(qweight, qzeros, scales, ctx.dtype)
-        return (grad.to(ctx.dtype) @ w.t()).to(ctx.x_dtype), None, None, None, None
+# Custom ops, not an autograd.Function: torch.compile keeps them opaque (one call into the
+# kernel and the matmul) instead of tracing the unpacking into a slow scalar loop, and the
+# shared buffer never outlives the op that filled it.
+@torch.library.custom_op("phitune::packed_mm", mutates_args=())
+def packed_mm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+              scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x @ W, W [in, out] dequantized for this product only."""
+    return x.to(dtype) @ _weight(qweight, qzeros, scales, dtype)
+
+
+@packed_mm.register_fake
+def _(x, qweight, qzeros, scales, dtype):
+    return x.new_empty((*x.shape[:-1], scales.shape[1]), dtype=dtype)
+
+
+@torch.library.custom_op("phitune::packed_mm_t", mutates_args=())
+def packed_mm_t(grad: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad @ W.T: the input's gradient, W dequantized again (never saved from forward)."""
+    return grad.to(dtype) @ _weight(qweight, qzeros, scales, dtype).t()
+
+
+@packed_mm_t.register_fake
+def _(grad, qweight, qzeros, scales, dtype):
+    return grad.new_empty((*grad.shape[:-1], qweight.shape[0]), dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, qzeros, scales, dtype = inputs
+    ctx.save_for_backward(qweight, qzeros, scales)  # the packed tensors only: no input, no W
+    ctx.dtype, ctx.x_dtype = dtype, x.dtype
+
+
+def _backward(ctx, grad):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    qweight, qzeros, scales = ctx.saved_tensors
+    return packed_mm_t(grad, qweight, qzeros, scales, ctx.dtype).to(ctx.x_dtype), \
+        None, None, None, None
+
+
+packed_mm.register_autograd(_backward, setup_context=_setup_context)
 
 
 class PackedAwqLinear(nn.Module):
@@ -95,7 +137,7 @@ class PackedAwqLinear(nn.Module):
                                                            requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _PackedMatmul.apply(x, self.qweight, self.qzeros, self.scales, self.compute_dtype)
+        y = packed_mm(x, self.qweight, self.qzeros, self.scales, self.compute_dtype)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> nn.Linear:

@@ -230,18 +230,21 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
     model = lora.wrap(base, opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
     model.train()  # before any forward: some quantized kernels latch inference-only paths
     compiled = _compile(model, opts.compile, large, device, say)
-    _fuse_dequantize(model, large, device)
+    _fuse_dequantize(model, large, device, say)
     return model, passes, choice.on, compiled
 
 
-def _fuse_dequantize(model, large: bool, device: str) -> None:
-    """A packed int4 base of a large model dequantizes through one compiled kernel where eager
-    code runs it (eval, --no-compile): the eager expression reads and writes each weight
-    several times. Compiled layers fuse it themselves."""
-    from phitune.compiling import choose_compile
+def _fuse_dequantize(model, large: bool, device: str, say: bool) -> None:
+    """An int4 base of a large model on CPU dequantizes with phitune's C++ kernel (built with
+    the compiler torch.compile uses): the torch expression costs about a matmul per matmul."""
+    from phitune.compiling import cpu_compiler
     from phitune.finetune import packed_awq
-    if packed_awq.has_packed(model):
-        packed_awq.use_fused_dequantize(large and choose_compile(None, True, device).on)
+    if not packed_awq.has_packed(model):
+        return
+    on = packed_awq.use_fused_dequantize(large and device == "cpu" and bool(cpu_compiler()))
+    if say and large:
+        ui.info("int4 base kept packed; each weight dequantized while its matmul runs"
+                + (" (phitune's CPU kernel)" if on else " (torch ops: no C++ kernel here)"))
 
 
 def _checkpoint(opts, out: Output, say: bool):

@@ -59,6 +59,9 @@ def baseline_finetune(args: argparse.Namespace) -> None:
 
 
 def bench_finetune(args: argparse.Namespace) -> None:
+    if args.int4_base:
+        from benchmarks.finetune_int4 import bench_int4_base
+        return bench_int4_base(args)
     models = {"tiny-phi3": "tiny-phi3"}
     if args.phi3_shaped_layers:
         models[f"phi3-mini-shaped-{args.phi3_shaped_layers}l"] = str(build_phi3_mini_shaped(
@@ -108,6 +111,8 @@ def register(sub) -> None:
     f.add_argument("--phi3-shaped-layers", type=int, default=0,
                    help="also a Phi-3-mini-shaped model with this many layers (random weights)")
     f.add_argument("--cache", default=str(CACHE))
+    from benchmarks.finetune_int4 import register_arguments
+    register_arguments(f)
     f.set_defaults(func=bench_finetune)
     b = sub.add_parser("_baseline_finetune")
     for name in ("--model", "--data_files", "--target_modules"):
