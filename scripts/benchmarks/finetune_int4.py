@@ -40,14 +40,14 @@ def bench_int4_base(args: argparse.Namespace) -> None:
               f"batch {args.batch_size} x {args.max_seq_len}, {args.steps} steps"
               f"{', ' + ' '.join(extra) if extra else ''}")
         runs = {}
-        for weights in ("float", "int4"):
+        for weights in args.base_weights.split(","):
             runs[weights] = phitune_json(
                 "finetune", "-m", str(model), "--data_files", data, "--text_template", TEMPLATE,
                 "--max_steps", str(args.steps), "--lora_r", str(args.lora_r),
                 "--per_device_train_batch_size", str(args.batch_size),
                 "--max_seq_len", str(args.max_seq_len), "--base_weights", weights, *extra,
                 "--force", "-o", tempfile.mkdtemp() + "/ft")
-        base = runs["float"]
+        base = runs.get("float") or runs[next(iter(runs))]
         for weights, run in runs.items():
             print(f"base {weights:6} {run['tokens_per_s']:8.1f} tok/s  peak RSS "
                   f"{run['peak_rss_mb']:7.0f} MB  loss {run['train_loss_first']:.4f} → "
@@ -64,6 +64,9 @@ def register_arguments(f) -> None:
                    help="instead: LoRA on int4 bases, packed vs dequantized at load")
     f.add_argument("--smollm2", action=argparse.BooleanOptionalAction, default=True,
                    help="with --int4-base: SmolLM2-135M-Instruct's RTN int4 base")
+    f.add_argument("--base-weights", default="float,int4",
+                   help="with --int4-base: which of finetune's --base_weights to run (the first "
+                        "is the ratios' reference); int4 alone where the float base does not fit")
     f.add_argument("--finetune-args", default="",
                    help="with --int4-base: more finetune options for both runs, e.g. "
                         "'--gradient_checkpointing --no-compile'")
