@@ -8,11 +8,10 @@ base gets no gradient, so not even the input is needed). The weight is dequantiz
 `load_awq_dequantized` does it ((q - z) * s in fp32, then rounded to the compute dtype), so
 the function trained on is the one the float path trains on.
 
-Phi-3-mini: the base weights take 1.9 GB packed instead of 7.6 GB in bf16. The dequantization
-is a pointwise kernel over int32 words; inside compiled decoder layers inductor fuses it into
-one loop, and in eager mode a separately compiled kernel does the same when a C++ compiler
-works (a pointwise torch expression would read and write the weight ~6 times: slower than
-the matmul it feeds).
+Phi-3-mini: the base weights take 1.9 GB packed instead of 7.6 GB in bf16 (15.2 GB in fp32).
+Large models on CPU dequantize with phitune's C++ kernel (awq_kernel.py) into one buffer that
+all layers share; elsewhere a torch expression does it into fresh memory. The products are
+custom ops, so torch.compile'd layers call them as they are.
 
 PEFT wraps these modules through `LoraConfig._register_custom_module` with its own
 `lora.Linear`, so the adapter's module names and saved tensors are those of the float path.
