@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from phitune.architectures import BY_MODEL_TYPE
 from phitune.errors import OptionError
 
@@ -30,6 +32,9 @@ def wrap(model, r: int, alpha: float, dropout: float, targets):
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
     from phitune.finetune.packed_awq import has_packed, register_with_peft
-    if has_packed(model):  # not saved in adapter_config.json: the adapter is plain LoRA
-        register_with_peft(config)
-    return get_peft_model(model, config)
+    if not has_packed(model):
+        return get_peft_model(model, config)
+    register_with_peft(config)  # not saved in adapter_config.json: the adapter is plain LoRA
+    with warnings.catch_warnings():  # PEFT warns about any layer type it does not ship
+        warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
+        return get_peft_model(model, config)
