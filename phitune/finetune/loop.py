@@ -42,6 +42,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     autocast_dtype: torch.dtype | None = None
     micro_batch_rows: int | None = None  # rows per forward/backward pass; None: the whole batch
+    optim_state_dtype: torch.dtype = torch.float32  # AdamW moments (bf16: half the memory)
 
 
 @dataclass
@@ -211,7 +212,12 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
 
 def _optimizer(params: list, cfg: TrainConfig, steps: int):
     """AdamW and its schedule: linear warmup over `warmup_steps`, then linear decay to 0."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optim_state_dtype == torch.float32:
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    else:
+        from phitune.finetune.optim import AdamW
+        optimizer = AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                          state_dtype=cfg.optim_state_dtype)
 
     def schedule(step: int) -> float:
         if step < cfg.warmup_steps:

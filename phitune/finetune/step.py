@@ -64,6 +64,10 @@ class FinetuneOptions(RecordOptions):
         "int4", "How an AWQ base is held: int4 (packed, as on disk; each weight dequantized "
         "while its matmul runs: ~4x less memory) or float (dequantized once at load: faster "
         "passes, 4x the memory).", choices=("int4", "float"))
+    optim_state_dtype: str = O.option(
+        "float32", "AdamW's moment estimates: bfloat16 halves the optimizer's memory (0.4 GB at "
+        "LoRA r 64 on Phi-3-mini); the update is still computed in fp32.",
+        choices=("float32", "bfloat16"))
     dtype: str = O.dtype("Frozen base dtype (LoRA stays fp32, matmuls autocast); auto: fp32 "
                          "below 64M parameters (an AWQ base counts as float), else bf16 on CUDA "
                          "and bf16-capable CPUs.")
@@ -155,7 +159,8 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
                       grad_accum=opts.gradient_accumulation_steps, warmup_steps=opts.warmup_steps,
                       max_grad_norm=opts.max_grad_norm, seed=opts.seed, save_steps=opts.save_steps,
                       autocast_dtype=None if dtype == torch.float32 else dtype,
-                      micro_batch_rows=passes)
+                      micro_batch_rows=passes,
+                      optim_state_dtype=getattr(torch, opts.optim_state_dtype))
     checkpoint = _checkpoint(opts, out, world.main)
     before = eval_loss(model, prepared.eval, collate, cfg, device)
     result = _train(model, prepared.train, collate, cfg, device, world, checkpoint, opts.resume)
