@@ -41,21 +41,20 @@ def bench_int4_base(args: argparse.Namespace) -> None:
               f"{', ' + ' '.join(extra) if extra else ''}")
         runs = {}
         for weights in args.base_weights.split(","):
-            runs[weights] = phitune_json(
+            run = runs[weights] = phitune_json(
                 "finetune", "-m", str(model), "--data_files", data, "--text_template", TEMPLATE,
                 "--max_steps", str(args.steps), "--lora_r", str(args.lora_r),
                 "--per_device_train_batch_size", str(args.batch_size),
                 "--max_seq_len", str(args.max_seq_len), "--base_weights", weights, *extra,
                 "--force", "-o", tempfile.mkdtemp() + "/ft")
-        base = runs.get("float") or runs[next(iter(runs))]
-        for weights, run in runs.items():
+            base = next(iter(runs.values()))  # each line as its run ends: a long run can be cut
             print(f"base {weights:6} {run['tokens_per_s']:8.1f} tok/s  peak RSS "
                   f"{run['peak_rss_mb']:7.0f} MB  loss {run['train_loss_first']:.4f} → "
                   f"{run['train_loss_last']:.4f}  ({run['dtype']}, checkpointing "
                   f"{'on' if run['gradient_checkpointing'] else 'off'}"
                   f"{', compiled' if run.get('compiled') else ''}, {run['train_seconds']:.0f} s "
                   f"training)  → {run['tokens_per_s'] / base['tokens_per_s']:.2f}× tok/s, "
-                  f"{run['peak_rss_mb'] / base['peak_rss_mb']:.2f}× memory")
+                  f"{run['peak_rss_mb'] / base['peak_rss_mb']:.2f}× memory", flush=True)
         print()
 
 
