@@ -266,8 +266,9 @@ def check_onnx_graph(model_file: Path | str) -> None:
                                      f"{sizes[location]} (truncated)")
 
 
-def model_from_state(config, state: dict, dtype, where: str):
-    """A causal LM built on the meta device and given `state`'s tensors (no second copy)."""
+def model_from_state(config, state: dict, dtype, where: str, prepare=None):
+    """A causal LM built on the meta device and given `state`'s tensors (no second copy).
+    `prepare(model)` may first swap in modules that bring their own tensors (packed int4)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -277,8 +278,10 @@ def model_from_state(config, state: dict, dtype, where: str):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state[f"{_record(config).embedding}.weight"]
+    if prepare is not None:
+        prepare(model)  # modules swapped in bring their own tensors: only meta ones are owed
     from phitune.checkpoint import refuse
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if prepare is None or v.is_meta}
     refuse([f"{name} (missing)" if name not in state else
             f"{name} ({'×'.join(map(str, state[name].shape))}, the model has "
             f"{'×'.join(map(str, t.shape))})"

@@ -46,6 +46,7 @@ class TrainConfig:
     autocast_dtype: torch.dtype | None = None
     micro_batch_rows: int | None = None  # rows per forward/backward pass; None: the whole batch
     eval_steps: int = 0            # > 0: `evaluate` after every this many steps (not the last)
+    optim_state_dtype: torch.dtype = torch.float32  # AdamW moments (bf16: half the memory)
 
 
 @dataclass
@@ -243,7 +244,12 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
 
 def _optimizer(params: list, cfg: TrainConfig, steps: int):
     """AdamW and its schedule: linear warmup over `warmup_steps`, then linear decay to 0."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optim_state_dtype == torch.float32:
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    else:
+        from phitune.finetune.optim import AdamW
+        optimizer = AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                          state_dtype=cfg.optim_state_dtype)
 
     def schedule(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -299,9 +305,12 @@ def _loss_model(model, world: World):
     loss_model = CausalLMLoss(model)
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
+        # No buffer broadcast per forward: a packed int4 base keeps its weights in buffers
+        # (frozen, identical on every rank; DDP checks them once at construction).
         on_gpu = next(model.parameters()).is_cuda
         loss_model = DistributedDataParallel(
-            loss_model, device_ids=[torch.cuda.current_device()] if on_gpu else None)
+            loss_model, device_ids=[torch.cuda.current_device()] if on_gpu else None,
+            broadcast_buffers=False)
     return loss_model
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from phitune.architectures import BY_MODEL_TYPE
 from phitune.errors import OptionError
 
@@ -29,4 +31,10 @@ def wrap(model, r: int, alpha: float, dropout: float, targets):
         raise OptionError(f"--lora_r must be ≥ 1 (got {r})", "--lora_r", "use e.g. 16 or 64")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    from phitune.finetune.packed_awq import has_packed, register_with_peft
+    if not has_packed(model):
+        return get_peft_model(model, config)
+    register_with_peft(config)  # not saved in adapter_config.json: the adapter is plain LoRA
+    with warnings.catch_warnings():  # PEFT warns about any layer type it does not ship
+        warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
+        return get_peft_model(model, config)

@@ -3,4 +3,5 @@
 rounds) and one set of bench models (`shapes.py`). A new benchmark is a module with a
 `register(subparsers)` that adds its parser with `set_defaults(func=...)`, listed in `STEPS`."""
 
-STEPS = ("quantize", "eval", "finetune", "auto_opt", "infer", "chat", "serve", "sequence_start")
+STEPS = ("quantize", "eval", "finetune", "auto_opt", "infer", "chat", "serve", "sequence_start",
+         "chain")

@@ -64,6 +64,9 @@ def bench_finetune(args: argparse.Namespace) -> None:
         bench_methods(args)
         if args.methods_only:
             return
+    if args.int4_base:
+        from benchmarks.finetune_int4 import bench_int4_base
+        return bench_int4_base(args)
     models = {"tiny-phi3": "tiny-phi3"}
     if args.phi3_shaped_layers:
         models[f"phi3-mini-shaped-{args.phi3_shaped_layers}l"] = str(build_phi3_mini_shaped(
@@ -115,6 +118,8 @@ def register(sub) -> None:
     f.add_argument("--cache", default=str(CACHE))
     from benchmarks.finetune_methods import register_options
     register_options(f)
+    from benchmarks.finetune_int4 import register_arguments
+    register_arguments(f)
     f.set_defaults(func=bench_finetune)
     b = sub.add_parser("_baseline_finetune")
     for name in ("--model", "--data_files", "--target_modules"):

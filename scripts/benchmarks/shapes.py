@@ -145,3 +145,56 @@ def prompt_ids(model_dir: Path, n: int) -> list[int]:
 
 
 TEMPLATE = r"<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
+
+
+def build_phi3_mini_int4(path: Path, layers: int, group_size: int = 128) -> Path:
+    """Phi-3-mini dimensions as an int4 AWQ-GEMM checkpoint with random packed weights (cached):
+    written tensor by tensor, so no float copy of the base ever exists (a 32-layer float model
+    would need 7.6 GB in bf16 just to be quantized). Weights (q - 8) * s with s chosen for a
+    std of ~0.02, like the float shapes' init; norms are ones."""
+    if (path / "config.json").is_file():
+        return path
+    import json
+    import shutil
+
+    import torch
+    from accelerate import init_empty_weights
+    from huggingface_hub import save_torch_state_dict
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from phitune.formats.awq_gemm import PACK, quantization_config
+    config = Phi3Config(num_hidden_layers=layers, **PHI3_MINI)
+    with init_empty_weights():
+        model = Phi3ForCausalLM(config)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            i, o = module.in_features, module.out_features
+            state[f"{name}.qweight"] = torch.randint(-2**31, 2**31 - 1, (i, o // PACK),
+                                                     generator=g, dtype=torch.int32)
+            state[f"{name}.qzeros"] = torch.full((i // group_size, o // PACK), 0x88888888 - 2**32,
+                                                 dtype=torch.int32)
+            state[f"{name}.scales"] = torch.full((i // group_size, o), 0.02 / 4.6,
+                                                 dtype=torch.float16)
+    for name, p in model.named_parameters():
+        module = name.rpartition(".")[0]
+        if f"{module}.qweight" in state:
+            continue
+        state[name] = torch.ones(p.shape, dtype=torch.float16) if "norm" in name else \
+            (torch.randn(p.shape, generator=g) * 0.02).half()
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_torch_state_dict(state, str(tmp), max_shard_size="2GB")
+    cfg = config.to_dict()
+    cfg.update(quantization_config=quantization_config(4, group_size, True), dtype="float16",
+               architectures=["Phi3ForCausalLM"])
+    cfg.pop("torch_dtype", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    embedded = REPO / "data" / "tiny-phi3"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (embedded / name).is_file():
+            shutil.copy(embedded / name, tmp / name)
+    tmp.rename(path)
+    return path
