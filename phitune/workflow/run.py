@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from phitune import registry, ui
+from phitune import hidden, registry, ui
 from phitune.artifacts import read_manifest
 from phitune.errors import OptionError, PhituneError
 from phitune.workflow.plan import REF, Planned, Workflow, command
@@ -198,7 +198,7 @@ def publish(wf: Workflow) -> dict[str, str]:
         if link.is_symlink() and os.readlink(link) == target:
             links[step.name] = str(link)
             continue
-        tmp = out / f".{step.name}.phitune-link-{os.getpid()}"
+        tmp = hidden.link_staging(link)
         if tmp.is_symlink():
             tmp.unlink()
         os.symlink(target, tmp, target_is_directory=True)
