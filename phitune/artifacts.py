@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from phitune import __version__, hidden, oserrors
-from phitune.errors import InputError, OutputError
+from phitune.errors import InputError, OutputError, first_line
 
 MANIFEST = "phitune.json"
 # Embedded model names: a dir under data/, or `package:file` inside an installed package
@@ -243,23 +243,13 @@ def _from_hub(repo_id: str) -> ResolvedModel:
         local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model",
                                                            "*.txt", "*.py", "*.jinja"])
     except Exception as exc:  # offline, unknown repo, gated: all user-fixable
-        reason = _first_sentence(str(exc))
+        reason = first_line(exc, 240, "unknown error", sentence=True)
         raise InputError(f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason})", "-m",
                          "check the id and the network, or pass a local model directory "
                          f"or {EMBEDDED_NAMES}") from None
     path = Path(local)
     return ResolvedModel(repo_id, path, hf_kind(_config(path)), hub_id=repo_id,
                          config=_config(path))
-
-
-def _first_sentence(text: str, limit: int = 240) -> str:
-    """A library message's first sentence, whole (cut at a word, marked, if very long)."""
-    text = " ".join(text.split())
-    end = text.find(". ")
-    sentence = text[:end + 1] if end >= 0 else text
-    if len(sentence) > limit:
-        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
-    return sentence.rstrip(".") or "unknown error"
 
 
 _KIND_NAMES = {"hf-model": "a Hugging Face model", "awq-model": "an AWQ-quantized model",

@@ -22,8 +22,7 @@ from typing import Callable, Sequence
 
 from phitune import genai_config, hugepages, sequence_start, ui
 from phitune import options as O
-from phitune.errors import InputError, OptionError
-from phitune.errors import first_line as _first_line
+from phitune.errors import InputError, OptionError, first_line
 from phitune.infer.adapters import Adapter, check_fits, describe
 
 
@@ -126,7 +125,7 @@ class Session:
             self.model = og.Model(_config(og, self.model_dir))
             self.tokenizer = og.Tokenizer(self.model)
         except RuntimeError as exc:
-            raise InputError(f"onnxruntime-genai cannot load the model ({_first_line(exc)})",
+            raise InputError(f"onnxruntime-genai cannot load the model ({first_line(exc)})",
                              str(self.model_dir), "re-export it with phitune auto-opt") from None
         self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
         # og's tokenizer adds no start token: every prompt gets the model's own (a BOS for
@@ -139,7 +138,7 @@ class Session:
                 self.adapters.load(str(adapter.path), adapter.name)
             except RuntimeError as exc:
                 raise InputError(f"onnxruntime-genai cannot load the adapter "
-                                 f"({_first_line(exc)})", str(adapter.path),
+                                 f"({first_line(exc)})", str(adapter.path),
                                  "use an adapter exported for this model") from None
         self.active: str | None = None
         self._kept: _KeptGenerator | None = None
@@ -180,7 +179,7 @@ class Session:
             return self.tokenizer.apply_chat_template(json.dumps(messages),
                                                       add_generation_prompt=True)
         except RuntimeError as exc:
-            raise OptionError(f"the model's chat template cannot be applied ({_first_line(exc)})",
+            raise OptionError(f"the model's chat template cannot be applied ({first_line(exc)})",
                               str(self.model_dir), r'pass --template "<|user|>\n{input}<|end|>'
                               r'\n<|assistant|>\n" (the model' "'s own prompt format)") from None
 
