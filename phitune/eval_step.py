@@ -262,8 +262,8 @@ class _TorchModel:
                 raise InputError(f"no PEFT adapter in {opts.adapter} (no adapter_config.json)",
                                  "--adapter", "pass the adapter/ dir written by phitune finetune")
             return path
-        if model_ref.kind == "finetuned":
-            path = Path(model_ref.path).parent / "adapter"
+        if model_ref.adapter is not None:
+            path = model_ref.adapter
             if not (path / "adapter_config.json").is_file():
                 raise InputError(f"the finetune output has no adapter ({path})", "-m",
                                  "re-run phitune finetune, or pass --no-adapter for the base")

@@ -101,10 +101,8 @@ def _adapter_dir(opts: AutoOptOptions, model_ref) -> Path | None:
             raise InputError(f"no such adapter directory: {opts.adapter_path}", "--adapter_path",
                              "pass the adapter/ dir written by phitune finetune")
         return path
-    if model_ref.kind == "finetuned":  # -m D of a finetune output: its adapter comes along
-        candidate = model_ref.path.parent / "adapter"
-        if candidate.is_dir():
-            return candidate
+    if model_ref.adapter is not None and model_ref.adapter.is_dir():  # -m D of a finetune
+        return model_ref.adapter                                      # output: it comes along
     return None
 
 

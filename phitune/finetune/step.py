@@ -11,7 +11,7 @@ from typing import ClassVar
 from phitune import options as O
 from phitune import hidden, policy, sequence_start
 from phitune import ui
-from phitune.artifacts import Output, content_digest, resolve_model
+from phitune.artifacts import FINETUNE_ADAPTER, Output, content_digest, resolve_model
 from phitune.data import RecordOptions
 from phitune.data.records import RECORD_FIELDS, split_files
 from phitune.errors import Interrupted, OptionError
@@ -285,8 +285,8 @@ def _round(value):
 def _write_outputs(model, model_ref, work: Path, merge: bool) -> None:
     """adapter/ as PEFT writes it; model/ a link to the base trained on (no gigabyte copy);
     merged/ with --merge: base + adapter folded, in float (an AWQ base is dequantized)."""
-    model.save_pretrained(str(work / "adapter"))
-    _point_adapter_at_base(work / "adapter", model_ref.path)
+    model.save_pretrained(str(work / FINETUNE_ADAPTER))
+    _point_adapter_at_base(work / FINETUNE_ADAPTER, model_ref.path)
     os.symlink(Path(model_ref.path).resolve(), work / "model", target_is_directory=True)
     if merge:
         from phitune.models import copy_tokenizer_files
