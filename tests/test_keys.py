@@ -116,3 +116,24 @@ AUTO_OPT_PARAMS = [
     "sequence_start",
 ]
 AUTO_OPT_KEY = "0ef3a74f557616af01bfad1013fa47dbcd9811cc1913e38312ab647f8964e043"
+
+
+def test_workflow_entry_keys(monkeypatch, tmp_path):
+    """`run --config` keys each step's cache entry on its own split of the options."""
+    from phitune.workflow.plan import compute_keys, load_workflow
+    monkeypatch.setattr(artifacts, "__version__", "pinned")
+    travel = artifacts.data_dir() / "travel.jsonl"
+    (tmp_path / "wf.yaml").write_text(
+        "output_dir: out\nsteps:\n"
+        "  - {name: q, type: quantize, model: tiny-phi3, algorithm: rtn, device: cpu}\n"
+        f"  - {{name: f, type: finetune, model: '@q', data_files: '{travel}', max_steps: 2,\n"
+        "      use_chat_template: true, resume: true, save_steps: 1, device: cpu}\n"
+        "  - {name: o, type: auto-opt, model: '@f', use_ort_genai: true}\n"
+        "  - {name: e, type: eval, model: '@o', max_ppl: 1000}\n")
+    wf = load_workflow(tmp_path / "wf.yaml")
+    compute_keys(wf)
+    assert {s.name: s.key[:16] for s in wf.steps} == WORKFLOW_KEYS
+
+
+WORKFLOW_KEYS = {"q": "f9e2c67e04fa6d6d", "f": "6e42307c0c689d6c", "o": "fff2941e43a922bc",
+                 "e": "e18eac765bb248ca"}
