@@ -27,17 +27,32 @@ import click
 from phitune import options
 
 
+# Options about this run, not about what it makes: no key counts them, neither a step's output
+# key nor a workflow's entry key (the workflow owns `output` and `force` itself).
+BOOKKEEPING = ("output", "force", "resume", "save_steps")
+
+
 @dataclass(frozen=True)
 class StepDef:
     name: str
     module: str                      # holds the options class and `run`
     options_class: str
     kind: str | None                 # the artifact kind it publishes (None: writes nothing)
-    # Options that never shape the output; the workflow owns `output` and `force`.
-    not_in_key: tuple[str, ...] = ("output", "force", "resume", "save_steps")
+    # What a step's own output key is made of (`key_params`): every option is a param except
+    # BOOKKEEPING, `inputs` (models, files: the step keys them by content digest) and
+    # `runs_only` (how the step runs, never what it writes). A workflow's entry key
+    # (workflow/plan.py) counts every option but BOOKKEEPING: it keys inputs by @ref or
+    # content itself, and keeps `runs_only` options as its keys always did (dropping them
+    # now would make every cached entry stale).
+    inputs: tuple[str, ...] = ()
+    runs_only: tuple[str, ...] = ()
     # Bounds do not change what a step measures: its figures are cached without them and
     # checked against the bounds of every run.
     bounds: tuple[str, ...] = ()
+
+    def key_params(self, opts: Any) -> dict:
+        """The option values that enter the step's output key and its manifest's params."""
+        return options.params(opts, BOOKKEEPING + self.inputs + self.runs_only)
 
     def options(self) -> type:
         return getattr(importlib.import_module(self.module), self.options_class)
@@ -55,9 +70,15 @@ class StepDef:
 
 
 STEPS: dict[str, StepDef] = {s.name: s for s in (
-    StepDef("quantize", "phitune.quantize.step", "QuantizeOptions", "awq-model"),
-    StepDef("finetune", "phitune.finetune.step", "FinetuneOptions", "finetuned"),
-    StepDef("auto-opt", "phitune.export.step", "AutoOptOptions", "onnx-genai"),
+    # eval_data: what --eval reports perplexity on, not the weights; compiled kernels compute
+    # what eager ones do
+    StepDef("quantize", "phitune.quantize.step", "QuantizeOptions", "awq-model",
+            inputs=("model", "calib_data"), runs_only=("device", "compile", "eval_data")),
+    StepDef("finetune", "phitune.finetune.step", "FinetuneOptions", "finetuned",
+            inputs=("model", "data_files", "data_name"), runs_only=("device", "extra")),
+    # use_ort_genai: accepted for the lab's command line, the output is the same
+    StepDef("auto-opt", "phitune.export.step", "AutoOptOptions", "onnx-genai",
+            inputs=("model", "adapter_path"), runs_only=("use_ort_genai",)),
     StepDef("eval", "phitune.eval_step", "EvalOptions", None,
             bounds=("max_ppl", "max_latency_ms")),
 )}

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from phitune import options as O
-from phitune import sequence_start, ui
+from phitune import registry, sequence_start, ui
 from phitune.artifacts import Output, hf_kind, content_digest, resolve_model
 from phitune.errors import InputError, OptionError
 from phitune.genai_config import ADAPTER_FILE
@@ -59,10 +59,6 @@ class AutoOptOptions:
     use_ort_genai: bool = O.option(False, "Accepted for the lab's command line: the output is "
                                    "always an onnxruntime-genai model dir.", flag=True)
     force: bool = O.force()
-
-
-# Options that do not change the output (the workflow keys on the same split).
-NOT_IN_KEY = ("model", "output", "adapter_path", "force", "use_ort_genai")
 
 
 def validate(opts: AutoOptOptions) -> AutoOptOptions:
@@ -124,7 +120,7 @@ def run(opts: AutoOptOptions) -> tuple[dict, bool]:
         adapter_mod.slot_tensors(adapter_mod.read_peft_adapter(adapter_dir),
                                  *predicted_layout(config), where=str(adapter_dir))
 
-    params = O.params(opts, NOT_IN_KEY)
+    params = registry.step("auto-opt").key_params(opts)
     params["sequence_start"] = sequence_start.RULE  # outputs without its record are stale
     if opts.precision == "int4":
         params["lm_head"] = LM_HEAD_QUANT  # in the key: exports with an int4 head are stale

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
 from phitune import options as O
-from phitune import hidden, policy, sequence_start
+from phitune import hidden, policy, registry, sequence_start
 from phitune import ui
 from phitune.artifacts import FINETUNE_ADAPTER, Output, content_digest, resolve_model
 from phitune.data import RecordOptions
@@ -72,11 +72,6 @@ class FinetuneOptions(RecordOptions):
     extra: dict = field(default_factory=dict)
 
 
-# Options that do not change the result (where, how often to checkpoint, whether to resume).
-_NOT_PARAMS = ("model", "output", "force", "resume", "device", "save_steps", "extra",
-               "data_files", "data_name")
-
-
 def _check(opts: FinetuneOptions) -> None:
     if opts.method not in ("lora", "qlora"):
         raise OptionError(f"unknown --method {opts.method}", "--method", "use lora or qlora")
@@ -109,7 +104,7 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
                                      train_on_prompt=opts.train_on_prompt)
     model_ref = resolve_model(opts.model, accept=("hf-model", "awq-model"), step="finetune")
 
-    params = {k: v for k, v in asdict(opts).items() if k not in _NOT_PARAMS}
+    params = registry.step("finetune").key_params(opts)
     params["sequence_start"] = sequence_start.RULE  # what starts (and ends) each record
     data_paths = [Path(opts.data_name)] if opts.data_name and Path(opts.data_name).is_dir() \
         else [Path(f) for f in opts.data_files]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phitune import options as O
-from phitune import policy, sequence_start, ui
+from phitune import policy, registry, sequence_start, ui
 from phitune.artifacts import (Output, ResolvedModel, content_digest, data_dir, heldout_text,
                                resolve_model)
 from phitune.errors import OptionError
@@ -118,9 +118,7 @@ def _key(plan: _Plan) -> tuple[dict, dict]:
     """(inputs, params) of the output's key: calibration settings count only for an
     algorithm that calibrates, and an algorithm's search version always does."""
     opts, calibrated = plan.opts, plan.algorithm.calibrated
-    params = {k: v for k, v in asdict(opts).items()
-              if k not in ("model", "output", "force", "device", "calib_data", "eval_data",
-                           "compile")}  # compiled kernels compute what eager ones do
+    params = registry.step("quantize").key_params(opts)
     if not calibrated:
         for k in ("calib_samples", "calib_seq_len", "dtype"):
             params.pop(k)
