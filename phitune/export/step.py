@@ -60,6 +60,12 @@ class AutoOptOptions:
                                    "always an onnxruntime-genai model dir.", flag=True)
     force: bool = O.force()
 
+    @property
+    def target(self) -> str:
+        """The build target: the device the ONNX model is built to run on. `--device` is the
+        lab's name for it, and the field keeps that name (it is a param of every key)."""
+        return self.device
+
 
 def validate(opts: AutoOptOptions) -> AutoOptOptions:
     """Device and provider must agree; fill the defaults that depend on them."""
@@ -68,9 +74,9 @@ def validate(opts: AutoOptOptions) -> AutoOptOptions:
         if wanted is None:
             raise OptionError(f"unknown execution provider '{opts.provider}'", "--provider",
                               f"use one of {', '.join(PROVIDERS)}")
-        if wanted != opts.device:
+        if wanted != opts.target:
             raise OptionError(f"--provider {opts.provider} runs on {wanted}, but --device is "
-                              f"{opts.device}", "phitune auto-opt",
+                              f"{opts.target}", "phitune auto-opt",
                               f"pass --device {wanted}, or drop --provider")
     precision = opts.precision or "int4"
     if opts.block_size is not None and opts.block_size not in BLOCK_SIZES:
@@ -83,11 +89,11 @@ def validate(opts: AutoOptOptions) -> AutoOptOptions:
         raise OptionError("--adapter_path needs the multi-LoRA inputs", "--no-multi_lora",
                           "drop --no-multi_lora")
     return AutoOptOptions(**(asdict(opts) | {"precision": precision,
-                                             "provider": opts.provider or _provider_of(opts.device)}))
+                                             "provider": opts.provider or _provider_of(opts.target)}))
 
 
-def _provider_of(device: str) -> str:
-    return next(p for p, d in PROVIDERS.items() if d == device)
+def _provider_of(target: str) -> str:
+    return next(p for p, d in PROVIDERS.items() if d == target)
 
 
 def _adapter_dir(opts: AutoOptOptions, model_ref) -> Path | None:
@@ -151,7 +157,7 @@ def _build_and_publish(opts: AutoOptOptions, out: Output, model_ref, base_kind: 
         scratch.mkdir()
         source = _builder_input(model_ref.path, base_kind, config, opts, scratch)
         model_dir = work / "model"
-        ui.info(f"building {opts.precision} ONNX for {opts.device} ({arch}) with the "
+        ui.info(f"building {opts.precision} ONNX for {opts.target} ({arch}) with the "
                 "onnxruntime-genai model builder")
         extra = {}
         if opts.precision == "int4":
@@ -161,9 +167,9 @@ def _build_and_publish(opts: AutoOptOptions, out: Output, model_ref, base_kind: 
                 extra["accuracy_level"] = str(opts.accuracy_level)
         release_memory()
         rss_at_build = current_rss_mb()
-        builder_peak = run_builder(source, model_dir, opts.precision, opts.device, scratch, extra)
+        builder_peak = run_builder(source, model_dir, opts.precision, opts.target, scratch, extra)
         start = sequence_start.record(model_dir)  # og's tokenizer adds no BOS: infer reads this
-        metrics: dict = {"precision": opts.precision, "device": opts.device,
+        metrics: dict = {"precision": opts.precision, "device": opts.target,
                          **({"block_size": opts.block_size, "block_size_choice": block_choice}
                             if opts.precision == "int4" else {}),
                          "int4_source": _int4_source(base_kind, opts.precision),

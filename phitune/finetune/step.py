@@ -133,7 +133,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     prepared = _prepare(opts, records, tokenizer, spec, world.main)
 
     dtype = policy.train_dtype(model_ref.path, device, opts.dtype)
-    large = policy.is_large(model_ref.path)
+    large = policy.speed_first(model_ref.path)
     if large or opts.gradient_checkpointing:  # a pass's freed activations go back to the OS at once
         return_large_frees_to_os()  # (not for small models: it cost tiny-phi3 35% of its speed)
     torch.manual_seed(opts.seed)
