@@ -38,6 +38,9 @@ class StepDef:
     module: str                      # holds the options class and `run`
     options_class: str
     kind: str | None                 # the artifact kind it publishes (None: writes nothing)
+    # The module of the options class: apart from the step's, so that `--help` and
+    # `run --config`'s parse import nothing the step needs to run.
+    options_module: str
     # What a step's own output key is made of (`key_params`): every option is a param except
     # BOOKKEEPING, `inputs` (models, files: the step keys them by content digest) and
     # `runs_only` (how the step runs, never what it writes). A workflow's entry key
@@ -55,7 +58,7 @@ class StepDef:
         return options.params(opts, BOOKKEEPING + self.inputs + self.runs_only)
 
     def options(self) -> type:
-        return getattr(importlib.import_module(self.module), self.options_class)
+        return getattr(importlib.import_module(self.options_module), self.options_class)
 
     def runner(self) -> Callable[[Any], Any]:
         return importlib.import_module(self.module).run
@@ -73,13 +76,16 @@ STEPS: dict[str, StepDef] = {s.name: s for s in (
     # eval_data: what --eval reports perplexity on, not the weights; compiled kernels compute
     # what eager ones do
     StepDef("quantize", "phitune.quantize.step", "QuantizeOptions", "awq-model",
+            "phitune.quantize.options",
             inputs=("model", "calib_data"), runs_only=("device", "compile", "eval_data")),
     StepDef("finetune", "phitune.finetune.step", "FinetuneOptions", "finetuned",
+            "phitune.finetune.options",
             inputs=("model", "data_files", "data_name"), runs_only=("device", "extra")),
     # use_ort_genai: accepted for the lab's command line, the output is the same
     StepDef("auto-opt", "phitune.export.step", "AutoOptOptions", "onnx-genai",
+            "phitune.export.options",
             inputs=("model", "adapter_path"), runs_only=("use_ort_genai",)),
-    StepDef("eval", "phitune.eval_step", "EvalOptions", None,
+    StepDef("eval", "phitune.eval_step", "EvalOptions", None, "phitune.eval_options",
             bounds=("max_ppl", "max_latency_ms")),
 )}
 

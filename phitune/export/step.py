@@ -11,60 +11,19 @@ The adapter is checked against the base before the build, so a mismatch costs no
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-import click
-
-from phitune import options as O
 from phitune import registry, sequence_start, ui
 from phitune.artifacts import Output, hf_kind, content_digest, resolve_model
 from phitune.errors import InputError, OptionError
+from phitune.export.options import BLOCK_SIZES, PROVIDERS, AutoOptOptions
 from phitune.genai_config import ADAPTER_FILE
 from phitune.measure import Stopwatch, current_rss_mb, dir_size_mb, release_memory
 from phitune.models import architecture
 from phitune.quantize import groups
 
-PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "gpu"}
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 FLOAT_BLOCK_SIZE = 32  # closest to float among the fast ones (tiny-phi3 ppl +0.1% vs +0.9% at 128)
-
-
-@dataclass
-class AutoOptOptions:
-    model: str = O.model("Model: a float or AWQ checkpoint, a .gguf file, an embedded model "
-                         "('tiny-phi3', 'smollm2-135m-instruct'), or a finetune output (D or "
-                         "D/model).")
-    output: str = O.output()
-    adapter_path: str | None = O.option(
-        None, "PEFT LoRA adapter to convert into model/adapter_weights.onnx_adapter (default: the "
-        "adapter/ beside a finetune output's model/).", metavar="DIR", type=str)
-    device: str = O.option("cpu", "Target device of the ONNX model.", choices=("cpu", "gpu"))
-    provider: str | None = O.option(None, "Execution provider; must agree with --device "
-                                    "(default: the device's).", choices=tuple(PROVIDERS))
-    precision: str = O.option(
-        "int4", "int4: MatMulNBits (an AWQ input keeps its weights; a float input is rounded to "
-        "nearest); fp32/fp16: float weights (an AWQ input dequantized).",
-        choices=("int4", "fp16", "fp32"))
-    block_size: int | None = O.option(  # None: fits the model (see _block_size)
-        None, "int4 block size of the LM head and of a float input's layers (rounded to "
-        "nearest; 128 decodes faster on CPU, 32 stays closer to float). An AWQ input's "
-        "layers keep their group size. Default: an AWQ input's group size; for a float input 32, "
-        "or 16 where 32 does not divide the model's widths.", type=int)
-    accuracy_level: int | None = O.option(
-        None, "MatMulNBits compute: 4 = int8 (CPU default), 3 = bf16, 2 = fp16, 1 = fp32.",
-        type=click.IntRange(0, 4))
-    multi_lora: bool = O.option(True, "Give every projection optional LoRA inputs so any adapter "
-                                "loads at run time.", negatable=True)
-    use_ort_genai: bool = O.option(False, "Accepted for the lab's command line: the output is "
-                                   "always an onnxruntime-genai model dir.", flag=True)
-    force: bool = O.force()
-
-    @property
-    def target(self) -> str:
-        """The build target: the device the ONNX model is built to run on. `--device` is the
-        lab's name for it, and the field keeps that name (it is a param of every key)."""
-        return self.device
 
 
 def validate(opts: AutoOptOptions) -> AutoOptOptions:

@@ -21,46 +21,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from phitune import genai_config, hugepages, sequence_start, ui
-from phitune import options as O
 from phitune.errors import InputError, OptionError, first_line
 from phitune.infer.adapters import Adapter, check_fits, describe
-
-
-@dataclass
-class Sampling:
-    """Search options; greedy unless a temperature > 0, --top_p or --top_k asks for sampling."""
-
-    max_new_tokens: int = O.option(256, min=1, ranged=True)
-    temperature: float | None = O.option(None, "Sample at this temperature (default: greedy).",
-                                         type=float, min=0.0, ranged=True)
-    top_p: float | None = O.option(None, "Sample from the smallest set of tokens with this total "
-                                   "probability.", type=float, above=0.0, max=1.0, ranged=True)
-    top_k: int | None = O.option(None, "Sample from the k most likely tokens.", type=int, min=1,
-                                 ranged=True)
-    seed: int | None = O.option(None, "Random seed for sampling (repeatable answers).", type=int,
-                                dashed=False)
-
-    @property
-    def sample(self) -> bool:
-        return (self.temperature or 0) > 0 or self.top_p is not None or self.top_k is not None
-
-    def validate(self) -> None:
-        if self.temperature == 0 and (self.top_p is not None or self.top_k is not None):
-            raise OptionError("--temperature 0 means greedy decoding, which ignores --top_p and "
-                              "--top_k", "phitune infer",
-                              "drop --temperature 0 to sample, or drop --top_p/--top_k")
-
-    def search_options(self) -> dict:
-        if not self.sample:
-            return {"do_sample": False}
-        options = {"do_sample": True, "temperature": self.temperature or 1.0}
-        if self.top_p is not None:
-            options["top_p"] = self.top_p
-        if self.top_k is not None:
-            options["top_k"] = self.top_k
-        if self.seed is not None:
-            options["random_seed"] = self.seed
-        return options
+from phitune.infer.options import Sampling
 
 
 @dataclass
