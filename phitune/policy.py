@@ -9,8 +9,8 @@
 - quantize (`calibration_dtype`): fp32 for small models (an exact search; tests compare bit
   for bit). On CPUs with native bf16 matmul, bf16 from SPEED_FROM_PARAMS on, like finetune: the
   search is matmul-bound and bf16 runs it several times faster there, with no loss of quality
-  (figures in README, "quantize"). Elsewhere fp32 below QUANTIZE_LEAN_FROM_PARAMS, and above it
-  the half type the hardware is fast at: bf16 on CPU, the model's own half type on CUDA.
+  (figures in BENCHMARKS.md, "quantize"). Elsewhere fp32 below QUANTIZE_LEAN_FROM_PARAMS, and
+  above it the half type the hardware is fast at: bf16 on CPU, the model's own half type on CUDA.
 An explicit --dtype always wins.
 """
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from phitune import architectures, children, oserrors, ui
 from phitune.errors import ExportError, InputError, UnsupportedModelError
 
-EXECUTION_PROVIDERS = {"cpu": "cpu", "gpu": "cuda"}  # build target (auto-opt --device) → builder -e
+# the build target (auto-opt --device) → the builder's -e
+EXECUTION_PROVIDERS = {"cpu": "cpu", "gpu": "cuda"}
 
 
 def run_builder(source: Path, out_dir: Path, precision: str, target: str, work_dir: Path,

@@ -182,7 +182,7 @@ def _block_size(opts: AutoOptOptions, config: dict, base_kind: str,
 
 # The LM head of an int4 export: the builder rounds it itself (RTN), as AWQ leaves it float.
 # int4 there cost SmolLM2-135M (tied embeddings) 8.6% held-out perplexity over PyTorch AWQ;
-# int8 costs 0.1% (README, auto-opt).
+# int8 costs 0.1% (BENCHMARKS.md, auto-opt).
 LM_HEAD_QUANT = "int8"
 
 

@@ -216,7 +216,7 @@ class Session:
     def prepare_chat(self, sampling: Sampling) -> None:
         """Allocate a chat's KV cache before its first turn, so the first answer does not
         wait for it: onnxruntime-genai fills the whole cache when it creates a generator,
-        seconds for a Phi-3-mini-sized cache (README's chat benchmark has the figure)."""
+        seconds for a Phi-3-mini-sized cache (BENCHMARKS.md, infer, has the figure)."""
         start = time.perf_counter()
         search, capacity = sampling.search_options(), min(CHAT_CACHE_TOKENS, self.context_length)
         self._kept = None  # the old cache is freed before the new one is allocated

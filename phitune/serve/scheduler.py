@@ -5,7 +5,7 @@ no adapter (the adapter API exists on `og.Generator` alone), and whose static sc
 a model without a paged KV cache gets) makes a request that arrives mid-batch wait until the
 whole batch ends. So each request gets its own generator (its own KV cache and adapter: tokens
 never mix) and the thread round-robins over the active ones: a prompt chunk or one token per
-turn, so a long prompt or a long answer cannot starve the others. Figures in README (serve).
+turn, so a long prompt or a long answer cannot starve the others. Figures in BENCHMARKS.md (serve).
 
 onnxruntime-genai holds the GIL while it computes, so after each step the thread yields it
 (time.sleep(0)) to let the HTTP event loop accept, stream and notice disconnects.
