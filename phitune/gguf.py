@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from phitune import __version__, hidden, ui
-from phitune.artifacts import MANIFEST, _recover, make_key, read_manifest
 from phitune.errors import InputError, first_line
+from phitune.manifest import MANIFEST, make_key, read_manifest
 
 SUFFIX = ".gguf"
 ENTRY_PREFIX = "gguf-"  # entries are `gguf-<16 hex>`: the shape `phitune cache` lists
@@ -79,7 +79,7 @@ def hf_dir(file: Path, spec: str | None = None) -> Path:
     except OSError as exc:
         raise InputError(f"cannot create the GGUF conversion cache {root} ({exc.strerror})",
                          "-m", "set PHITUNE_CACHE to a writable directory") from None
-    _recover(entry)  # what a killed conversion of the same file left
+    hidden.recover(entry)  # what a killed conversion of the same file left
     work = hidden.staging(entry)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from phitune import artifacts
-from phitune.artifacts import Output, make_key
+from phitune import artifacts, manifest
+from phitune.artifacts import Output
+from phitune.manifest import make_key
 
 
 class _Stop(Exception):
@@ -22,7 +23,7 @@ class _Stop(Exception):
 @pytest.fixture
 def keyed(monkeypatch, tmp_path):
     """Runs a step up to its key; returns (params' names, the key with the version pinned)."""
-    monkeypatch.setattr(artifacts, "__version__", "pinned")
+    monkeypatch.setattr(manifest, "__version__", "pinned")
     monkeypatch.chdir(artifacts.data_dir().parent)  # relative data paths enter finetune's key
     seen = {}
 
@@ -121,7 +122,7 @@ AUTO_OPT_KEY = "0ef3a74f557616af01bfad1013fa47dbcd9811cc1913e38312ab647f8964e043
 def test_workflow_entry_keys(monkeypatch, tmp_path):
     """`run --config` keys each step's cache entry on its own split of the options."""
     from phitune.workflow.plan import compute_keys, load_workflow
-    monkeypatch.setattr(artifacts, "__version__", "pinned")
+    monkeypatch.setattr(manifest, "__version__", "pinned")
     travel = artifacts.data_dir() / "travel.jsonl"
     (tmp_path / "wf.yaml").write_text(
         "output_dir: out\nsteps:\n"
