@@ -85,7 +85,7 @@ STEPS: dict[str, StepDef] = {s.name: s for s in (
     StepDef("auto-opt", "phitune.export.step", "AutoOptOptions", "onnx-genai",
             "phitune.export.options",
             inputs=("model", "adapter_path"), runs_only=("use_ort_genai",)),
-    StepDef("eval", "phitune.eval_step", "EvalOptions", None, "phitune.eval_options",
+    StepDef("eval", "phitune.eval.step", "EvalOptions", None, "phitune.eval.options",
             bounds=("max_ppl", "max_latency_ms")),
 )}
 

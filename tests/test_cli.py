@@ -151,7 +151,8 @@ def test_global_flag_as_a_workflow_step_option_says_where_it_goes(cli, tmp_path)
 HEAVY = ("torch", "transformers", "onnxruntime", "onnxruntime_genai", "peft", "starlette",
          "uvicorn", "phitune.artifacts", "phitune.models", "phitune.quantize.step",
          "phitune.finetune.step", "phitune.export.step", "phitune.export.export_adapter",
-         "phitune.eval_step", "phitune.infer.chat", "phitune.infer.session", "phitune.serve.app",
+         "phitune.eval.step", "phitune.eval.torch_model", "phitune.eval.onnx_model",
+         "phitune.infer.chat", "phitune.infer.session", "phitune.serve.app",
          "phitune.serve.server", "phitune.workflow.run", "phitune.workflow.plan")
 
 

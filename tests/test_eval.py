@@ -177,7 +177,8 @@ def test_max_latency_missed_exits_3(cli, onnx_float):
 
 def test_library_api_raises_with_the_figures(onnx_float):
     from phitune.errors import ConstraintError
-    from phitune.eval_step import EvalOptions, run
+    from phitune.eval.options import EvalOptions
+    from phitune.eval.step import run
     with pytest.raises(ConstraintError) as info:
         run(EvalOptions(model=str(onnx_float), max_tokens=512, latency=False, max_ppl=1.5))
     assert info.value.exit_code == 3

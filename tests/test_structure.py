@@ -24,8 +24,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "phitune"
 
-STEP_PACKAGES = ("quantize", "finetune", "export", "infer", "serve", "eval_step", "eval_options",
-                 "registry")
+STEP_PACKAGES = ("quantize", "finetune", "export", "infer", "serve", "eval", "registry")
 # `python -m phitune` is the entry point, above everything.
 LAYERS = {"__main__": 4, "cli": 3, "workflow": 2, **{name: 1 for name in STEP_PACKAGES}}  # rest: 0
 

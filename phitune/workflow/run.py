@@ -134,8 +134,8 @@ def _run_measure(step, params: dict) -> None:
 
 
 def _check_bounds(step, metrics: dict, cached: bool = False) -> None:
-    from phitune.eval_options import EvalOptions
-    from phitune.eval_step import check_constraints
+    from phitune.eval.options import EvalOptions
+    from phitune.eval.step import check_constraints
     if not any(v is not None for v in step.bounds.values()):
         return
     figures = {"max_ppl": "ppl", "max_latency_ms": "latency_ms"}
