@@ -7,7 +7,8 @@ from pathlib import Path
 
 from phitune import genai_config, sequence_start, ui
 from phitune.errors import InputError, OptionError
-from phitune.eval.inputs import DECODE_TOKENS, PREFILL_TOKENS, examples
+from phitune.eval import inputs
+from phitune.eval.inputs import DECODE_TOKENS, PREFILL_TOKENS
 from phitune.eval.options import EvalOptions
 
 
@@ -57,7 +58,7 @@ class OnnxModel:
         itself."""
         from phitune.evaluate import OnnxScorer, onnx_labels_nll
         self._fits(opts.max_seq_len, "--max_seq_len")
-        examples = examples(held, spec, self.tokenizer, opts, self.start)
+        examples = inputs.examples(held, spec, self.tokenizer, opts, self.start)
         loss, n = onnx_labels_nll(OnnxScorer(self.dir, self.adapter), examples)
         return loss, n, len(examples)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from phitune import policy, sequence_start, ui
 from phitune.artifacts import hf_kind
 from phitune.errors import InputError, first_line
-from phitune.eval.inputs import DECODE_TOKENS, PREFILL_TOKENS, examples, scored
+from phitune.eval import inputs
+from phitune.eval.inputs import DECODE_TOKENS, PREFILL_TOKENS
 from phitune.eval.options import EvalOptions
 
 
@@ -79,12 +80,12 @@ class TorchModel:
         block-causal mask, token-weighted mean of the model's loss over batches of 8."""
         from phitune import data
         from phitune.finetune.loop import TrainConfig, eval_loss
-        examples = examples(held, spec, self.tokenizer, opts, self.start)
+        examples = inputs.examples(held, spec, self.tokenizer, opts, self.start)
         rows = data.pack(examples, opts.max_seq_len, data.pad_id_of(self.tokenizer))
         mask_dtype = next(p for p in self.model.parameters()).dtype
         loss = eval_loss(self.model, rows, lambda r: data.collate_packed(r, dtype=mask_dtype),
                          TrainConfig(), self.device)
-        return loss, scored(examples), len(examples)
+        return loss, inputs.scored(examples), len(examples)
 
     def text_ppl(self, texts: list[str], opts: EvalOptions) -> tuple[float, int]:
         from phitune.evaluate import perplexity, scored_tokens, token_ids
