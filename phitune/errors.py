@@ -71,10 +71,22 @@ class ExportError(PhituneError):
     """The model builder failed on an input phitune accepted."""
 
 
-def first_line(exc: BaseException, limit: int = 200, empty: str | None = None) -> str:
-    """An exception's first non-blank line, cut to `limit` characters, for a one-line error;
-    without any text: `empty`, or the exception's type name."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    if lines:
-        return lines[0][:limit]
+def first_line(exc: BaseException | str, limit: int = 200, empty: str | None = None,
+               sentence: bool = False) -> str:
+    """What a library's message says first, for a one-line error: its first non-blank line cut
+    to `limit` characters; with `sentence`, its first sentence across line breaks, whole, cut
+    at a word and marked with " …" past `limit`, without the final period (hub errors run
+    over several lines). Without any text: `empty`, or the exception's type name."""
+    if sentence:
+        text = " ".join(str(exc).split())
+        end = text.find(". ")
+        found = text[:end + 1] if end >= 0 else text
+        if len(found) > limit:
+            found = found[:limit].rsplit(" ", 1)[0] + " …"
+        found = found.rstrip(".")
+    else:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        found = lines[0][:limit] if lines else ""
+    if found:
+        return found
     return type(exc).__name__ if empty is None else empty

@@ -23,9 +23,9 @@ import shutil
 import time
 from pathlib import Path
 
-from phitune import __version__, inputfiles, ui
-from phitune.artifacts import _TMP_MARK, MANIFEST, _recover, make_key, read_manifest
+from phitune import __version__, hidden, inputfiles, ui
 from phitune.errors import InputError, first_line
+from phitune.manifest import MANIFEST, make_key, read_manifest
 
 SUFFIX = ".gguf"
 ENTRY_PREFIX = "gguf-"  # entries are `gguf-<16 hex>`: the shape `phitune cache` lists
@@ -80,8 +80,8 @@ def hf_dir(file: Path, spec: str | None = None) -> Path:
     except OSError as exc:
         raise InputError(f"cannot create the GGUF conversion cache {root} ({exc.strerror})",
                          "-m", "set PHITUNE_CACHE to a writable directory") from None
-    _recover(entry)  # what a killed conversion of the same file left
-    work = root / f".{entry.name}{_TMP_MARK}{os.getpid()}"
+    hidden.recover(entry)  # what a killed conversion of the same file left
+    work = hidden.staging(entry)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from phitune import inputfiles
 from phitune.architectures import SUPPORTED_CLASSES, family, family_of_config
-from phitune.errors import DeviceError, InputError
+from phitune.errors import DeviceError, InputError, first_line
 
 # Architectures phitune supports: the table's class names (phitune/architectures.py).
 SUPPORTED_ARCHITECTURES = SUPPORTED_CLASSES
@@ -74,15 +74,11 @@ def load_causal_lm(path: Path | str, dtype=None, device: str = "cpu"):
             str(path), dtype=dtype or torch.float32, attn_implementation="sdpa",
             low_cpu_mem_usage=True, output_loading_info=True)
     except (OSError, ValueError, _safetensor_error()) as exc:
-        raise InputError(f"cannot load the model ({_first_line(exc)})", str(path),
+        raise InputError(f"cannot load the model ({first_line(exc)})", str(path),
                          "check that the directory holds a complete checkpoint") from None
     from phitune.checkpoint import check_loading_info
     check_loading_info(info, len(model.state_dict()), path)  # nothing left at random init
     return model.to(device).eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def quiet_gptqmodel() -> None:
@@ -245,7 +241,7 @@ def check_onnx_graph(model_file: Path | str) -> None:
     try:
         graph = onnx.load(str(model_file), load_external_data=False).graph
     except Exception as exc:  # protobuf DecodeError and friends: a damaged file
-        reason = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 100)
         raise corrupt(model_file, f"not a readable ONNX graph ({reason})") from None
     sizes: dict[str, int] = {}
     for tensor in graph.initializer:
@@ -300,7 +296,7 @@ def load_causal_lm_lean(path: Path | str, dtype):
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the model ({_first_line(exc)})", str(path),
+        raise InputError(f"cannot load the model ({first_line(exc)})", str(path),
                          "check that the directory holds a complete checkpoint") from None
     state = {}
     for file in safetensors_files(Path(path)):
@@ -316,7 +312,7 @@ def load_tokenizer(path: Path | str):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the tokenizer ({str(exc).splitlines()[0][:200]})",
+        raise InputError(f"cannot load the tokenizer ({first_line(exc)})",
                          str(path), "the model directory needs its tokenizer files") from None
 
 
@@ -334,3 +330,13 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def header_shapes(directory: Path | str) -> dict[str, tuple]:
+    """name → shape of every tensor in the checkpoint's safetensors headers (checked whole)."""
+    check_weight_files(directory)
+    shapes: dict[str, tuple] = {}
+    for file in safetensors_files(Path(directory)):
+        _, header = check_safetensors(file)
+        shapes.update({name: tuple(info.get("shape", ())) for name, info in header.items()})
+    return shapes

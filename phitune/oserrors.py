@@ -56,10 +56,6 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def _first_line(exc: BaseException) -> str:
-    return first_line(exc, 160)
-
-
 def translate(exc: BaseException, path: Path | str | None = None,
               option: str = "-o") -> PhituneError | None:
     """The user-fixable error `exc` stands for, or None when it is not one (a bug)."""
@@ -79,7 +75,7 @@ def translate(exc: BaseException, path: Path | str | None = None,
         for type_name, words in _CORRUPT:
             if name == type_name and (not words or any(w in text for w in words)):
                 where = getattr(link, "filename", None) or None
-                return InputError(f"a model or weights file is damaged ({_first_line(link)})",
+                return InputError(f"a model or weights file is damaged ({first_line(link, 160)})",
                                   str(where) if where else "an input of this step", _REDO)
     return None
 

@@ -1,16 +1,16 @@
 """Which dtype a step computes in, decided in one place for quantize, finetune and eval.
 
 - finetune (`train_dtype`): fp32 for small models (exact; tests compare bit for bit); from
-  LARGE_FROM_PARAMS on, bf16 on CUDA (fp16 without bf16) and on CPUs with native bf16 matmul
+  SPEED_FROM_PARAMS on, bf16 on CUDA (fp16 without bf16) and on CPUs with native bf16 matmul
   (AVX512-BF16 / AMX), else fp32. Size is counted in parameters as the model computes, so an
   AWQ checkpoint (int4 on disk, dequantized to float for training) is as large as its source.
 - eval (`eval_dtype`): the dtype finetune trained in when the model is a finetune output (its
   manifest says), so eval reproduces finetune's loss; otherwise finetune's rule.
 - quantize (`calibration_dtype`): fp32 for small models (an exact search; tests compare bit
-  for bit). On CPUs with native bf16 matmul, bf16 from LARGE_FROM_PARAMS on, like finetune: the
+  for bit). On CPUs with native bf16 matmul, bf16 from SPEED_FROM_PARAMS on, like finetune: the
   search is matmul-bound and bf16 runs it several times faster there, with no loss of quality
-  (figures in README, "quantize"). Elsewhere fp32 below SMALL_MODEL_PARAMS, and above it the half
-  type the hardware is fast at: bf16 on CPU, the model's own half type on CUDA.
+  (figures in BENCHMARKS.md, "quantize"). Elsewhere fp32 below QUANTIZE_LEAN_FROM_PARAMS, and
+  above it the half type the hardware is fast at: bf16 on CPU, the model's own half type on CUDA.
 An explicit --dtype always wins.
 """
 
@@ -19,10 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SMALL_MODEL_PARAMS = 1_000_000_000  # quantize: below this, --eval defaults on, compute in fp32
-# finetune/eval: from this many parameters auto picks a half type (and finetune compiles, frees
-# activations to the OS, weighs checkpointing); 256 MB of fp32, the old on-disk threshold.
-LARGE_FROM_PARAMS = 64_000_000
+# From this many parameters, auto settings choose speed over bit-exactness: finetune and eval
+# pick a half type where the hardware is fast at it, finetune compiles, frees activations to the
+# OS and weighs checkpointing, quantize searches in bf16 on bf16-capable CPUs. Below it all runs
+# exact fp32 (tests compare bit for bit). 256 MB of fp32, the old on-disk threshold.
+SPEED_FROM_PARAMS = 64_000_000
+# From this many parameters quantize runs lean: --eval is off by default, the model loads in its
+# own dtype, the search computes in a half type and compiles its kernels (below, compiling costs
+# what it saves: SmolLM2-135M).
+QUANTIZE_LEAN_FROM_PARAMS = 1_000_000_000
 
 
 @dataclass
@@ -38,8 +43,9 @@ def _explicit(choice: str):
     return None if choice == "auto" else getattr(torch, choice)
 
 
-def is_large(path: Path) -> bool:
-    return parameter_count(path) >= LARGE_FROM_PARAMS
+def speed_first(path: Path) -> bool:
+    """Whether the model is past SPEED_FROM_PARAMS (auto settings then favour speed)."""
+    return parameter_count(path) >= SPEED_FROM_PARAMS
 
 
 def parameter_count(path: Path) -> int:
@@ -72,7 +78,7 @@ def train_dtype(path: Path, device: str, choice: str = "auto"):
     explicit = _explicit(choice)
     if explicit is not None:
         return explicit
-    if not is_large(path):
+    if not speed_first(path):
         return torch.float32
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -97,11 +103,11 @@ def calibration_dtype(choice: str, n_params: int, device: str, model_dtype):
     explicit = _explicit(choice)
     if explicit is not None:
         return explicit
-    if n_params < LARGE_FROM_PARAMS:
+    if n_params < SPEED_FROM_PARAMS:
         return torch.float32
     if device != "cuda" and cpu_has_fast_bf16():
         return torch.bfloat16
-    if n_params < SMALL_MODEL_PARAMS:
+    if n_params < QUANTIZE_LEAN_FROM_PARAMS:
         return torch.float32
     if device == "cuda":
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16

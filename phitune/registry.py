@@ -18,6 +18,7 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,20 +28,48 @@ import click
 from phitune import options
 
 
+# Options about this run, not about what it makes: no key counts them, neither a step's output
+# key nor a workflow's entry key (the workflow owns `output` and `force` itself).
+BOOKKEEPING = ("output", "force", "resume", "save_steps")
+
+
 @dataclass(frozen=True)
 class StepDef:
     name: str
     module: str                      # holds the options class and `run`
     options_class: str
     kind: str | None                 # the artifact kind it publishes (None: writes nothing)
-    # Options that never shape the output; the workflow owns `output` and `force`.
-    not_in_key: tuple[str, ...] = ("output", "force", "resume", "save_steps")
+    # The module of the options class: apart from the step's, so that `--help` and
+    # `run --config`'s parse import nothing the step needs to run.
+    options_module: str
+    # What a step's own output key is made of (`key_params`): every option is a param except
+    # BOOKKEEPING, `inputs` (models, files: the step keys them by content digest) and
+    # `runs_only` (how the step runs, never what it writes). A workflow's entry key
+    # (workflow/plan.py) counts every option but BOOKKEEPING: it keys inputs by @ref or
+    # content itself, and keeps `runs_only` options as its keys always did (dropping them
+    # now would make every cached entry stale).
+    inputs: tuple[str, ...] = ()
+    runs_only: tuple[str, ...] = ()
     # Bounds do not change what a step measures: its figures are cached without them and
     # checked against the bounds of every run.
     bounds: tuple[str, ...] = ()
+    # Options added after outputs were keyed: at its default such an option makes the step do
+    # what it did before the option existed, so it enters a key (the step's and a workflow
+    # entry's) only when set otherwise, and outputs made before stay up to date.
+    keyed_when_set: tuple[str, ...] = ()
+
+    def key_params(self, opts: Any) -> dict:
+        """The option values that enter the step's output key and its manifest's params."""
+        return self.without_unset(options.params(opts, BOOKKEEPING + self.inputs + self.runs_only))
+
+    def without_unset(self, params: dict) -> dict:
+        """`params` less the `keyed_when_set` options that are at their defaults."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self.options())}
+        return {k: v for k, v in params.items()
+                if not (k in self.keyed_when_set and v == defaults.get(k))}
 
     def options(self) -> type:
-        return getattr(importlib.import_module(self.module), self.options_class)
+        return getattr(importlib.import_module(self.options_module), self.options_class)
 
     def runner(self) -> Callable[[Any], Any]:
         return importlib.import_module(self.module).run
@@ -55,10 +84,20 @@ class StepDef:
 
 
 STEPS: dict[str, StepDef] = {s.name: s for s in (
-    StepDef("quantize", "phitune.quantize.step", "QuantizeOptions", "awq-model"),
-    StepDef("finetune", "phitune.finetune.step", "FinetuneOptions", "finetuned"),
-    StepDef("auto-opt", "phitune.export.step", "AutoOptOptions", "onnx-genai"),
-    StepDef("eval", "phitune.eval_step", "EvalOptions", None,
+    # eval_data: what --eval reports perplexity on, not the weights; compiled kernels compute
+    # what eager ones do
+    StepDef("quantize", "phitune.quantize.step", "QuantizeOptions", "awq-model",
+            "phitune.quantize.options",
+            inputs=("model", "calib_data"), runs_only=("device", "compile", "eval_data")),
+    StepDef("finetune", "phitune.finetune.step", "FinetuneOptions", "finetuned",
+            "phitune.finetune.options",
+            inputs=("model", "data_files", "data_name"), runs_only=("device", "extra"),
+            keyed_when_set=("base_weights", "optim_state_dtype", "eval_steps", "report_to")),
+    # use_ort_genai: accepted for the lab's command line, the output is the same
+    StepDef("auto-opt", "phitune.export.step", "AutoOptOptions", "onnx-genai",
+            "phitune.export.options",
+            inputs=("model", "adapter_path"), runs_only=("use_ort_genai",)),
+    StepDef("eval", "phitune.eval.step", "EvalOptions", None, "phitune.eval.options",
             bounds=("max_ppl", "max_latency_ms")),
 )}
 

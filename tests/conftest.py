@@ -1,17 +1,22 @@
 """Shared fixtures: throwaway random models of several shapes (the embedded tokenizer, random
-weights), and a way to run the CLI in-process and read its exit code and stderr."""
+weights); the tiny chain (quantize → finetune → auto-opt of the embedded model) and the
+onnxruntime-genai test models, each built once per test run; and a way to run the CLI
+in-process and read its exit code and stderr."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import background_demo
+from genai_helpers import HIDDEN, LORA, link_dir, lora_params, write_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # benchmarks.shapes
 from benchmarks.shapes import BOS_ID, write_bos_tokenizer  # noqa: E402,F401  (Gemma-like tokenizer)
@@ -61,6 +66,99 @@ def random_phi3(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def random_llama(tmp_path_factory) -> Path:
     return build_random_model(tmp_path_factory.mktemp("models") / "llama", arch="llama")
+
+
+# ---------------------------------------------------------------- shared chains, built once per run
+# Tests read these outputs and never write into them (a test that needs to change one copies
+# it, or builds its own in its tmp_path).
+
+TRAVEL = REPO / "data" / "travel.jsonl"
+PHI3_TEMPLATE = r"<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
+
+
+def run_main(*args: str) -> None:
+    """`phitune ARGS` in-process for a session fixture (the `cli` fixture is per test)."""
+    from phitune.cli.main import main
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    assert exit_info.value.code == 0, args
+
+
+@pytest.fixture(scope="session")
+def tiny_awq(tmp_path_factory) -> Path:
+    """The embedded tiny-phi3 quantized with AWQ (8 calibration blocks of 128 tokens), with
+    quantize's perplexity before and after."""
+    out = tmp_path_factory.mktemp("chain") / "awq"
+    run_main("quantize", "-m", "tiny-phi3", "--calib_samples", "8", "--calib_seq_len", "128",
+             "-o", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_finetuned(tiny_awq) -> Path:
+    """LoRA r8 on `tiny_awq`, 10 steps on data/travel.jsonl, 10% held out for its eval loss."""
+    out = tiny_awq.parent / "finetuned"
+    run_main("finetune", "--method", "lora", "-m", tiny_awq, "--data_files", TRAVEL,
+             "--data_name", "json", "--text_template", PHI3_TEMPLATE, "--max_steps", "10",
+             "--max_seq_len", "256", "--lora_r", "8", "--eval_split", "0.1", "-o", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_finetuned(tiny_finetuned) -> Path:
+    """`tiny_finetuned` exported fp32 by auto-opt, its adapter as the model's own."""
+    out = tiny_finetuned.parent / "onnx-finetuned-fp32"
+    run_main("auto-opt", "-m", tiny_finetuned, "--precision", "fp32", "-o", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def genai_model(tmp_path_factory) -> Path:
+    """The embedded tiny-phi3 as an fp32 onnxruntime-genai model (~5 s), with the record of
+    its sequence start that auto-opt writes (else every Session asks transformers)."""
+    from phitune import sequence_start
+    root = tmp_path_factory.mktemp("genai")
+    out = root / "model"
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder",
+                    "-i", str(REPO / "data" / "tiny-phi3"), "-o", str(out), "-p", "fp32",
+                    "-e", "cpu", "-c", str(root / "cache")], check=True, capture_output=True)
+    sequence_start.record(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_model(genai_model, tmp_path_factory) -> Path:
+    """A copy whose layer-0 o_proj adds x·A·B, A and B graph inputs with empty defaults
+    (the multi-LoRA layout auto-opt writes): without an adapter it is the base model."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    out = tmp_path_factory.mktemp("lora") / "model"
+    link_dir(genai_model, out, skip=("model.onnx",))
+    model = onnx.load(str(genai_model / "model.onnx"), load_external_data=False)
+    graph = model.graph
+    nodes = list(graph.node)
+    base = next(n for n in nodes if n.name == "/model/layers.0/attn/o_proj/MatMul")
+    x, y = base.input[0], base.output[0]
+    base.output[0] = y + "_base"
+    a, b = LORA + ".lora_A", LORA + ".lora_B"
+    graph.input.extend([helper.make_tensor_value_info(a, TensorProto.FLOAT, [HIDDEN, "rank_o0"]),
+                        helper.make_tensor_value_info(b, TensorProto.FLOAT, ["rank_o0", HIDDEN])])
+    graph.initializer.extend([numpy_helper.from_array(np.zeros((HIDDEN, 0), np.float32), a),
+                              numpy_helper.from_array(np.zeros((0, HIDDEN), np.float32), b)])
+    lora = [helper.make_node("MatMul", [x, a], ["lora_xa"], name="lora_A_mm"),
+            helper.make_node("MatMul", ["lora_xa", b], ["lora_xab"], name="lora_B_mm"),
+            helper.make_node("Add", [y + "_base", "lora_xab"], [y], name="lora_add")]
+    at = nodes.index(base) + 1
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + lora + nodes[at:])
+    onnx.save(model, str(out / "model.onnx"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapter_file(tmp_path_factory) -> Path:
+    return write_adapter(tmp_path_factory.mktemp("adapters") / "travel.onnx_adapter",
+                         lora_params())
 
 
 def help_run(command: str, modules: tuple[str, ...]):

@@ -194,3 +194,15 @@ def test_an_onnx_dir_given_to_a_torch_step_names_its_source(tmp_path):
     with pytest.raises(InputError) as err:
         resolve_model(str(tmp_path), accept=("hf-model",), step="quantize")
     assert "exported from" in err.value.fix
+
+
+def test_a_finetune_outputs_adapter_is_found_beside_its_model(tmp_path):
+    from phitune.artifacts import FINETUNE_ADAPTER, MANIFEST, data_dir, resolve_model
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / MANIFEST).write_text('{"artifact": "finetuned", "key": "k"}')
+    (out / "model").symlink_to(data_dir() / "tiny-phi3", target_is_directory=True)
+    for spec in (out, out / "model"):
+        ref = resolve_model(str(spec), accept=("finetuned",), step="auto-opt")
+        assert ref.adapter == out / FINETUNE_ADAPTER
+    assert resolve_model("tiny-phi3", accept=("hf-model",), step="auto-opt").adapter is None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_infer import genai_model, write_adapter  # noqa: F401
+from genai_helpers import write_adapter
 
 REPO = Path(__file__).resolve().parent.parent
 # max |logit difference| between a batched row and the same request alone under og: the

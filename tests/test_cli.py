@@ -143,3 +143,24 @@ def test_global_flag_as_a_workflow_step_option_says_where_it_goes(cli, tmp_path)
     assert result.code == 2 and len(result.error_lines) == 1
     assert "global option" in result.error_lines[0]
     assert f"phitune run --config {config} --json" in result.error_lines[0]
+
+
+# What a command needs to run, never to explain itself: the runtimes, and the modules holding the
+# steps' and commands' work (their options live apart: registry.StepDef.options_module,
+# infer/options.py, serve/options.py, export/options.py).
+HEAVY = ("torch", "transformers", "onnxruntime", "onnxruntime_genai", "peft", "starlette",
+         "uvicorn", "phitune.artifacts", "phitune.models", "phitune.quantize.step",
+         "phitune.finetune.step", "phitune.export.step", "phitune.export.export_adapter",
+         "phitune.eval.step", "phitune.eval.torch_model", "phitune.eval.onnx_model",
+         "phitune.infer.chat", "phitune.infer.session", "phitune.serve.app",
+         "phitune.serve.server", "phitune.workflow.run", "phitune.workflow.plan")
+
+
+@pytest.mark.parametrize("command", sorted(["quantize", "finetune", "infer", "auto-opt",
+                                            "export-adapter", "run", "cache", "eval", "serve"]))
+def test_help_imports_no_runtime_and_no_step(command):
+    from conftest import help_run
+    result = help_run(command, HEAVY)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: phitune" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout.splitlines()[-1]

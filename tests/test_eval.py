@@ -47,20 +47,13 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def awq(work):
-    out = work / "awq"
-    _run("quantize", "-m", "tiny-phi3", "--calib_samples", "8", "--calib_seq_len", "128",
-         "-o", str(out))
-    return out
+def awq(tiny_awq):
+    return tiny_awq
 
 
 @pytest.fixture(scope="module")
-def finetuned(work, awq):
-    out = work / "ft"
-    _run("finetune", "--method", "lora", "-m", str(awq), "--data_files", str(TRAVEL),
-         "--data_name", "json", "--text_template", TEMPLATE, "--max_steps", "10",
-         "--max_seq_len", "256", "--lora_r", "8", "--eval_split", "0.1", "-o", str(out))
-    return out
+def finetuned(tiny_finetuned):
+    return tiny_finetuned
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +64,8 @@ def onnx_float(work):
 
 
 @pytest.fixture(scope="module")
-def onnx_finetuned(work, finetuned):
-    out = work / "onnx-ft-fp32"
-    _run("auto-opt", "-m", str(finetuned), "--precision", "fp32", "-o", str(out))
-    return out
+def onnx_finetuned(tiny_onnx_finetuned):
+    return tiny_onnx_finetuned
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +177,8 @@ def test_max_latency_missed_exits_3(cli, onnx_float):
 
 def test_library_api_raises_with_the_figures(onnx_float):
     from phitune.errors import ConstraintError
-    from phitune.eval_step import EvalOptions, run
+    from phitune.eval.options import EvalOptions
+    from phitune.eval.step import run
     with pytest.raises(ConstraintError) as info:
         run(EvalOptions(model=str(onnx_float), max_tokens=512, latency=False, max_ppl=1.5))
     assert info.value.exit_code == 3

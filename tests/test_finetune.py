@@ -29,21 +29,14 @@ def lab(base, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def awq_base(tmp_path_factory):
-    from phitune.cli.main import main
-    out = tmp_path_factory.mktemp("ft") / "awq"
-    try:
-        main(["quantize", "-m", "tiny-phi3", "-o", str(out), "--calib_samples", "8",
-              "--calib_seq_len", "128", "--no-eval"])
-    except SystemExit as exc:
-        assert exc.code == 0
-    return out
+def awq_base(tiny_awq):
+    return tiny_awq
 
 
 @pytest.fixture(scope="module")
-def trained(awq_base):
+def trained(awq_base, tmp_path_factory):
     from phitune.cli.main import main
-    out = awq_base.parent / "ft"
+    out = tmp_path_factory.mktemp("ft") / "ft"
     try:
         main(lab(awq_base, out, "--max_steps", "30", "--eval_split", "0.1"))
     except SystemExit as exc:

@@ -23,7 +23,6 @@ from conftest import EMBEDDED, REPO
 from test_gguf import _random_llama, write_gguf
 from test_hostile import one_error, siblings, tree_sum
 from test_hostile_options import TEMPLATE, error_lines, limited
-from test_infer import genai_model  # noqa: F401  (a fixture: tiny-phi3 as an fp32 og model)
 
 DATA = REPO / "data" / "travel.jsonl"
 

@@ -13,119 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import help_run
+from genai_helpers import HIDDEN, LORA, direct, link_dir, lora_params, user, write_adapter
 
 from phitune.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
-LORA = "model.layers.0.attn.o_proj"  # the module the test graph gets a LoRA on
-HIDDEN = 256
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-@pytest.fixture(scope="session")
-def genai_model(tmp_path_factory) -> Path:
-    """The embedded tiny-phi3 as an fp32 onnxruntime-genai model (~5 s), with the record of
-    its sequence start that auto-opt writes (else every Session asks transformers)."""
-    from phitune import sequence_start
-    root = tmp_path_factory.mktemp("genai")
-    out = root / "model"
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder",
-                    "-i", str(REPO / "data" / "tiny-phi3"), "-o", str(out), "-p", "fp32",
-                    "-e", "cpu", "-c", str(root / "cache")], check=True, capture_output=True)
-    sequence_start.record(out)
-    return out
-
-
-def _link_dir(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """Hard links (onnxruntime refuses external data reached through a symlink)."""
-    dst.mkdir(parents=True)
-    for file in src.iterdir():
-        if file.name not in skip:
-            os.link(file, dst / file.name)
-
-
-@pytest.fixture(scope="session")
-def lora_model(genai_model, tmp_path_factory) -> Path:
-    """A copy whose layer-0 o_proj adds x·A·B, A and B graph inputs with empty defaults
-    (the multi-LoRA layout auto-opt writes): without an adapter it is the base model."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    out = tmp_path_factory.mktemp("lora") / "model"
-    _link_dir(genai_model, out, skip=("model.onnx",))
-    model = onnx.load(str(genai_model / "model.onnx"), load_external_data=False)
-    graph = model.graph
-    nodes = list(graph.node)
-    base = next(n for n in nodes if n.name == "/model/layers.0/attn/o_proj/MatMul")
-    x, y = base.input[0], base.output[0]
-    base.output[0] = y + "_base"
-    a, b = LORA + ".lora_A", LORA + ".lora_B"
-    graph.input.extend([helper.make_tensor_value_info(a, TensorProto.FLOAT, [HIDDEN, "rank_o0"]),
-                        helper.make_tensor_value_info(b, TensorProto.FLOAT, ["rank_o0", HIDDEN])])
-    graph.initializer.extend([numpy_helper.from_array(np.zeros((HIDDEN, 0), np.float32), a),
-                              numpy_helper.from_array(np.zeros((0, HIDDEN), np.float32), b)])
-    lora = [helper.make_node("MatMul", [x, a], ["lora_xa"], name="lora_A_mm"),
-            helper.make_node("MatMul", ["lora_xa", b], ["lora_xab"], name="lora_B_mm"),
-            helper.make_node("Add", [y + "_base", "lora_xab"], [y], name="lora_add")]
-    at = nodes.index(base) + 1
-    del graph.node[:]
-    graph.node.extend(nodes[:at] + lora + nodes[at:])
-    onnx.save(model, str(out / "model.onnx"))
-    return out
-
-
-def write_adapter(path: Path, params: dict[str, np.ndarray]) -> Path:
-    import onnxruntime as ort
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    arrays = {k: np.ascontiguousarray(v) for k, v in params.items()}  # alive until export
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-    fmt.export_adapter(str(path))
-    return path
-
-
-def lora_params(rank: int = 4, seed: int = 0, rows: int = HIDDEN, dtype=np.float32) -> dict:
-    rng = np.random.default_rng(seed)
-    return {LORA + ".lora_A": rng.standard_normal((rows, rank)).astype(dtype),
-            LORA + ".lora_B": rng.standard_normal((rank, HIDDEN)).astype(dtype)}
-
-
-@pytest.fixture(scope="session")
-def adapter_file(tmp_path_factory) -> Path:
-    return write_adapter(tmp_path_factory.mktemp("adapters") / "travel.onnx_adapter",
-                         lora_params())
-
-
-def direct(model_dir: Path, messages=None, text: str | None = None, n: int = 12,
-           adapter: Path | None = None) -> tuple[str, list[int]]:
-    """A plain onnxruntime-genai greedy loop: the reference `phitune infer` must match."""
-    import onnxruntime_genai as og
-    model = og.Model(str(model_dir))
-    tok = og.Tokenizer(model)
-    if text is None:
-        text = tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
-    ids = tok.encode(text)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    if adapter is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter), "a")
-        gen.set_active_adapter(adapters, "a")
-    gen.append_tokens(ids)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    eos = {int(t) for t in tok.eos_token_ids}
-    stream = tok.create_stream()  # tok.decode() cuts the text at the first invalid UTF-8 byte
-    return "".join(stream.decode(t) for t in out if t not in eos), out
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
 
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
@@ -352,7 +247,7 @@ def test_a_chat_outgrowing_its_cache_starts_a_larger_one(genai_model, monkeypatc
 
 def test_adapter_in_the_model_dir_is_the_default(cli, lora_model, adapter_file, tmp_path):
     model = tmp_path / "model"
-    _link_dir(lora_model, model)
+    link_dir(lora_model, model)
     os.link(adapter_file, model / "adapter_weights.onnx_adapter")
     tuned = cli("infer", "-m", str(model), "--prompt", "Hello", "--max_new_tokens", "8")
     base = cli("infer", "-m", str(model), "--prompt", "Hello", "--max_new_tokens", "8",
@@ -435,7 +330,7 @@ def test_adapter_that_does_not_fit_is_refused_before_generating(cli, genai_model
 
 def test_an_auto_opt_output_resolves_by_either_path(cli, genai_model, tmp_path):
     out = tmp_path / "onnx"
-    _link_dir(genai_model, out / "model")
+    link_dir(genai_model, out / "model")
     (out / "phitune.json").write_text(json.dumps({"artifact": "onnx-genai", "key": "k"}))
     expected = direct(genai_model, user("Hi"), n=4)[0] + "\n"
     for spec in (out, out / "model"):

@@ -75,19 +75,20 @@ def test_size_counts_an_awq_checkpoint_as_the_float_model_it_trains_as(tmp_path,
                "embed.weight": embed}, str(tmp_path / "awq" / "model.safetensors"))
     assert policy.parameter_count(tmp_path / "awq") == policy.parameter_count(tmp_path / "float") \
         == out_f * in_f + 10 * out_f
-    monkeypatch.setattr(policy, "LARGE_FROM_PARAMS", out_f * in_f)
-    assert policy.is_large(tmp_path / "awq") and policy.is_large(tmp_path / "float")
+    monkeypatch.setattr(policy, "SPEED_FROM_PARAMS", out_f * in_f)
+    assert policy.speed_first(tmp_path / "awq") and policy.speed_first(tmp_path / "float")
     assert policy.train_dtype(tmp_path / "awq", "cpu") == policy.train_dtype(tmp_path / "float", "cpu")
-    monkeypatch.setattr(policy, "LARGE_FROM_PARAMS", out_f * in_f + 10 * out_f + 1)
+    monkeypatch.setattr(policy, "SPEED_FROM_PARAMS", out_f * in_f + 10 * out_f + 1)
     assert policy.train_dtype(tmp_path / "awq", "cpu") == torch.float32
 
 
 def test_calibration_dtype_follows_the_hardware_from_the_large_threshold(monkeypatch):
-    """quantize's search: fp32 for small models (tiny-phi3 stays exact); from LARGE_FROM_PARAMS
+    """quantize's search: fp32 for small models (tiny-phi3 stays exact); from SPEED_FROM_PARAMS
     bf16 where the CPU has native bf16 matmul, fp32 where it has not (until 1B, then bf16 for
     memory); --dtype always wins."""
     import torch
-    small, large, huge = policy.LARGE_FROM_PARAMS - 1, policy.LARGE_FROM_PARAMS, policy.SMALL_MODEL_PARAMS
+    small, large = policy.SPEED_FROM_PARAMS - 1, policy.SPEED_FROM_PARAMS
+    huge = policy.QUANTIZE_LEAN_FROM_PARAMS
     for fast_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(policy, "cpu_has_fast_bf16", lambda fast=fast_bf16: fast)
         assert policy.calibration_dtype("auto", small, "cpu", torch.float32) == torch.float32

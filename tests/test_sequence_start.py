@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from conftest import BOS_ID, EMBEDDED
 from test_architectures import build_tiny
-from test_infer import genai_model  # noqa: F401  (tiny-phi3 as an onnxruntime-genai dir)
 
 from phitune import sequence_start
 from phitune.sequence_start import SequenceStart

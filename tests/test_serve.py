@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import help_run
-from test_infer import adapter_file, direct, genai_model, lora_model, lora_params, user, write_adapter  # noqa: F401
+from genai_helpers import direct, lora_params, user, write_adapter
 
 openai = pytest.importorskip("openai")
 

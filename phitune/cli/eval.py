@@ -18,7 +18,7 @@ def eval_(**kwargs) -> None:
     """
     from phitune import ui
     from phitune.errors import ConstraintError
-    from phitune.eval_step import run
+    from phitune.eval.step import run
 
     title = f"eval {kwargs['model']}"
     try:

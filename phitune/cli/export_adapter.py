@@ -6,7 +6,7 @@ from phitune import options
 
 
 def _options() -> type:
-    from phitune.export.export_adapter import ExportAdapterOptions
+    from phitune.export.options import ExportAdapterOptions
     return ExportAdapterOptions
 
 

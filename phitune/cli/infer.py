@@ -6,7 +6,7 @@ from phitune import options
 
 
 def _options() -> type:
-    from phitune.infer.chat import InferOptions
+    from phitune.infer.options import InferOptions
     return InferOptions
 
 

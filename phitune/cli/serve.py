@@ -6,7 +6,7 @@ from phitune import options
 
 
 def _options() -> type:
-    from phitune.serve.server import ServeOptions
+    from phitune.serve.options import ServeOptions
     return ServeOptions
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from phitune import architectures, children, oserrors, ui
 from phitune.errors import ExportError, InputError, UnsupportedModelError
 
+# the build target (auto-opt --device) → the builder's -e
 EXECUTION_PROVIDERS = {"cpu": "cpu", "gpu": "cuda"}
 
 
-def run_builder(source: Path, out_dir: Path, precision: str, device: str, work_dir: Path,
+def run_builder(source: Path, out_dir: Path, precision: str, target: str, work_dir: Path,
                 extra_options: dict[str, str]) -> float:
     """Build `out_dir` from the Hugging Face dir `source`; returns the builder's peak RSS (MB).
     The builder runs inside `work_dir`, so every path it is given is made absolute first."""
@@ -31,7 +32,7 @@ def run_builder(source: Path, out_dir: Path, precision: str, device: str, work_d
         settings_file = work_dir / "builder-config.json"
         settings_file.write_text(json.dumps(settings, indent=1))
         cmd = [sys.executable, "-m", "phitune.export.builder_child", str(settings_file)]
-    cmd += ["-i", str(source), "-o", str(out_dir), "-p", precision, "-e", EXECUTION_PROVIDERS[device],
+    cmd += ["-i", str(source), "-o", str(out_dir), "-p", precision, "-e", EXECUTION_PROVIDERS[target],
             "-c", str(work_dir / "builder-cache")]
     if extra_options:
         cmd += ["--extra_options"] + [f"{k}={v}" for k, v in extra_options.items()]

@@ -7,25 +7,14 @@ artifact dir.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from phitune import options as O
 from phitune import oserrors
 from phitune.artifacts import (check_files_regular, check_not_overlapping, check_parent_writable,
                                probe_writable, resolve_model)
 from phitune.errors import InputError, OutputError
+from phitune.export.options import ExportAdapterOptions
 from phitune.measure import Stopwatch
-
-
-@dataclass
-class ExportAdapterOptions:
-    adapter: str = O.required("PEFT LoRA adapter dir (e.g. a finetune output's adapter/).",
-                              short="-a", metavar="DIR")
-    base: str = O.required("The auto-opt output (D or D/model) the adapter will run on.",
-                           metavar="DIR")
-    output: str = O.required("The .onnx_adapter file to write.", short="-o", metavar="FILE")
-    force: bool = O.option(False, "Overwrite an existing file.", flag=True)
 
 
 def run(opts: ExportAdapterOptions) -> dict:

@@ -11,57 +11,19 @@ The adapter is checked against the base before the build, so a mismatch costs no
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-
-from phitune import options as O
-from phitune import sequence_start, ui
+from phitune import registry, sequence_start, ui
 from phitune.artifacts import Output, check_files_regular, content_digest, hf_kind, resolve_model
 from phitune.errors import InputError, OptionError
+from phitune.export.options import BLOCK_SIZES, PROVIDERS, AutoOptOptions
 from phitune.genai_config import ADAPTER_FILE
 from phitune.measure import Stopwatch, current_rss_mb, dir_size_mb, release_memory
 from phitune.models import architecture
 from phitune.quantize import groups
 
-PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "gpu"}
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 FLOAT_BLOCK_SIZE = 32  # closest to float among the fast ones (tiny-phi3 ppl +0.1% vs +0.9% at 128)
-
-
-@dataclass
-class AutoOptOptions:
-    model: str = O.model("Model: a float or AWQ checkpoint, a .gguf file, an embedded model "
-                         "('tiny-phi3', 'smollm2-135m-instruct'), or a finetune output (D or "
-                         "D/model).")
-    output: str = O.output()
-    adapter_path: str | None = O.option(
-        None, "PEFT LoRA adapter to convert into model/adapter_weights.onnx_adapter (default: the "
-        "adapter/ beside a finetune output's model/).", metavar="DIR", type=str)
-    device: str = O.option("cpu", "Target device of the ONNX model.", choices=("cpu", "gpu"))
-    provider: str | None = O.option(None, "Execution provider; must agree with --device "
-                                    "(default: the device's).", choices=tuple(PROVIDERS))
-    precision: str = O.option(
-        "int4", "int4: MatMulNBits (an AWQ input keeps its weights; a float input is rounded to "
-        "nearest); fp32/fp16: float weights (an AWQ input dequantized).",
-        choices=("int4", "fp16", "fp32"))
-    block_size: int | None = O.option(  # None: fits the model (see _block_size)
-        None, "int4 block size of the LM head and of a float input's layers (rounded to "
-        "nearest; 128 decodes faster on CPU, 32 stays closer to float). An AWQ input's "
-        "layers keep their group size. Default: an AWQ input's group size; for a float input 32, "
-        "or 16 where 32 does not divide the model's widths.", type=int, among=BLOCK_SIZES)
-    accuracy_level: int | None = O.option(
-        None, "MatMulNBits compute: 4 = int8 (CPU default), 3 = bf16, 2 = fp16, 1 = fp32.",
-        type=int, among=(0, 1, 2, 3, 4))
-    multi_lora: bool = O.option(True, "Give every projection optional LoRA inputs so any adapter "
-                                "loads at run time.", negatable=True)
-    use_ort_genai: bool = O.option(False, "Accepted for the lab's command line: the output is "
-                                   "always an onnxruntime-genai model dir.", flag=True)
-    force: bool = O.force()
-
-
-# Options that do not change the output (the workflow keys on the same split).
-NOT_IN_KEY = ("model", "output", "adapter_path", "force", "use_ort_genai")
 
 
 def validate(opts: AutoOptOptions) -> AutoOptOptions:
@@ -71,12 +33,12 @@ def validate(opts: AutoOptOptions) -> AutoOptOptions:
         if wanted is None:
             raise OptionError(f"unknown execution provider '{opts.provider}'", "--provider",
                               f"use one of {', '.join(PROVIDERS)}")
-        if wanted != opts.device:
+        if wanted != opts.target:
             raise OptionError(f"--provider {opts.provider} runs on {wanted}, but --device is "
-                              f"{opts.device}", "phitune auto-opt",
+                              f"{opts.target}", "phitune auto-opt",
                               f"pass --device {wanted}, or drop --provider")
     precision = opts.precision or "int4"
-    if opts.device == "gpu" and precision == "fp32" and opts.multi_lora:
+    if opts.target == "gpu" and precision == "fp32" and opts.multi_lora:
         # onnxruntime-genai 0.18's builder has no GroupQueryAttention for CUDA in fp32: it
         # writes a packed Attention op holding q/k/v inside it, with no projection MatMul for
         # a LoRA branch (found building tiny-phi3's adapter for CUDA, issue 32).
@@ -91,11 +53,11 @@ def validate(opts: AutoOptOptions) -> AutoOptOptions:
         raise OptionError("--adapter_path needs the multi-LoRA inputs", "--no-multi_lora",
                           "drop --no-multi_lora")
     return AutoOptOptions(**(asdict(opts) | {"precision": precision,
-                                             "provider": opts.provider or _provider_of(opts.device)}))
+                                             "provider": opts.provider or _provider_of(opts.target)}))
 
 
-def _provider_of(device: str) -> str:
-    return next(p for p, d in PROVIDERS.items() if d == device)
+def _provider_of(target: str) -> str:
+    return next(p for p, d in PROVIDERS.items() if d == target)
 
 
 def _adapter_dir(opts: AutoOptOptions, model_ref) -> Path | None:
@@ -106,10 +68,8 @@ def _adapter_dir(opts: AutoOptOptions, model_ref) -> Path | None:
                              "pass the adapter/ dir written by phitune finetune")
         check_files_regular(path)
         return path
-    if model_ref.kind == "finetuned":  # -m D of a finetune output: its adapter comes along
-        candidate = model_ref.path.parent / "adapter"
-        if candidate.is_dir():
-            return candidate
+    if model_ref.adapter is not None and model_ref.adapter.is_dir():  # -m D of a finetune
+        return model_ref.adapter                                      # output: it comes along
     return None
 
 
@@ -131,7 +91,7 @@ def run(opts: AutoOptOptions) -> tuple[dict, bool]:
         adapter_mod.slot_tensors(adapter_mod.read_peft_adapter(adapter_dir),
                                  *predicted_layout(config), where=str(adapter_dir))
 
-    params = O.params(opts, NOT_IN_KEY)
+    params = registry.step("auto-opt").key_params(opts)
     params["sequence_start"] = sequence_start.RULE  # outputs without its record are stale
     if opts.precision == "int4":
         params["lm_head"] = LM_HEAD_QUANT  # in the key: exports with an int4 head are stale
@@ -162,7 +122,7 @@ def _build_and_publish(opts: AutoOptOptions, out: Output, model_ref, base_kind: 
         scratch.mkdir()
         source = _builder_input(model_ref.path, base_kind, config, opts, scratch)
         model_dir = work / "model"
-        ui.info(f"building {opts.precision} ONNX for {opts.device} ({arch}) with the "
+        ui.info(f"building {opts.precision} ONNX for {opts.target} ({arch}) with the "
                 "onnxruntime-genai model builder")
         extra = {}
         if opts.precision == "int4":
@@ -172,9 +132,9 @@ def _build_and_publish(opts: AutoOptOptions, out: Output, model_ref, base_kind: 
                 extra["accuracy_level"] = str(opts.accuracy_level)
         release_memory()
         rss_at_build = current_rss_mb()
-        builder_peak = run_builder(source, model_dir, opts.precision, opts.device, scratch, extra)
+        builder_peak = run_builder(source, model_dir, opts.precision, opts.target, scratch, extra)
         start = sequence_start.record(model_dir)  # og's tokenizer adds no BOS: infer reads this
-        metrics: dict = {"precision": opts.precision, "device": opts.device,
+        metrics: dict = {"precision": opts.precision, "device": opts.target,
                          **({"block_size": opts.block_size, "block_size_choice": block_choice}
                             if opts.precision == "int4" else {}),
                          "int4_source": _int4_source(base_kind, opts.precision),
@@ -228,7 +188,7 @@ def _block_size(opts: AutoOptOptions, config: dict, base_kind: str,
 
 # The LM head of an int4 export: the builder rounds it itself (RTN), as AWQ leaves it float.
 # int4 there cost SmolLM2-135M (tied embeddings) 8.6% held-out perplexity over PyTorch AWQ;
-# int8 costs 0.1% (README, auto-opt).
+# int8 costs 0.1% (BENCHMARKS.md, auto-opt).
 LM_HEAD_QUANT = "int8"
 
 

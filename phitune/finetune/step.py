@@ -4,94 +4,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
 
 from phitune import options as O
-from phitune import policy, sequence_start
+from phitune import hidden, policy, registry, sequence_start
 from phitune import ui
-from phitune.artifacts import Output, content_digest, resolve_model
-from phitune.data import RecordOptions
-from phitune.data.records import RECORD_FIELDS, split_files
+from phitune.artifacts import FINETUNE_ADAPTER, Output, content_digest, resolve_model
+from phitune.data.records import split_files
 from phitune.errors import Interrupted
 from phitune.finetune import report as reporting
+from phitune.finetune.options import FinetuneOptions
 from phitune.measure import Stopwatch, return_large_frees_to_os
-
-
-@dataclass(kw_only=True)
-class FinetuneOptions(RecordOptions):
-    ORDER: ClassVar[tuple] = (
-        "method", "model", "output", *RECORD_FIELDS[:8], "packing", "lora_r", "lora_alpha",
-        "lora_dropout", "target_modules", "merge", "max_steps", "num_train_epochs",
-        "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-        "warmup_steps", "max_grad_norm")
-    HELP: ClassVar[dict] = {
-        "data_files": "Training data (json, jsonl, csv, parquet); repeat or comma-separate for "
-                      "several.",
-        "train_on_prompt": "Also train on the prompt part.",
-        "eval_split": "Fraction of records held out for eval loss.",
-        "eval_dataset_size": "Number of records held out for eval loss."}
-
-    model: str = O.model("Base model: a float or phitune AWQ checkpoint dir, a .gguf file, a hub "
-                         "id, or 'tiny-phi3' / 'smollm2-135m-instruct'.")
-    output: str = O.output()
-    method: str = O.option("lora", "lora: on a float or AWQ base; qlora: a float base quantized "
-                           "to nf4 as it loads (bitsandbytes; CPU or GPU).",
-                           choices=("lora", "qlora"))
-    packing: bool = O.option(True, "Pack short records into full rows (no compute spent on "
-                             "padding).", negatable=True)
-    lora_r: int = O.option(64, min=1)
-    lora_alpha: float = O.option(16.0, above=0)
-    lora_dropout: float = O.option(0.05, min=0, below=1)
-    target_modules: str | None = O.option(None, "Modules to adapt (default: every projection).",
-                                          metavar="A,B", type=str)
-    merge: bool = O.option(False, "Also write merged/: base + adapter in float.", flag=True)
-    max_steps: int = O.option(-1, "Optimizer steps (wins over epochs; -1: train "
-                               "--num_train_epochs).", min=1, also=(-1,))
-    num_train_epochs: float = O.option(1.0, above=0)
-    learning_rate: float = O.option(2e-4, above=0)
-    per_device_train_batch_size: int = O.option(
-        4, "Rows per optimizer step and device. CPU runs them a row at a time (rows under 512 "
-        "tokens: up to 512 tokens a pass): same gradient, less memory.", min=1)
-    gradient_accumulation_steps: int = O.option(1, min=1)
-    warmup_steps: int = O.option(0, min=0)
-    max_grad_norm: float = O.option(1.0, min=0)  # 0: no clipping
-    gradient_checkpointing: bool | None = O.option(
-        None, "Recompute activations in backward: less memory, more time (default: on when a "
-        "pass's activations would take over half the free memory; never below 64M parameters).",
-        negatable=True)
-    compile: bool | None = O.compile("the decoder layers: fused elementwise kernels, a slower "
-                                     "first step", "64M")
-    base_weights: str = O.option(
-        "int4", "How an AWQ base is held: int4 (packed, as on disk; each weight dequantized "
-        "while its matmul runs: ~4x less memory) or float (dequantized once at load: faster "
-        "passes, 4x the memory).", choices=("int4", "float"))
-    optim_state_dtype: str = O.option(
-        "float32", "AdamW's moment estimates: bfloat16 halves the optimizer's memory (0.4 GB at "
-        "LoRA r 64 on Phi-3-mini); the update is still computed in fp32.",
-        choices=("float32", "bfloat16"))
-    dtype: str = O.dtype("Frozen base dtype (LoRA stays fp32, matmuls autocast); auto: fp32 "
-                         "below 64M parameters (an AWQ base counts as float), else bf16 on CUDA "
-                         "and bf16-capable CPUs.")
-    save_steps: int = O.option(50, "Checkpoint every N steps (and on Ctrl-C) for --resume.",
-                               min=1)
-    resume: bool = O.option(False, "Continue an interrupted run from its last checkpoint.",
-                            flag=True)
-    eval_steps: int = O.option(0, "Also measure the eval loss every N steps (default 0: before "
-                               "and after training only).", min=0)
-    report_to: str = O.option("none", "tensorboard: also write the loss curves as event files "
-                              "in OUTPUT/runs (live beside the resume checkpoint while training; "
-                              f"needs {reporting.INSTALL}). The manifest keeps them either way.",
-                              choices=reporting.REPORTERS)
-    device: str = O.device()
-    force: bool = O.force()
-    extra: dict = field(default_factory=dict)
-
-
-# Options that do not change the result (where, how often to checkpoint, whether to resume).
-_NOT_PARAMS = ("model", "output", "force", "resume", "device", "save_steps", "extra",
-               "data_files", "data_name")
 
 
 def run(opts: FinetuneOptions) -> tuple[dict, bool]:
@@ -107,7 +31,7 @@ def run(opts: FinetuneOptions) -> tuple[dict, bool]:
                                      train_on_prompt=opts.train_on_prompt)
     model_ref = resolve_model(opts.model, accept=("hf-model", "awq-model"), step="finetune")
 
-    params = {k: v for k, v in asdict(opts).items() if k not in _NOT_PARAMS}
+    params = registry.step("finetune").key_params(opts)
     params["sequence_start"] = sequence_start.RULE  # what starts (and ends) each record
     data_paths = [Path(opts.data_name)] if opts.data_name and Path(opts.data_name).is_dir() \
         else [Path(f) for f in opts.data_files]
@@ -136,7 +60,7 @@ def _train_and_publish(opts, model_ref, spec, records, out: Output) -> dict:
     prepared = _prepare(opts, records, tokenizer, spec, world.main)
 
     dtype = policy.train_dtype(model_ref.path, device, opts.dtype)
-    large = policy.is_large(model_ref.path)
+    large = policy.speed_first(model_ref.path)
     if large or opts.gradient_checkpointing:  # a pass's freed activations go back to the OS at once
         return_large_frees_to_os()  # (not for small models: it cost tiny-phi3 35% of its speed)
     torch.manual_seed(opts.seed)
@@ -278,7 +202,7 @@ def _checkpoint(opts, out: Output, say: bool, resume: bool):
     from (0: none); says whether --resume uses it (a damaged one is refused with --resume, and
     ignored by a run that starts over)."""
     from phitune.finetune.loop import Checkpoint
-    checkpoint = Checkpoint(out.path.parent / f".{out.path.name}.phitune-ckpt", out.key)
+    checkpoint = Checkpoint(hidden.checkpoint(out.path), out.key)
     saved = checkpoint.load(damaged_ok=not resume)
     if say and not resume and saved:
         ui.info("a checkpoint of an interrupted run exists: --resume continues from it; "
@@ -344,14 +268,14 @@ def _write_outputs(model, model_ref, work: Path, merge: bool, method: str) -> No
     qlora the float checkpoint that was quantized to nf4 as it loaded); merged/ with --merge:
     base + adapter folded, in float (an AWQ base is dequantized; for qlora the adapter is
     folded into the float base, not into nf4 weights)."""
-    model.save_pretrained(str(work / "adapter"))
-    _point_adapter_at_base(work / "adapter", model_ref.path)
+    model.save_pretrained(str(work / FINETUNE_ADAPTER))
+    _point_adapter_at_base(work / FINETUNE_ADAPTER, model_ref.path)
     os.symlink(Path(model_ref.path).resolve(), work / "model", target_is_directory=True)
     if merge:
         from phitune.finetune.packed_awq import dequantize_bases
         from phitune.models import copy_tokenizer_files
         if method == "qlora":
-            model = _on_float_base(model_ref, work / "adapter")
+            model = _on_float_base(model_ref, work / FINETUNE_ADAPTER)
         else:
             dequantize_bases(model)  # an int4 base is merged as the float weights it computes
         merged = model.merge_and_unload()

@@ -11,15 +11,11 @@ import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
 
-from phitune import options as O
 from phitune import ui
 from phitune.errors import OptionError, PhituneError
-from phitune.infer.session import Answer, Sampling, Session
-
-MODEL_HELP = ("onnxruntime-genai model: a phitune auto-opt output D, D/model, or any dir with "
-              "genai_config.json.")
+from phitune.infer.options import InferOptions, Sampling
+from phitune.infer.session import Answer, Session
 
 PLACEHOLDER = "{input}"
 HELP = ("/adapter NAME switches adapter (/adapter none: the base model, /adapter alone lists "
@@ -195,36 +191,6 @@ def _end_prompt_line() -> None:
     out = _terminal() or sys.stdout
     out.write("\n")
     out.flush()
-
-
-@dataclass(kw_only=True)
-class InferOptions(Sampling):
-    """`phitune infer`'s options: the sampling ones are Sampling's own fields."""
-
-    ORDER: ClassVar[tuple] = ("model", "prompt", "template", "adapter", "adapter_name",
-                              "no_adapter", "max_new_tokens", "temperature", "top_p", "top_k",
-                              "seed", "stats")
-
-    model: str = O.model(MODEL_HELP)
-    prompt: str | None = O.option(
-        None, "Answer this one prompt on stdout and exit. Without it: a chat on a terminal, else "
-        "one prompt per stdin line (blank lines skipped), one answer each.", metavar="TEXT",
-        type=str)
-    template: str | None = O.option(
-        None, r"Prompt format with {input} and \n escapes, e.g. "
-        r"'<|user|>\n{input}<|end|>\n<|assistant|>\n' (default: the model's chat template).",
-        metavar="TEMPLATE", type=str)
-    adapter: tuple[str, ...] = O.option(
-        (), "A .onnx_adapter file to load (repeatable; NAME defaults to the file stem). Default: "
-        "the model dir's adapter_weights.onnx_adapter when present.", multiple=True,
-        metavar="PATH[=NAME]")
-    adapter_name: str | None = O.option(None, "The adapter active at start (default: the "
-                                        "first).", metavar="NAME", type=str)
-    no_adapter: bool = O.option(False, "Start on the base model (adapters given with --adapter "
-                                "stay loaded).", flag=True,
-                                spellings=("--no-adapter", "--no_adapter"))
-    stats: bool = O.option(False, "Print time to first token and decode tokens/s on stderr.",
-                           flag=True)
 
 
 def run(options: InferOptions) -> None:

@@ -21,47 +21,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from phitune import genai_config, hugepages, sequence_start, ui
-from phitune import options as O
-from phitune.errors import InputError, OptionError
-from phitune.errors import first_line as _first_line
+from phitune.errors import InputError, OptionError, first_line
 from phitune.infer.adapters import Adapter, check_fits, describe
-
-
-@dataclass
-class Sampling:
-    """Search options; greedy unless a temperature > 0, --top_p or --top_k asks for sampling."""
-
-    max_new_tokens: int = O.option(256, min=1, ranged=True)
-    temperature: float | None = O.option(None, "Sample at this temperature (default: greedy).",
-                                         type=float, min=0.0, ranged=True)
-    top_p: float | None = O.option(None, "Sample from the smallest set of tokens with this total "
-                                   "probability.", type=float, above=0.0, max=1.0, ranged=True)
-    top_k: int | None = O.option(None, "Sample from the k most likely tokens.", type=int, min=1,
-                                 ranged=True)
-    seed: int | None = O.option(None, "Random seed for sampling (repeatable answers).", type=int,
-                                dashed=False, min=0, max=2**32 - 1)
-
-    @property
-    def sample(self) -> bool:
-        return (self.temperature or 0) > 0 or self.top_p is not None or self.top_k is not None
-
-    def validate(self) -> None:
-        if self.temperature == 0 and (self.top_p is not None or self.top_k is not None):
-            raise OptionError("--temperature 0 means greedy decoding, which ignores --top_p and "
-                              "--top_k", "phitune infer",
-                              "drop --temperature 0 to sample, or drop --top_p/--top_k")
-
-    def search_options(self) -> dict:
-        if not self.sample:
-            return {"do_sample": False}
-        options = {"do_sample": True, "temperature": self.temperature or 1.0}
-        if self.top_p is not None:
-            options["top_p"] = self.top_p
-        if self.top_k is not None:
-            options["top_k"] = self.top_k
-        if self.seed is not None:
-            options["random_seed"] = self.seed
-        return options
+from phitune.infer.options import Sampling
 
 
 @dataclass
@@ -126,7 +88,7 @@ class Session:
             self.model = og.Model(_config(og, self.model_dir))
             self.tokenizer = og.Tokenizer(self.model)
         except RuntimeError as exc:
-            raise InputError(f"onnxruntime-genai cannot load the model ({_first_line(exc)})",
+            raise InputError(f"onnxruntime-genai cannot load the model ({first_line(exc)})",
                              str(self.model_dir), "re-export it with phitune auto-opt") from None
         self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
         # og's tokenizer adds no start token: every prompt gets the model's own (a BOS for
@@ -140,7 +102,7 @@ class Session:
                 self.adapters.load(str(adapter.path), adapter.name)
             except RuntimeError as exc:
                 raise InputError(f"onnxruntime-genai cannot load the adapter "
-                                 f"({_first_line(exc)})", str(adapter.path),
+                                 f"({first_line(exc)})", str(adapter.path),
                                  "use an adapter exported for this model") from None
         self.active: str | None = None
         self._kept: _KeptGenerator | None = None
@@ -181,7 +143,7 @@ class Session:
             return self.tokenizer.apply_chat_template(json.dumps(messages),
                                                       add_generation_prompt=True)
         except RuntimeError as exc:
-            raise OptionError(f"the model's chat template cannot be applied ({_first_line(exc)})",
+            raise OptionError(f"the model's chat template cannot be applied ({first_line(exc)})",
                               str(self.model_dir), r'pass --template "<|user|>\n{input}<|end|>'
                               r'\n<|assistant|>\n" (the model' "'s own prompt format)") from None
 
@@ -255,7 +217,7 @@ class Session:
     def prepare_chat(self, sampling: Sampling) -> None:
         """Allocate a chat's KV cache before its first turn, so the first answer does not
         wait for it: onnxruntime-genai fills the whole cache when it creates a generator,
-        seconds for a Phi-3-mini-sized cache (README's chat benchmark has the figure)."""
+        seconds for a Phi-3-mini-sized cache (BENCHMARKS.md, infer, has the figure)."""
         start = time.perf_counter()
         search, capacity = sampling.search_options(), min(CHAT_CACHE_TOKENS, self.context_length)
         self._kept = None  # the old cache is freed before the new one is allocated

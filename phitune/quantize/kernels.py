@@ -3,7 +3,7 @@ once in torch and run eagerly or compiled by inductor (QuantConfig.compiled; the
 it on as compiling.choose_compile says).
 
 Each grid step fake-quantizes whole weights: eager torch makes ~10 passes over memory per
-weight, a compiled kernel one or two (figures in README, "quantize").
+weight, a compiled kernel one or two (figures in BENCHMARKS.md, "quantize").
 
 - Compiled results are the eager ones: `emulate_precision_casts` keeps the scales' rounding
   to fp16 (without it inductor drops the to(fp16).to(fp32) round trip and 85% of the values

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phitune import options as O
-from phitune import inputfiles, policy, sequence_start, ui
+from phitune import inputfiles, policy, registry, sequence_start, ui
 from phitune.artifacts import (Output, ResolvedModel, content_digest, data_dir, heldout_text,
                                resolve_model)
 from phitune.errors import DataError, OptionError
 from phitune.measure import Stopwatch, dir_size_mb
 from phitune.models import architecture
-from phitune.policy import SMALL_MODEL_PARAMS
+from phitune.policy import QUANTIZE_LEAN_FROM_PARAMS
 from phitune.quantize import groups
 from phitune.quantize.options import QuantizeOptions  # noqa: F401  (run's argument; re-exported)
 
@@ -112,9 +112,7 @@ def _key(plan: _Plan) -> tuple[dict, dict]:
     """(inputs, params) of the output's key: calibration settings count only for an
     algorithm that calibrates, and an algorithm's search version always does."""
     opts, calibrated = plan.opts, plan.algorithm.calibrated
-    params = {k: v for k, v in asdict(opts).items()
-              if k not in ("model", "output", "force", "device", "calib_data", "eval_data",
-                           "compile")}  # compiled kernels compute what eager ones do
+    params = registry.step("quantize").key_params(opts)
     if not calibrated:
         for k in ("calib_samples", "calib_seq_len", "dtype"):
             params.pop(k)
@@ -133,7 +131,7 @@ def _quantize(plan: _Plan, work: Path, device: str) -> dict:
     model, tokenizer, size_before = _load(plan)
     start = sequence_start.of_tokenizer(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    do_eval = opts.eval if opts.eval is not None else n_params < SMALL_MODEL_PARAMS
+    do_eval = opts.eval if opts.eval is not None else n_params < QUANTIZE_LEAN_FROM_PARAMS
     eval_ids = _eval_ids(tokenizer, plan.eval_path) if do_eval else None  # tokenized once, scored twice
     metrics: dict = {"params_m": round(n_params / 1e6, 2), "group_size": opts.group_size,
                      "group_size_choice": plan.group_choice, "sequence_start": start.describe()}
@@ -165,7 +163,7 @@ def _load(plan: _Plan):
     from phitune.models import load_causal_lm, load_tokenizer
     ref = plan.model_ref
     size_before = _weights_mb(ref.path)
-    load_dtype = torch.float32 if size_before < 4 * SMALL_MODEL_PARAMS / 2**20 else None
+    load_dtype = torch.float32 if size_before < 4 * QUANTIZE_LEAN_FROM_PARAMS / 2**20 else None
     ui.info(f"loading {plan.opts.model} ({plan.arch}, {size_before:.0f} MB); group size "
             f"{plan.opts.group_size} ({plan.group_choice})")
     model = load_causal_lm(ref.path, dtype=load_dtype or _config_dtype(ref.config))
@@ -176,9 +174,9 @@ def _compile_choice(opts: QuantizeOptions, n_params: int, device: str, metrics: 
     """Whether the algorithm's search runs compiled kernels (compiling.choose_compile); said and
     kept in the metrics. Below 1B parameters compiling costs what it saves (SmolLM2-135M)."""
     from phitune.compiling import choose_compile
-    large = n_params >= SMALL_MODEL_PARAMS
-    choice = choose_compile(opts.compile, large, device)
-    if large or opts.compile:
+    lean = n_params >= QUANTIZE_LEAN_FROM_PARAMS
+    choice = choose_compile(opts.compile, lean, device)
+    if lean or opts.compile:
         ui.info(f"torch.compile {'on' if choice.on else 'off'} ({choice.reason})"
                 + ("; the first layers compile the search's kernels" if choice.on else ""))
     metrics["compiled"] = choice.on

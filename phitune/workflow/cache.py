@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phitune import registry
+from phitune import hidden, registry
 from phitune.gguf import ENTRY_PREFIX as GGUF_PREFIX
 from phitune.artifacts import read_manifest
 from phitune.errors import OptionError
@@ -34,8 +34,6 @@ from phitune.workflow.run import RECORD, REGISTRY, read_registry
 # gguf-<key>: a .gguf input's conversion (phitune/gguf.py), listed and cleaned with --gguf
 ENTRY = re.compile(r"^(?P<type>" + "|".join(map(re.escape, (*registry.STEPS, GGUF_PREFIX[:-1])))
                    + r")-(?P<key>[0-9a-f]{16})$")
-_TMP = re.compile(r"^\..+\.phitune-tmp-(?P<pid>\d+)$")
-_CKPT = re.compile(r"^\..+\.phitune-ckpt$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -132,16 +130,15 @@ def _users(cache_dir: Path) -> dict[str, list[str]]:
 
 def leftovers(cache_dir: Path) -> list[tuple[Path, str]]:
     """Temporary dirs of runs whose process is gone, and interrupted finetunes' checkpoints."""
-    from phitune.artifacts import _alive
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []
     out = []
     for path in sorted(cache_dir.iterdir()):
-        tmp = _TMP.match(path.name)
-        if tmp and not _alive(int(tmp.group("pid"))):
+        kind = hidden.leftover_kind(path.name)
+        if kind == "staging" and not hidden.owner_alive(path):
             out.append((path, "stale"))
-        elif _CKPT.match(path.name):
+        elif kind == "checkpoint":
             out.append((path, "checkpoint"))
     return out
 
@@ -196,7 +193,7 @@ def clean(cache_dir: Path, all_: bool = False, unused: bool = False,
 
 def _remove(path: Path) -> None:
     """Rename aside first, so a half-deleted entry never looks complete."""
-    doomed = path.parent / f".{path.name}.phitune-tmp-{os.getpid()}"
+    doomed = hidden.staging(path)
     try:
         os.rename(path, doomed)
     except OSError:

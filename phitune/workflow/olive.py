@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from phitune.errors import OptionError
-from phitune.export.step import PROVIDERS  # Olive names the execution providers as auto-opt does
+from phitune.export.options import PROVIDERS  # Olive names the execution providers as auto-opt does
 
 PASSES = ("AutoAWQQuantizer", "GptqQuantizer", "LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder",
           "ExtractAdapters")

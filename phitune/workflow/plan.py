@@ -307,7 +307,8 @@ def _build_step(name: str, spec: dict, earlier: list[str], all_names: list[str],
         raise OptionError(f"step '{name}' ({step_type}): {exc.what}", str(source),
                           exc.fix) from None
     bounds = {k: ctx.params.get(k) for k in spec.bounds}
-    params = {k: v for k, v in ctx.params.items() if k not in spec.not_in_key and k not in bounds}
+    params = spec.without_unset({k: v for k, v in ctx.params.items()
+                                 if k not in registry.BOOKKEEPING and k not in bounds})
     return Step(name, step_type, args, params, list(dict.fromkeys(deps)), publish, has_output,
                 bounds=bounds)
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from phitune import registry, ui
+from phitune import hidden, registry, ui
 from phitune.artifacts import read_manifest
 from phitune.errors import OptionError, PhituneError
 from phitune.workflow.plan import REF, Planned, Workflow, command
@@ -137,7 +137,8 @@ def _run_measure(step, params: dict) -> None:
 
 
 def _check_bounds(step, metrics: dict, cached: bool = False) -> None:
-    from phitune.eval_step import EvalOptions, check_constraints
+    from phitune.eval.options import EvalOptions
+    from phitune.eval.step import check_constraints
     if not any(v is not None for v in step.bounds.values()):
         return
     figures = {"max_ppl": "ppl", "max_latency_ms": "latency_ms"}
@@ -201,7 +202,7 @@ def publish(wf: Workflow) -> dict[str, str]:
         if link.is_symlink() and os.readlink(link) == target:
             links[step.name] = str(link)
             continue
-        tmp = out / f".{step.name}.phitune-link-{os.getpid()}"
+        tmp = hidden.link_staging(link)
         if tmp.is_symlink():
             tmp.unlink()
         os.symlink(target, tmp, target_is_directory=True)
