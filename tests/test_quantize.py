@@ -169,14 +169,16 @@ def test_bad_input_is_one_line_and_exit_2(case, cli, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     out = tmp_path / "out"
+    args = make_args(work)  # building a bad model is not the refusal: untimed
     start = time.perf_counter()
-    result = cli("quantize", *make_args(work), "-o", str(out))
+    result = cli("quantize", *args, "-o", str(out))
     assert result.code == 2, result.err
     assert len(result.error_lines) == 1 and message in result.error_lines[0], result.err
     assert "Traceback" not in result.err
     assert not out.exists()
     assert not list(tmp_path.glob(".out*"))
-    assert time.perf_counter() - start < 5
+    # refused before any calibration (which takes tens of seconds); generous for a loaded CI
+    assert time.perf_counter() - start < 15
 
 
 def test_output_that_is_a_file_is_refused(cli, tmp_path):
