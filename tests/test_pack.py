@@ -35,10 +35,14 @@ def test_pack_unpack_round_trips_exactly():
 
 
 def test_quantization_error_is_within_half_a_step():
+    torch.manual_seed(279)  # a seed where fp16 rounding pushes a group's max past the top level
     w = torch.randn(32, 256)
     for zero_point in (True, False):
         qw = quantize_weight(w, 4, 128, zero_point)
         assert int(qw.intweight.max()) <= 15
         step = qw.scales.float().repeat_interleave(128, dim=1)
-        assert ((qw.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+        # Half a step, plus what the fp16 scale's rounding (2^-11 relative) moves the top of the
+        # 15-step range: a scale rounded down leaves the group's extreme just past the last
+        # level (seen on 27 of 600 random groups sets, by up to 0.5% of a step).
+        assert ((qw.dequantize() - w).abs() <= step / 2 + 15 * step * 2**-11 + 1e-6).all()
         assert torch.equal(unpack_gemm(**pack_gemm(qw)).dequantize(), qw.dequantize())

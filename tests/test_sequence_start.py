@@ -132,7 +132,9 @@ def test_perplexity_windows_reach_the_model_started(gemma, tokenizers):
     from phitune.models import load_causal_lm
     model = load_causal_lm(gemma, dtype=torch.float32)
     rows: list[list[int]] = []
-    hook = model.register_forward_pre_hook(lambda m, args: rows.extend(args[0].tolist()))
+    # on the embedding: nll.py runs the decoder to hidden states, not the whole model's forward
+    hook = model.get_input_embeddings().register_forward_pre_hook(
+        lambda m, args: rows.extend(args[0].tolist()))
     tok = tokenizers["bos"]
     texts = [TEXT * 20]
     with_bos = perplexity(model, tok, texts, seq_len=32)

@@ -257,7 +257,7 @@ def test_bad_refs_are_named(tmp_path):
 
 
 def test_bad_values_and_workflow_owned_options(tmp_path):
-    assert "--algorithm" in _bad(tmp_path, steps(quantize={"algorithm": "gptq"}))
+    assert "--algorithm" in _bad(tmp_path, steps(quantize={"algorithm": "hqq"}))
     assert "output" in _bad(tmp_path, steps(onnx={"output": "x"}))
     assert "nosuch.jsonl" in _bad(tmp_path, steps(finetune={"data_files": "nosuch.jsonl"}))
     assert "frobnicate" in _bad(tmp_path, steps(), frobnicate=1)
