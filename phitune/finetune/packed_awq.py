@@ -169,24 +169,9 @@ def register_with_peft(config) -> None:
 def load_awq_packed(path, dtype: torch.dtype) -> nn.Module:
     """An AWQ checkpoint whose quantized linears stay packed (PackedAwqLinear computing in
     `dtype`); every other tensor (embedding, norms, LM head) in `dtype`, as the float path."""
-    from pathlib import Path
-
-    from transformers import AutoConfig
-
-    from phitune.models import model_from_state, read_safetensors, safetensors_files
-    path = Path(path)
-    config = AutoConfig.from_pretrained(str(path))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    state: dict[str, torch.Tensor] = {}
-    quant: dict[str, dict[str, torch.Tensor]] = {}
-    for file in safetensors_files(path):
-        for key, tensor in read_safetensors(file):
-            module, _, leaf = key.rpartition(".")
-            if leaf in ("qweight", "qzeros", "scales"):
-                quant.setdefault(module, {})[leaf] = tensor
-            else:
-                state[key] = tensor.to(dtype)
+    from phitune.formats.awq_gemm import read_awq_checkpoint
+    from phitune.models import model_from_state
+    config, state, quant = read_awq_checkpoint(path, dtype)
 
     def swap(model: nn.Module) -> None:
         for name, tensors in quant.items():

@@ -169,27 +169,38 @@ def save_awq_checkpoint(model: nn.Module, packed: dict, out_dir: Path, qconfig: 
     (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_awq_dequantized(path: Path | str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """An AWQ checkpoint as a plain float model whose linear weights are the dequantized
-    int4 values: phitune's own reference, independent of any AWQ kernel library."""
+def read_awq_checkpoint(path: Path | str, dtype: torch.dtype, on_complete=None):
+    """(config without its quantization_config, every unquantized tensor in `dtype`, the
+    packed qweight/qzeros/scales by module) of an AWQ checkpoint. `on_complete(state, module,
+    tensors)` takes a module's packed tensors as soon as all three are read (they are then not
+    kept in the third value), so a reader can turn them into floats one module at a time."""
     from transformers import AutoConfig
 
-    from phitune.models import model_from_state, read_safetensors, safetensors_files
-    path = Path(path)
+    from phitune.models import read_safetensors, safetensors_files
     config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     state: dict[str, torch.Tensor] = {}
     quant: dict[str, dict[str, torch.Tensor]] = {}
-    for file in safetensors_files(path):
+    for file in safetensors_files(Path(path)):
         for key, tensor in read_safetensors(file):
             module, _, leaf = key.rpartition(".")
             if leaf in ("qweight", "qzeros", "scales"):
                 quant.setdefault(module, {})[leaf] = tensor
-                if len(quant[module]) == 3:  # dequantize as soon as a module is complete
-                    t = quant.pop(module)
-                    state[f"{module}.weight"] = unpack_gemm(t["qweight"], t["qzeros"],
-                                                            t["scales"]).dequantize(dtype)
+                if on_complete is not None and len(quant[module]) == 3:
+                    on_complete(state, module, quant.pop(module))
             else:
                 state[key] = tensor.to(dtype)
+    return config, state, quant
+
+
+def load_awq_dequantized(path: Path | str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An AWQ checkpoint as a plain float model whose linear weights are the dequantized
+    int4 values: phitune's own reference, independent of any AWQ kernel library."""
+    from phitune.models import model_from_state
+
+    def dequantize(state: dict, module: str, t: dict) -> None:  # as soon as a module is read
+        state[f"{module}.weight"] = unpack_gemm(t["qweight"], t["qzeros"],
+                                                t["scales"]).dequantize(dtype)
+    config, state, _ = read_awq_checkpoint(path, dtype, dequantize)
     return model_from_state(config, state, dtype, str(path))

@@ -541,12 +541,14 @@ class _Translator:
             elif key == "version" and str(value).lower() == "gemm":
                 continue  # the layout phitune writes
             elif key == "data_config":
-                self.note(kpath, "phitune calibrates on its shipped text (calib_data in a "
-                          "phitune workflow); not applied")
+                self.note(kpath, self.CALIBRATION_NOT_APPLIED)
             else:
                 self.note(kpath)
         self.steps.append(step)
 
+    # An Olive quantizer's data_config, for AWQ and GPTQ alike
+    CALIBRATION_NOT_APPLIED = ("phitune calibrates on its shipped text (calib_data in a phitune "
+                               "workflow); not applied")
     # GptqQuantizer settings that are what phitune's GPTQ does anyway (not noted as dropped)
     GPTQ_AS_PHITUNE = {"damp_percent": 0.01, "true_sequential": True, "static_groups": False,
                        "desc_act": False, "lm_head": False}
@@ -564,8 +566,7 @@ class _Translator:
                 self.note(kpath, "phitune's GPTQ rounds columns in order (no act-order: static "
                           "groups every reader handles); not applied")
             elif key == "data_config":
-                self.note(kpath, "phitune calibrates on its shipped text (calib_data in a "
-                          "phitune workflow); not applied")
+                self.note(kpath, self.CALIBRATION_NOT_APPLIED)
             else:
                 self.note(kpath)
         self.steps.append(step)
