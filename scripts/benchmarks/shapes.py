@@ -5,6 +5,7 @@ with <bos> as Gemma's does (the tests' Gemma-shaped models use it too)."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -55,7 +56,6 @@ def build_phi3_mini_shaped(path: Path, layers: int, device: str = "cpu") -> Path
     device="cuda" draws the weights on the GPU (seconds, not minutes, for 32 layers)."""
     if (path / "config.json").is_file():
         return path
-    import shutil
 
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
@@ -91,7 +91,6 @@ def build_phi3_shaped(path: Path, layers: int, shape: dict) -> Path:
     """A Phi-3-shaped model of `shape`, random bf16 weights, the embedded tokenizer (cached)."""
     if (path / "config.json").is_file():
         return path
-    import shutil
 
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
@@ -103,6 +102,12 @@ def build_phi3_shaped(path: Path, layers: int, shape: dict) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    return _publish_with_tokenizer(tmp, path)
+
+
+def _publish_with_tokenizer(tmp: Path, path: Path) -> Path:
+    """Give a bench checkpoint written in `tmp` the embedded tiny-phi3 tokenizer (the Phi-3
+    vocabulary), then rename it into place."""
     embedded = REPO / "data" / "tiny-phi3"
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (embedded / name).is_file():
@@ -115,7 +120,6 @@ def random_lora(model_dir: Path, path: Path, rank: int) -> Path:
     """A PEFT LoRA adapter with random A and B (init_lora_weights=False) on every projection."""
     if (path / "adapter_config.json").is_file():
         return path
-    import shutil
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -155,7 +159,6 @@ def build_phi3_mini_int4(path: Path, layers: int, group_size: int = 128) -> Path
     if (path / "config.json").is_file():
         return path
     import json
-    import shutil
 
     import torch
     from accelerate import init_empty_weights
@@ -192,9 +195,4 @@ def build_phi3_mini_int4(path: Path, layers: int, group_size: int = 128) -> Path
                architectures=["Phi3ForCausalLM"])
     cfg.pop("torch_dtype", None)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    embedded = REPO / "data" / "tiny-phi3"
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (embedded / name).is_file():
-            shutil.copy(embedded / name, tmp / name)
-    tmp.rename(path)
-    return path
+    return _publish_with_tokenizer(tmp, path)
