@@ -28,46 +28,77 @@ def _correlated_inputs(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def obs_reference(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def obs_reference(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int,
+                  act_order: bool, search: bool) -> torch.Tensor:
     """GPTQ by its definition (OBS, one column at a time, no Cholesky, no blocks): round
     column i, then move its error onto the columns F not yet rounded through the explicit
     inverse of H restricted to F: w_F -= (w_i - q_i) / [H_F⁻¹]_ii · [H_F⁻¹]_i,F.
-    Returns the integer levels; the group's scale and zero come from its columns as updated
-    when the group starts, as in the implementation."""
-    w = w.clone()
-    cols = w.shape[1]
-    h = h.clone()
+    Returns the integer levels. Static groups: each group's scale and zero are fixed first,
+    from the weight as given; with `act_order` the columns go in decreasing H_ii."""
+    w, h = w.clone(), h.clone()
+    rows, cols = w.shape
+    groups = w.reshape(rows, -1, group_size)
+    if search:
+        importance = torch.diag(h).reshape(-1, group_size)
+        s, z = gptq.searched_group_params(groups, importance, bits, True)
+    else:
+        s, z = gptq.group_params(groups.reshape(-1, group_size), bits, True)
+        s, z = s.reshape(rows, -1, 1), z.reshape(rows, -1, 1)
+    s, z = s[..., 0], z[..., 0]  # [rows, groups]
+    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order \
+        else torch.arange(cols)
     h.diagonal().add_(gptq.DAMP * torch.diag(h).mean())
+    w, h = w[:, order], h[order][:, order]
     q_int = torch.empty_like(w)
     for i in range(cols):
-        if i % group_size == 0:
-            s, z = gptq.group_params(w[:, i:i + group_size], bits, True)
-        q = (torch.round(w[:, i] / s[:, 0]) + z[:, 0]).clamp(0, 2**bits - 1)
-        q_int[:, i] = q
+        g = int(order[i]) // group_size
+        q = (torch.round(w[:, i] / s[:, g]) + z[:, g]).clamp(0, 2**bits - 1)
+        q_int[:, order[i]] = q
         inv = torch.linalg.inv(h[i:, i:])  # columns i.. are the ones not yet fixed
-        err = (w[:, i] - (q - z[:, 0]) * s[:, 0]) / inv[0, 0]
+        err = (w[:, i] - (q - z[:, g]) * s[:, g]) / inv[0, 0]
         w[:, i:] -= err.unsqueeze(1) * inv[0].unsqueeze(0)
     return q_int
 
 
-def test_gptq_equals_the_direct_obs_reference():
+@pytest.mark.parametrize("act_order,search", [(False, False), (True, False), (True, True)])
+def test_gptq_equals_the_direct_obs_reference(act_order, search):
     torch.manual_seed(0)
     w = torch.randn(12, 64, dtype=torch.float64)
     x = _correlated_inputs(256, 64)
+    x[:, 40] *= 30  # a large input late in the weight's order: act-order moves it first
     h = x.t() @ x
-    ours = gptq.gptq_quantize(w, h, bits=4, group_size=16, block=32)  # 2 lazy blocks, 4 groups
-    ref = obs_reference(w, h, 4, 16)
+    ours = gptq.gptq_quantize(w, h, bits=4, group_size=16, block=32,  # 2 lazy blocks, 4 groups
+                              act_order=act_order, search=search)
+    ref = obs_reference(w, h, 4, 16, act_order, search)
     assert torch.equal(ours.intweight.to(torch.float64), ref)
 
 
 def test_identity_hessian_is_round_to_nearest():
     """Uncorrelated inputs of equal size: no error has anywhere better to go, so GPTQ's levels,
-    scales and zeros are RTN's bit for bit (the same group parameters, the same rounding)."""
+    scales and zeros with the plain group ranges are RTN's bit for bit (the same group
+    parameters, the same rounding; act-order keeps the order of equal H_ii)."""
     w = torch.randn(32, 256)
-    ours = gptq.gptq_quantize(w, torch.eye(256), bits=4, group_size=64)
+    ours = gptq.gptq_quantize(w, torch.eye(256), bits=4, group_size=64, search=False)
     rtn = quantize_weight(w, 4, 64, True)
     for field in ("intweight", "scales", "zeros"):
         assert torch.equal(getattr(ours, field), getattr(rtn, field)), field
+
+
+def test_searched_ranges_never_round_worse_than_min_max():
+    """The range search keeps the plain [min, max] as a candidate: per row and group, its
+    weighted round-to-nearest error is at most min/max's, and below it somewhere."""
+    torch.manual_seed(3)
+    w = torch.randn(64, 4, 32) * torch.rand(64, 4, 1) ** 3  # groups with outliers
+    importance = torch.rand(4, 32)
+
+    def error(s, z):
+        q = (torch.round(w / s) + z).clamp(0, 15)
+        return (((q - z) * s - w) ** 2 * importance).sum(-1)
+
+    plain_s, plain_z = gptq.group_params(w.reshape(-1, 32), 4, True)
+    plain = error(plain_s.reshape(64, 4, 1), plain_z.reshape(64, 4, 1))
+    searched = error(*gptq.searched_group_params(w, importance, 4, True))
+    assert (searched <= plain + 1e-6).all() and (searched < plain - 1e-6).any()
 
 
 def test_gptq_output_error_is_below_rtns():

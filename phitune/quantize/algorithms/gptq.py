@@ -7,11 +7,14 @@ OBS update). As in the paper: dampening (1% of H's mean diagonal), the inverse f
 Cholesky factorisation (upper factor of H⁻¹: row i of it is the update direction once
 columns < i are fixed), lazy updates a block of 128 columns at a time.
 
-Groups are static in the sense every reader needs: columns are rounded in order (no
-act-order), and group k's scale and zero come from its columns as updated when the group is
-reached, so the result is the same group-wise asymmetric int4 as RTN and AWQ, written in the
-same AutoAWQ GEMM layout (formats/awq_gemm.py) and bit for bit what that layout dequantizes to
-(scales rounded to fp16 first, zeros integers in [0, 15]).
+Groups are static, as every reader needs: each group's scale and zero are fixed before any
+column is rounded, from the weight as it comes, its range [min, max] shrunk by the factor whose
+rounding error, weighted by each column's H_ii, is least. The columns are then rounded in
+decreasing H_ii ("act-order": the inputs with the most energy first, while the most columns
+are left to absorb their error); the group parameters do not depend on that order, so the
+result is the same group-wise asymmetric int4 as RTN and AWQ, written in the same AutoAWQ
+GEMM layout (formats/awq_gemm.py) and bit for bit what that layout dequantizes to (scales
+rounded to fp16 first, zeros integers in [0, 15]).
 
 The layer runs once, over every calibration token in one chunk, with a pre-hook on each
 linear: when the forward reaches a linear, its Hessian comes from the input it is about to
@@ -31,9 +34,11 @@ from phitune.quantize.arch import linear_names
 from phitune.quantize.driver import QuantConfig, hidden_states
 
 # Bump when the rounding's choices change (enters the key as gptq_search).
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2
 DAMP = 0.01        # × mean(diag H), added to H's diagonal
 BLOCK = 128        # columns per lazy update
+ACT_ORDER = True   # round columns in decreasing H_ii
+SEARCH = True      # search each group's range (weighted MSE) instead of plain min/max
 
 
 def group_params(w: torch.Tensor, bits: int, zero_point: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +54,38 @@ def group_params(w: torch.Tensor, bits: int, zero_point: bool) -> tuple[torch.Te
         scales = (w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / (half - 1)).half().to(w.dtype)
         zeros = torch.full_like(scales, float(half))
     return scales, zeros
+
+SHRINKS = 20       # range shrink candidates per group: 1.00, 0.99, ... 0.81 of [min, max]
+
+
+def searched_group_params(w: torch.Tensor, importance: torch.Tensor, bits: int,
+                          zero_point: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros) [..., 1] for groups w [..., g]: the range [min, max] shrunk by the
+    factor (1.00 … 0.81) whose round-to-nearest error Σ importance·(q − w)² is least, per row
+    and group (an MSE observer weighted by each column's Hessian diagonal: a column the
+    calibration inputs hit harder costs more when clipped)."""
+    max_int = 2**bits - 1
+    best_s = best_z = best_err = None
+    for k in range(SHRINKS):
+        shrink = 1.0 - k / 100
+        if zero_point:
+            hi, lo = w.amax(dim=-1, keepdim=True) * shrink, w.amin(dim=-1, keepdim=True) * shrink
+            s = ((hi - lo).clamp(min=1e-5) / max_int).half().to(w.dtype)
+            z = (-torch.round(lo / s)).clamp(0, max_int)
+        else:
+            half = 2 ** (bits - 1)
+            s = (w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) * shrink
+                 / (half - 1)).half().to(w.dtype)
+            z = torch.full_like(s, float(half))
+        q = (torch.round(w / s) + z).clamp_(0, max_int)
+        err = ((q - z) * s - w).square_().mul_(importance).sum(dim=-1, keepdim=True)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+        else:
+            better = err < best_err
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+            best_err = torch.minimum(err, best_err)
+    return best_s, best_z
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor,
@@ -66,39 +103,54 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor,
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
-                  zero_point: bool = True, damp: float = DAMP, block: int = BLOCK) -> QuantizedWeight:
+                  zero_point: bool = True, damp: float = DAMP, block: int = BLOCK,
+                  act_order: bool = ACT_ORDER, search: bool = SEARCH) -> QuantizedWeight:
     """GPTQ-round `weight` [out, in] given H [in, in]; computes in `weight`'s dtype (fp32 or
-    fp64), on its device. `block` must be a multiple of `group_size` (a group never spans two
-    blocks, so its parameters come from its columns with every earlier update applied).
+    fp64), on its device.
+
+    Static groups: every group's scale and zero are fixed before any column is rounded, from
+    the weight as it comes (searched, see `searched_group_params`, or its plain min/max), so
+    the columns can be rounded in any order and the result is still the group-wise int4 every
+    reader handles. `act_order` rounds columns in decreasing H_ii (the inputs with the most
+    energy first, while most columns are still free to absorb their error).
 
     Works on the transpose [in, out]: a weight column is then a contiguous row, and each
     column's update of the block's later columns one in-place outer product (`addr_`); on the
     row-major weight the same updates were strided and ~4x slower on CPU."""
-    block = max(group_size, block // group_size * group_size)
     w = weight.clone()
-    u = inverse_hessian_factor(hessian.to(w.dtype), w, damp)
-    wt = w.t().contiguous()  # [cols, rows]
-    cols, rows = wt.shape
+    u_full = hessian.to(w.dtype)
+    rows, cols = w.shape
+    diag = torch.diag(u_full).clone()
+    w[:, diag == 0] = 0  # inputs no token ever reached: their value cannot matter
+    groups = w.reshape(rows, cols // group_size, group_size)
+    importance = diag.clamp(min=0).reshape(cols // group_size, group_size)
+    if search:
+        scales, zeros = searched_group_params(groups, importance, bits, zero_point)
+    else:
+        scales, zeros = group_params(groups.reshape(-1, group_size), bits, zero_point)
+        scales, zeros = scales.reshape(rows, -1, 1), zeros.reshape(rows, -1, 1)
+    scales, zeros = scales[..., 0].t().contiguous(), zeros[..., 0].t().contiguous()  # [groups, rows]
+    order = (torch.argsort(diag, descending=True, stable=True) if act_order
+             else torch.arange(cols, device=w.device))
+    wt = w[:, order].t().contiguous()  # [cols, rows], in rounding order
+    u = inverse_hessian_factor(u_full[order][:, order], wt.t(), damp)
+    col_group = order // group_size
     q_int = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
-    scales = torch.empty(cols // group_size, rows, dtype=w.dtype, device=w.device)
-    zeros = torch.empty_like(scales)
     max_int = 2**bits - 1
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
         w1, u1 = wt[b0:b1].clone(), u[b0:b1, b0:b1]
         err1 = torch.zeros_like(w1)
+        s1, z1 = scales[col_group[b0:b1]], zeros[col_group[b0:b1]]
         for i in range(b1 - b0):
-            if i % group_size == 0:
-                s, z = group_params(w1[i:i + group_size].t(), bits, zero_point)
-                s, z = s[:, 0], z[:, 0]
-                scales[(b0 + i) // group_size], zeros[(b0 + i) // group_size] = s, z
-            col = w1[i]
+            col, s, z = w1[i], s1[i], z1[i]
             q = (torch.round(col / s) + z).clamp_(0, max_int)
             q_int[b0 + i] = q.to(torch.uint8)
             err = (col - (q - z) * s).div_(u1[i, i])
             w1[i:].addr_(u1[i, i:], err, alpha=-1)
             err1[i] = err
         wt[b1:].addmm_(u[b0:b1, b1:].t(), err1, alpha=-1)  # the block's errors onto later columns
+    q_int[order] = q_int.clone()  # back to the weight's column order
     return QuantizedWeight(q_int.t().contiguous(), scales.t().contiguous().half(),
                            zeros.t().contiguous().to(torch.uint8), group_size)
 
