@@ -110,7 +110,7 @@ def run_publishing(name: str, values: dict) -> None:
     """Run a step that writes an output, from click-named values, and report it the same way
     for every step: its summary table, and a note when the output was already up to date."""
     from phitune import ui
-    from phitune.artifacts import probe_writable
+    from phitune.artifacts.output import probe_writable
     opts = step(name).make(values)  # declared option ranges checked here
     probe_writable(opts.output)     # before the step resolves (a .gguf converts) or loads anything
     manifest, up_to_date = step(name).runner()(opts)
