@@ -2,7 +2,7 @@
 
 Work goes into a hidden sibling dir (`hidden.staging`) that is swapped into place only when
 complete, with the manifest written last, so a failed or killed step never leaves an output
-that looks done; a step's first write clears what killed runs left (`hidden.recover`). Before
+that looks done; a step's first write clears what killed runs left (`recover`). Before
 any work, `Output.begin` keys the output, refuses a path that cannot or must not be written
 (a file, a foreign dir, one of the step's own inputs, a read-only place), and says whether
 the output is already up to date.
@@ -99,7 +99,7 @@ class Output:
         read-only disk inside it is one `error:` line naming the output (oserrors.py)."""
         with oserrors.writing(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            hidden.recover(self.path)
+            recover(self.path)
         work = hidden.staging(self.path)
         shutil.rmtree(work, ignore_errors=True)
         try:
@@ -129,6 +129,21 @@ class Output:
             return published  # its entry is kept; staging() removes ours
         _swap_into_place(work, self.path)
         return manifest
+
+
+def recover(out: Path) -> None:
+    """Undo what a killed run left: stale temp dirs, or an old output moved aside mid-swap.
+    A temp dir is stale only when its run is dead and no process works inside it (the model
+    builder child runs with its cwd in its parent's temp dir)."""
+    for stale in hidden.stagings(out):
+        if not hidden.owner_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    old = hidden.moved_aside(out)
+    if old.exists():
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, out)
 
 
 def probe_writable(out: str | Path, option: str = "-o") -> None:
@@ -212,6 +227,6 @@ def _swap_into_place(work: Path, out: Path) -> None:
     if _exchange(work, out):  # work now holds the old output; staging() removes it
         return
     old = hidden.moved_aside(out)
-    os.rename(out, old)  # a kill between these two renames is undone by hidden.recover()
+    os.rename(out, old)  # a kill between these two renames is undone by recover()
     os.rename(work, out)
     shutil.rmtree(old, ignore_errors=True)
