@@ -72,7 +72,8 @@ def hf_dir(file: Path, spec: str | None = None) -> Path:
         return out.path
     info = inspect(file, spec)
     _make_cache(out.path.parent)
-    with out.staging() as work:
+    # a full disk mid-conversion keeps the line it had before conversions were Outputs
+    with out.staging(name_output=False) as work:
         ui.info(f"converting {spec} ({info['architecture']}, {file.stat().st_size / 2**20:.0f} MB "
                 f"GGUF) into a Hugging Face checkpoint in {out.path} (once)")
         start = time.perf_counter()

@@ -94,16 +94,18 @@ class Output:
         probe_writable(out)
 
     @contextmanager
-    def staging(self) -> Iterator[Path]:
+    def staging(self, name_output: bool = True) -> Iterator[Path]:
         """A hidden sibling directory to write into; removed if the step fails. A full or
-        read-only disk inside it is one `error:` line naming the output (oserrors.py)."""
-        with oserrors.writing(self.path):
+        read-only disk inside it is one `error:` line naming the output (oserrors.py), or,
+        with `name_output=False`, left to the CLI's last resort (the file, else `-o`)."""
+        writing = oserrors.writing if name_output else _as_raised
+        with writing(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             recover(self.path)
         work = hidden.staging(self.path)
         shutil.rmtree(work, ignore_errors=True)
         try:
-            with oserrors.writing(self.path):
+            with writing(self.path):
                 work.mkdir()
                 yield work
         finally:
@@ -129,6 +131,11 @@ class Output:
             return published  # its entry is kept; staging() removes ours
         _swap_into_place(work, self.path)
         return manifest
+
+
+@contextmanager
+def _as_raised(_path: Path) -> Iterator[None]:
+    yield
 
 
 def recover(out: Path) -> None:
