@@ -1,7 +1,7 @@
 """The steps a workflow can run, by name: where each one's options dataclass and run function
 live, what kind of output it publishes, and which of its options never shape that output.
 
-The CLI (`phitune.cli.main`), `phitune run --config` (`phitune.workflow.plan`) and
+The CLI (`phitune.cli.main`), `phitune run --config` (`phitune.workflow`) and
 `phitune cache` read this table; adding a step means one module with an options dataclass
 (declared with `phitune.options`) and a `run(opts)`, one entry here, and one click module.
 Step modules load lazily so that `phitune --help` stays light.
@@ -22,8 +22,6 @@ import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
-
-import click
 
 from phitune import options
 
@@ -74,10 +72,6 @@ class StepDef:
     def runner(self) -> Callable[[Any], Any]:
         return importlib.import_module(self.module).run
 
-    def command(self) -> click.Command:
-        """A parse-only click command built from the options dataclass."""
-        return options.command_for(self.name, self.options())
-
     def make(self, values: dict) -> Any:
         """The options dataclass from click-named values (`eval_` → `eval`)."""
         return options.from_kwargs(self.options(), values)
@@ -109,9 +103,13 @@ def step(name: str) -> StepDef:
 def run_publishing(name: str, values: dict) -> None:
     """Run a step that writes an output, from click-named values, and report it the same way
     for every step: its summary table, and a note when the output was already up to date."""
+    run_options(name, step(name).make(values))  # declared option ranges checked in make
+
+
+def run_options(name: str, opts: Any) -> None:
+    """`run_publishing` from the options dataclass itself (what `run --config` builds)."""
     from phitune import ui
     from phitune.artifacts import probe_writable
-    opts = step(name).make(values)  # declared option ranges checked here
     probe_writable(opts.output)     # before the step resolves (a .gguf converts) or loads anything
     manifest, up_to_date = step(name).runner()(opts)
     if not manifest:  # a non-zero rank of a distributed run: rank 0 reports

@@ -463,8 +463,8 @@ class _Translator:
 
     def _finetune(self, name: str, ptype: str, fields: dict, current: str,
                   datasets: dict) -> dict:
-        from phitune import registry
-        known = {p.name for p in registry.step("finetune").command().params}
+        from phitune import options, registry
+        known = {f.name for f, _ in options.specs(registry.step("finetune").options())}
         step: dict = {"name": name, "type": "finetune", "model": current,
                       "method": "qlora" if ptype == "QLoRA" else "lora"}
         data = None
