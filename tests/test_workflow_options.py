@@ -69,8 +69,8 @@ def test_options_come_from_the_mapping_without_a_command_line(tmp_path, no_comma
 
 
 @pytest.mark.parametrize("options, words", [
-    ({"lora_r": 0.5}, ["Invalid value for '--lora_r' / '--lora-r': '0.5' is not a valid "
-                       "integer."]),
+    ({"lora_r": 0.5}, [("Invalid value for '--lora_r' / '--lora-r': '0.5' is not a valid "
+                       "integer.")]),
     ({"lora_r": True}, ["'true' is not a valid integer"]),
     ({"learning_rate": "fast"}, ["'fast' is not a valid float"]),
     ({"method": "dora"}, ["'--method'", "'dora' is not one of 'lora', 'qlora'"]),
@@ -117,9 +117,9 @@ def test_the_shape_of_a_value_is_checked_before_its_text(cli, tmp_path):
 
 def test_a_step_runs_from_its_options_without_a_command_line(cli, tmp_path, no_command_line):
     """The run, not only the plan: a real quantize step into its cache entry."""
+    from phitune.manifest import read_manifest
     from phitune.workflow.plan import load_workflow, make_plan
     from phitune.workflow.run import execute
-    from phitune.manifest import read_manifest
     config = _write(tmp_path, {"name": "q", "type": "quantize", "model": "tiny-phi3",
                                "algorithm": "rtn", "eval": False, "group_size": "64"})
     wf = load_workflow(config)
