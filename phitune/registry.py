@@ -43,7 +43,7 @@ class StepDef:
     # What a step's own output key is made of (`key_params`): every option is a param except
     # BOOKKEEPING, `inputs` (models, files: the step keys them by content digest) and
     # `runs_only` (how the step runs, never what it writes). A workflow's entry key
-    # (workflow/plan.py) counts every option but BOOKKEEPING: it keys inputs by @ref or
+    # (workflow/keys.py) counts every option but BOOKKEEPING: it keys inputs by @ref or
     # content itself, and keeps `runs_only` options as its keys always did (dropping them
     # now would make every cached entry stale).
     inputs: tuple[str, ...] = ()
