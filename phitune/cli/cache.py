@@ -35,7 +35,7 @@ def _resolve(cache_dir: str | None, config: str | None):
                               "pass the directory phitune run caches into (default .phitune-cache)")
         return path
     if config:
-        from phitune.workflow.plan import read_config
+        from phitune.workflow.files import read_config
         raw = read_config(config)
         if "steps" in raw:
             return Path(raw.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser()
