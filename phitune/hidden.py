@@ -8,16 +8,15 @@ Every output is built beside where it lands, under a hidden name derived from th
     .<name>.phitune-ckpt         an interrupted finetune's checkpoint (same parent as the output)
     .<name>.phitune-link-<pid>   a workflow's output link before it is renamed over the old one
 
-This module is the only one that spells them: writers ask it for the name, cleaners (`recover`
-before a step or a GGUF conversion writes, `phitune cache clean`) ask it whether a name is one
-of these and whether the process that made it is still alive.
+This module is the only one that spells them: writers ask it for the name, cleaners
+(`artifacts.output.recover` before a step or a GGUF conversion writes, `phitune cache clean`)
+ask it whether a name is one of these and whether the process that made it is still alive.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -74,21 +73,6 @@ def owner_alive(path: Path) -> bool:
     alive, or a process works inside it (the model builder child runs with its cwd there)."""
     pid = Path(path).name.rsplit("-", 1)[-1]
     return (pid.isdigit() and _alive(int(pid))) or _in_use(Path(path))
-
-
-def recover(out: Path) -> None:
-    """Undo what a killed run left: stale temp dirs, or an old output moved aside mid-swap.
-    A temp dir is stale only when its run is dead and no process works inside it (the model
-    builder child runs with its cwd in its parent's temp dir)."""
-    for stale in stagings(out):
-        if not owner_alive(stale):
-            shutil.rmtree(stale, ignore_errors=True)
-    old = moved_aside(out)
-    if old.exists():
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(old, out)
 
 
 def _alive(pid: int) -> bool:

@@ -1,7 +1,9 @@
 """Each step's options are declared once, as fields of its options dataclass: name, type,
 default, choices, range and help live in the field (`option(...)`), the way peft's LoraConfig
-keeps them in `field(metadata=...)`. The click command (`command`), the workflow file
-reader (`command_for`), range checks (`validate`) and manifest params (`params`) derive from it.
+keeps them in `field(metadata=...)`. The click command (`command`), the names and values a
+workflow file may give (`by_spelling`, `read_text`: `phitune.workflow.step_options` builds the
+dataclass from them, no command line in between), range checks (`validate`) and manifest
+params (`params`) derive from it.
 
 This module is a shared library: it imports click and the standard library only, so the
 workflow layer can parse a step's options without importing `phitune.cli`.
@@ -86,34 +88,59 @@ def default_of(f: dataclasses.Field) -> Any:
     return None
 
 
+def long_spellings(f: dataclasses.Field, spec: Spec) -> list[str]:
+    """`--group_size`, `--group-size`: the first is the one help and messages show."""
+    return list(spec.spellings) or \
+        [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if spec.dashed and "_" in f.name
+                           else [])
+
+
+def spellings(f: dataclasses.Field, spec: Spec) -> list[str]:
+    """Every way to write the option (`-m`, `--model`, aliases), negations aside."""
+    return ([spec.short] if spec.short else []) + long_spellings(f, spec) + list(spec.aliases)
+
+
+def by_spelling(cls: type) -> dict[str, tuple[dataclasses.Field, Spec]]:
+    """What a workflow file may name an option: any spelling without its dashes (`m`, `model`,
+    `group-size`, `group_size`, `output_path`) and the parameter name (`eval_`, `eval`)."""
+    names: dict[str, tuple[dataclasses.Field, Spec]] = {}
+    for f, spec in specs(cls):
+        for spelling in spellings(f, spec):
+            bare = spelling.lstrip("-")
+            names.setdefault(bare, (f, spec))
+            names.setdefault(bare.replace("-", "_"), (f, spec))
+        dest = spec.dest or f.name
+        names.setdefault(dest, (f, spec))
+        names.setdefault(dest.rstrip("_"), (f, spec))
+    return names
+
+
 def to_click(f: dataclasses.Field, spec: Spec) -> click.Option:
     """The click option of one field; its spellings as the commands have always had them."""
-    name = f.name
-    dest = spec.dest or name
-    spellings = [spec.short] if spec.short else []
-    long = list(spec.spellings) or \
-        [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if spec.dashed and "_" in name else [])
+    dest = spec.dest or f.name
+    opts = [spec.short] if spec.short else []
+    long = long_spellings(f, spec)
     default = default_of(f)
     kwargs: dict[str, Any] = {"help": spec.help, "metavar": spec.metavar}
     if spec.envvar:
         kwargs.update(envvar=spec.envvar, show_envvar=True)
     if spec.negatable:
-        spellings += [f"{s}/--no-{s[2:]}" for s in long]
+        opts += [f"{s}/--no-{s[2:]}" for s in long]
         kwargs.update(default=default)
     elif spec.flag:
-        spellings += long
+        opts += long
         kwargs.update(is_flag=True)
     else:
-        spellings += long
+        opts += long
         kwargs.update(required=spec.required, multiple=spec.multiple,
                       type=_click_type(spec, default))
         if not spec.required:  # click ≥ 8.3 counts an explicit default=None as a given value
             kwargs["default"] = () if spec.multiple else default
-    spellings += list(spec.aliases)
+    opts += list(spec.aliases)
     show = spec.show_default
     if show is None:
         show = default is not None and not spec.flag and not spec.multiple and not spec.required
-    return click.Option(spellings + [dest], show_default=show, **kwargs)
+    return click.Option(opts + [dest], show_default=show, **kwargs)
 
 
 def _click_type(spec: Spec, default: Any) -> Any:
@@ -131,10 +158,12 @@ def _click_type(spec: Spec, default: Any) -> Any:
     return None
 
 
-def command_for(name: str, cls: type) -> click.Command:
-    """A click command that only parses `cls`'s options: what `run --config` reads a step with."""
-    return click.Command(name, params=[to_click(f, s) for f, s in specs(cls)],
-                         context_settings=CONTEXT)
+def read_text(f: dataclasses.Field, spec: Spec, text: str) -> Any:
+    """One value of the option as the command line reads `text` (the field's click type), so
+    that a workflow file's `1e-3` (a string to YAML) is a float, and its `0.5` no integer, as
+    on the command line; click.BadParameter says why not."""
+    param = to_click(f, spec)
+    return param.type.convert(text, param, None)
 
 
 def from_kwargs(cls: type, kwargs: dict) -> Any:

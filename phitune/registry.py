@@ -1,7 +1,7 @@
 """The steps a workflow can run, by name: where each one's options dataclass and run function
 live, what kind of output it publishes, and which of its options never shape that output.
 
-The CLI (`phitune.cli.main`), `phitune run --config` (`phitune.workflow.plan`) and
+The CLI (`phitune.cli.main`), `phitune run --config` (`phitune.workflow`) and
 `phitune cache` read this table; adding a step means one module with an options dataclass
 (declared with `phitune.options`) and a `run(opts)`, one entry here, and one click module.
 Step modules load lazily so that `phitune --help` stays light.
@@ -23,8 +23,6 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import click
-
 from phitune import options
 
 
@@ -45,7 +43,7 @@ class StepDef:
     # What a step's own output key is made of (`key_params`): every option is a param except
     # BOOKKEEPING, `inputs` (models, files: the step keys them by content digest) and
     # `runs_only` (how the step runs, never what it writes). A workflow's entry key
-    # (workflow/plan.py) counts every option but BOOKKEEPING: it keys inputs by @ref or
+    # (workflow/keys.py) counts every option but BOOKKEEPING: it keys inputs by @ref or
     # content itself, and keeps `runs_only` options as its keys always did (dropping them
     # now would make every cached entry stale).
     inputs: tuple[str, ...] = ()
@@ -73,10 +71,6 @@ class StepDef:
 
     def runner(self) -> Callable[[Any], Any]:
         return importlib.import_module(self.module).run
-
-    def command(self) -> click.Command:
-        """A parse-only click command built from the options dataclass."""
-        return options.command_for(self.name, self.options())
 
     def make(self, values: dict) -> Any:
         """The options dataclass from click-named values (`eval_` → `eval`)."""
@@ -109,9 +103,13 @@ def step(name: str) -> StepDef:
 def run_publishing(name: str, values: dict) -> None:
     """Run a step that writes an output, from click-named values, and report it the same way
     for every step: its summary table, and a note when the output was already up to date."""
+    run_options(name, step(name).make(values))  # declared option ranges checked in make
+
+
+def run_options(name: str, opts: Any) -> None:
+    """`run_publishing` from the options dataclass itself (what `run --config` builds)."""
     from phitune import ui
-    from phitune.artifacts import probe_writable
-    opts = step(name).make(values)  # declared option ranges checked here
+    from phitune.artifacts.output import probe_writable
     probe_writable(opts.output)     # before the step resolves (a .gguf converts) or loads anything
     manifest, up_to_date = step(name).runner()(opts)
     if not manifest:  # a non-zero rank of a distributed run: rank 0 reports

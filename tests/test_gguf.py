@@ -199,7 +199,7 @@ def test_tokenizer_chat_template_and_generation_config(converted):
 
 
 def test_second_run_reuses_the_conversion(tiny, converted, monkeypatch, tmp_path):
-    from phitune import gguf
+    from phitune.artifacts import gguf
     from phitune.artifacts import resolve_model
     monkeypatch.setenv("PHITUNE_CACHE", str(converted.path.parent.parent))
 
@@ -213,7 +213,7 @@ def test_second_run_reuses_the_conversion(tiny, converted, monkeypatch, tmp_path
 
 
 def test_killed_conversion_leaves_nothing_that_looks_done(tiny, monkeypatch, tmp_path):
-    from phitune import gguf
+    from phitune.artifacts import gguf
     from phitune.artifacts import resolve_model
     from phitune.workflow.cache import entries
     monkeypatch.setenv("PHITUNE_CACHE", str(tmp_path / "cache"))
@@ -275,7 +275,7 @@ def test_missing_gguf_file_says_file(cli, tmp_path):
 
 def test_cache_lists_and_cleans_conversions(tiny, cli, tmp_path, monkeypatch):
     monkeypatch.setenv("PHITUNE_CACHE", str(tmp_path / "cache"))
-    from phitune import gguf
+    from phitune.artifacts import gguf
     entry = gguf.hf_dir(tiny[1])
     stale = entry.parent / f".{entry.name}.phitune-tmp-999999999"  # a killed run's staging
     stale.mkdir()

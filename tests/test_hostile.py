@@ -416,7 +416,7 @@ def test_sigkill_does_not_orphan_the_builder(tmp_path, chain, sums):
 
 def test_recovery_keeps_a_temp_dir_a_live_process_works_in(tmp_path):
     """A dead run's temp dir with a process still inside it (cwd) is not removed under it."""
-    from phitune.hidden import recover as _recover
+    from phitune.artifacts.output import recover as _recover
     out = tmp_path / "o"
     dead = _dead_pid()
     stale = tmp_path / f".o.phitune-tmp-{dead}"

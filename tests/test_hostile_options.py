@@ -6,7 +6,7 @@ memory runs in a subprocess under `timeout` and an address-space limit.
 The rules under test live in one place each: option ranges in the option fields
 (`phitune.options.check_value`, run by `from_kwargs` for the CLI and `run --config`), the
 writable-output probe in `phitune.artifacts.probe_writable`, the bounded YAML reader in
-`phitune.workflow.plan._bounded_yaml`.
+`phitune.workflow.files._bounded_yaml`.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def test_a_hostile_workflow_file_is_one_line_in_under_a_second(tmp_path, name, t
     assert elapsed < 10  # starting Python included; the parse alone is timed below
     assert tree_sum(config) == before and not (tmp_path / "x").exists()
     from phitune.errors import InputError
-    from phitune.workflow.plan import read_config
+    from phitune.workflow.files import read_config
     start = time.perf_counter()
     with pytest.raises(InputError):
         read_config(config)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from phitune import artifacts, manifest
-from phitune.artifacts import Output
-from phitune.manifest import make_key
+from phitune import artifacts
+from phitune.artifacts import Output, manifest
+from phitune.artifacts.manifest import make_key
 
 
 class _Stop(Exception):

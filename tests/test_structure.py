@@ -11,8 +11,8 @@ dependency, only a slower one to notice):
 - upward imports: none;
 - cycles: none. A function-level import cannot fail the way a cycle at import time does, but a
   circle through one still means two modules that each need the other: neither can be read,
-  tested or moved alone (artifacts ↔ gguf was one, until the manifest and the recovery of
-  leftovers got modules of their own).
+  tested or moved alone (artifacts ↔ gguf was one, until artifacts became a package and the
+  GGUF conversion a client of its output module).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ def _cache_dir_options(f):
 
 def _path(cache_dir: str | None, config: str | None, gguf: bool):
     if gguf:
-        from phitune.gguf import conversions_dir
+        from phitune.artifacts.gguf import conversions_dir
         return conversions_dir()
     return _resolve(cache_dir, config)
 
@@ -35,7 +35,7 @@ def _resolve(cache_dir: str | None, config: str | None):
                               "pass the directory phitune run caches into (default .phitune-cache)")
         return path
     if config:
-        from phitune.workflow.plan import read_config
+        from phitune.workflow.files import read_config
         raw = read_config(config)
         if "steps" in raw:
             return Path(raw.get("cache_dir") or DEFAULT_CACHE_DIR).expanduser()
@@ -93,7 +93,7 @@ def ls(cache_dir: str | None, config: str | None, gguf: bool) -> None:
         say(f"{leftover.name}: " + ("checkpoint of an interrupted finetune" if why == "checkpoint"
                                     else "leftover of a killed run"))
     if not gguf:
-        from phitune.gguf import conversions_dir
+        from phitune.artifacts.gguf import conversions_dir
         converted = entries(conversions_dir())
         if converted:
             say(f"{conversions_dir()}: {len(converted)} GGUF conversion(s), "

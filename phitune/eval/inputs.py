@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from phitune import inputfiles
-from phitune.artifacts import heldout_text
+from phitune.artifacts.embedded import heldout_text
 from phitune.errors import DataError, OptionError
 from phitune.eval.options import EvalOptions
 

@@ -25,7 +25,7 @@ import time
 
 from phitune import options as O
 from phitune import ui
-from phitune.artifacts import resolve_model
+from phitune.artifacts.resolve import resolve_model
 from phitune.data.records import split_files
 from phitune.errors import ConstraintError
 from phitune.eval import inputs

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from phitune import policy, sequence_start, ui
-from phitune.artifacts import check_files_regular, hf_kind
+from phitune.artifacts.kinds import check_files_regular, hf_kind
 from phitune.errors import InputError, first_line
 from phitune.eval import inputs
 from phitune.eval.inputs import DECODE_TOKENS, PREFILL_TOKENS

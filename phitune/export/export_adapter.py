@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 
 from phitune import oserrors
-from phitune.artifacts import (check_files_regular, check_not_overlapping, check_parent_writable,
-                               probe_writable, resolve_model)
+from phitune.artifacts.kinds import check_files_regular
+from phitune.artifacts.output import check_not_overlapping, check_parent_writable, probe_writable
+from phitune.artifacts.resolve import resolve_model
 from phitune.errors import InputError, OutputError
 from phitune.export.options import ExportAdapterOptions
 from phitune.measure import Stopwatch

@@ -15,7 +15,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from phitune import registry, sequence_start, ui
-from phitune.artifacts import Output, check_files_regular, content_digest, hf_kind, resolve_model
+from phitune.artifacts.kinds import check_files_regular, hf_kind
+from phitune.artifacts.manifest import content_digest
+from phitune.artifacts.output import Output
+from phitune.artifacts.resolve import resolve_model
 from phitune.errors import InputError, OptionError
 from phitune.export.options import BLOCK_SIZES, PROVIDERS, AutoOptOptions
 from phitune.genai_config import ADAPTER_FILE

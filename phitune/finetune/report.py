@@ -3,7 +3,7 @@
 and with `--report_to tensorboard` event files as the Trainer writes them: scalars `train/loss`
 and `eval/loss` by step, read by `tensorboard --logdir OUTPUT`.
 
-The output dir appears only when training is done (artifacts.py stages it), so the event files
+The output dir appears only when training is done (artifacts/output.py stages it), so the event files
 are written live beside the resume checkpoint (`.OUTPUT.phitune-ckpt/runs`, where `tensorboard
 --logdir` can watch them) and move into `OUTPUT/runs` when the output is published. A resumed
 run appends to them, purging what the interrupted run logged after its last checkpoint.

@@ -10,7 +10,10 @@ from pathlib import Path
 from phitune import options as O
 from phitune import hidden, policy, registry, sequence_start
 from phitune import ui
-from phitune.artifacts import FINETUNE_ADAPTER, Output, content_digest, resolve_model
+from phitune.artifacts.kinds import FINETUNE_ADAPTER
+from phitune.artifacts.manifest import content_digest
+from phitune.artifacts.output import Output
+from phitune.artifacts.resolve import resolve_model
 from phitune.data.records import split_files
 from phitune.errors import Interrupted
 from phitune.finetune import report as reporting

@@ -222,5 +222,5 @@ def run(options: InferOptions) -> None:
 def resolve(spec: str, command: str = "infer") -> Path:
     """`-m D` (an auto-opt output), `-m D/model`, or any directory with genai_config.json;
     a refusal names `command` (infer or serve) and the auto-opt step that makes such a dir."""
-    from phitune.artifacts import resolve_model
+    from phitune.artifacts.resolve import resolve_model
     return resolve_model(spec, ("onnx-genai",), command).path

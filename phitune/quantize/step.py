@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING
 
 from phitune import options as O
 from phitune import inputfiles, policy, registry, sequence_start, ui
-from phitune.artifacts import (Output, ResolvedModel, content_digest, data_dir, heldout_text,
-                               resolve_model)
+from phitune.artifacts.embedded import data_dir, heldout_text
+from phitune.artifacts.kinds import ResolvedModel
+from phitune.artifacts.manifest import content_digest
+from phitune.artifacts.output import Output
+from phitune.artifacts.resolve import resolve_model
 from phitune.errors import DataError, OptionError
 from phitune.measure import Stopwatch, dir_size_mb
 from phitune.models import architecture

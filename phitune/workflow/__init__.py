@@ -23,12 +23,18 @@ same option names as the CLI, and takes an earlier step's output by name:
         max_ppl: 1000
 
 An Olive workflow file (`input_model`, `data_configs`, `passes`, `engine`) is translated into the
-same steps first (`phitune.workflow.olive`). Modules, one job each:
+same steps first (`phitune.workflow.olive`). Modules, one stage of the path each:
 
-    plan.py    load and validate a file, build each step's command line, keys, the plan
-    olive.py   Olive config → phitune steps, with every key it cannot apply named
-    run.py     execute a plan: run or skip each step, link the outputs, record them
-    cache.py   list and prune a cache directory
+    files.py         the file → a mapping (JSON/YAML, bounded aliases), or one line
+    olive/           Olive config → phitune steps, with every key it cannot apply named
+    steps.py         `steps:` → Step records: names, types, @refs, input paths
+    step_options.py  a step's mapping → its options dataclass, through the CLI's option
+                     fields (no command line built or parsed)
+    keys.py          each step's entry key (options, refs' keys, input digests)
+    plan.py          load and check a file, the output dirs, the plan (run or cached)
+    run.py           execute a plan: run or skip each step, link the outputs, record them
+    cache.py         list and prune a cache directory
 """
 
-from phitune.workflow.plan import Step, Workflow, load_workflow, make_plan  # noqa: F401
+from phitune.workflow.plan import Workflow, load_workflow, make_plan  # noqa: F401
+from phitune.workflow.steps import Step  # noqa: F401

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phitune import hidden, registry
-from phitune.gguf import ENTRY_PREFIX as GGUF_PREFIX
-from phitune.artifacts import read_manifest
+from phitune.artifacts.gguf import ENTRY_PREFIX as GGUF_PREFIX
+from phitune.artifacts.manifest import read_manifest
 from phitune.errors import OptionError
 from phitune.workflow.run import RECORD, REGISTRY, read_registry
 
 # <step type>-<key>: the workflow names each step's entry so (registry.STEPS lists the types);
-# gguf-<key>: a .gguf input's conversion (phitune/gguf.py), listed and cleaned with --gguf
+# gguf-<key>: a .gguf input's conversion (phitune/artifacts/gguf.py), listed and cleaned with --gguf
 ENTRY = re.compile(r"^(?P<type>" + "|".join(map(re.escape, (*registry.STEPS, GGUF_PREFIX[:-1])))
                    + r")-(?P<key>[0-9a-f]{16})$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

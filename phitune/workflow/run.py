@@ -1,8 +1,9 @@
 """Execute a plan: run each step's command in-process into its cache entry, or skip it; then
 link the published outputs into output_dir and record the run for `phitune cache`.
 
-A step runs exactly as `phitune <type> <options> -o <cache_dir>/<type>-<key>` would, through the
-same click command, so options mean the same in a workflow as on the command line. A failing
+A step runs as `phitune <type> <options> -o <cache_dir>/<type>-<key>` would: its options
+dataclass, built from the values the plan parsed through the CLI's option fields (refs
+resolved to cache entries), goes to the step's `run` as the CLI's does. A failing
 step stops the run with that step's own one-line error: the steps before it stay cached, and
 output_dir is left as the last successful run made it.
 """
@@ -14,12 +15,14 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from phitune import hidden, registry, ui
-from phitune.artifacts import read_manifest
+from phitune.artifacts.manifest import read_manifest
 from phitune.errors import OptionError, PhituneError
-from phitune.workflow.plan import REF, Planned, Workflow, command
+from phitune.workflow.plan import Planned, Workflow
+from phitune.workflow.step_options import build
+from phitune.workflow.steps import REF
 
 RECORD = "phitune-workflow.json"      # in output_dir: which cache entries the last run used
 REGISTRY = ".phitune-outputs.json"    # in cache_dir: the output dirs that use this cache
@@ -57,7 +60,7 @@ def execute(wf: Workflow, plan: list[Planned], dry_run: bool = False) -> dict:
                              "entry": str(p.step.entry), "action": p.action, "reason": p.reason}
                             for p in plan]
         return summary
-    from phitune.artifacts import probe_writable
+    from phitune.artifacts.output import probe_writable
     probe_writable(wf.cache_dir, "cache_dir")   # before any step loads a model
     probe_writable(wf.output_dir, "output_dir")
     total = time.perf_counter()
@@ -91,44 +94,46 @@ def execute(wf: Workflow, plan: list[Planned], dry_run: bool = False) -> dict:
     return summary
 
 
-def resolve_args(wf: Workflow, args: list[str]) -> list[str]:
-    """`@name/sub` → the cache entry of step `name` (/sub)."""
-    out = []
-    for arg in args:
-        ref = REF.match(arg)
-        if ref:
-            entry = wf.step(ref.group(1)).entry
-            arg = str(entry / ref.group(2)) if ref.group(2) else str(entry)
-        out.append(arg)
-    return out
+def resolve_refs(wf: Workflow, value: Any) -> Any:
+    """`@name/sub` → the cache entry of step `name` (/sub), in a value or the items of one."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(resolve_refs(wf, v) for v in value)
+    ref = REF.match(value) if isinstance(value, str) else None
+    if ref is None:
+        return value
+    entry = wf.step(ref.group(1)).entry
+    return str(entry / ref.group(2)) if ref.group(2) else str(entry)
+
+
+def step_options(wf: Workflow, step, bounds: bool = True) -> Any:
+    """The step's options dataclass: its parsed values, refs resolved, writing its entry (the
+    step's own --force swaps a forced one in); eval's bounds left out unless `bounds`."""
+    values = {k: resolve_refs(wf, v) for k, v in step.values.items()}
+    if not bounds:
+        values |= {k: None for k in step.bounds}
+    if not step.has_output:
+        return build(step.type, values)
+    return build(step.type, values, str(step.entry), force=step.entry.exists())
 
 
 def _run_step(wf: Workflow, p: Planned) -> None:
     step = p.step
-    args = resolve_args(wf, step.args)
     wf.cache_dir.mkdir(parents=True, exist_ok=True)
-    if step.has_output:
-        args += ["-o", str(step.entry)]
-        if step.entry.exists():  # forced: the step's own --force swaps the new output in
-            args.append("--force")
-    cmd = command(step.type)
     with _step_output():
-        params = cmd.make_context(step.type, args).params
         if step.has_output:
-            registry.run_publishing(step.type, params)
+            registry.run_options(step.type, step_options(wf, step))
         else:
-            _run_measure(step, params)
+            _run_measure(step, step_options(wf, step, bounds=False))
 
 
-def _run_measure(step, params: dict) -> None:
+def _run_measure(step, opts: Any) -> None:
     """A step that writes nothing (eval): its figures become the entry's manifest, so an
     unchanged model is not measured twice. They are measured without the bounds, stored,
     then checked: a missed bound fails this run (ConstraintError, exit 3) and every later run
     with the same bound, without measuring again; a relaxed bound passes on the same figures."""
-    from phitune.artifacts import Output
-    spec = registry.step(step.type)
-    metrics = spec.runner()(spec.make(params | {k: None for k in step.bounds}))
-    ui.summary(f"eval {params['model']}", metrics)
+    from phitune.artifacts.output import Output
+    metrics = registry.step(step.type).runner()(opts)
+    ui.summary(f"eval {opts.model}", metrics)
     out = Output(step.entry, "eval-result", step.type, {"workflow_key": step.key},
                  dict(step.params))
     with out.staging() as work:

@@ -7,15 +7,14 @@ model.safetensors, tokenizer files with the chat template, generation_config.jso
 path or name of the same file, reuses the conversion. `<cache>` is $PHITUNE_CACHE, else
 $XDG_CACHE_HOME/phitune, else ~/.cache/phitune; `phitune cache ls|clean --gguf` manages it.
 
-The conversion is written into a hidden staging dir renamed into place when complete, so a
-killed conversion never leaves a dir that looks done. Files transformers could not read, or
+The conversion is published as every step's output is (output.py: staged in a hidden dir,
+swapped into place when complete), so a killed conversion never leaves a dir that looks done. Files transformers could not read, or
 would read wrongly (zeros for missing bytes), are refused first with one line: a wrong magic,
 tensor data past the end of the file, a LoRA adapter, an architecture it has no GGUF reader for.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -23,19 +22,15 @@ import shutil
 import time
 from pathlib import Path
 
-from phitune import __version__, hidden, inputfiles, ui
+from phitune import inputfiles, ui
+from phitune.artifacts.manifest import make_key
+from phitune.artifacts.output import Output
 from phitune.errors import InputError, first_line
-from phitune.manifest import MANIFEST, make_key, read_manifest
 
-SUFFIX = ".gguf"
 ENTRY_PREFIX = "gguf-"  # entries are `gguf-<16 hex>`: the shape `phitune cache` lists
 _MAGIC = b"GGUF"
 _FP32_LIMIT = 2_000_000_000  # parameters; above, the dequantized weights are kept in bf16
 _FIX_FILE = "re-download or re-copy the file (its size or bytes are not a complete GGUF)"
-
-
-def is_gguf(spec: str | Path) -> bool:
-    return str(spec).lower().endswith(SUFFIX)
 
 
 def cache_root() -> Path:
@@ -68,41 +63,34 @@ def hf_dir(file: Path, spec: str | None = None) -> Path:
     _check_magic(file, spec)
     sha = file_sha256(file)
     key = conversion_key(sha)
-    root = conversions_dir()
-    entry = root / f"{ENTRY_PREFIX}{key[:16]}"
-    manifest = read_manifest(entry)
-    if manifest and manifest.get("key") == key:
-        os.utime(entry)  # last use, for `phitune cache clean --older-than`
-        return entry
+    # published like any step's output, under a key of the file's bytes alone
+    out = Output(conversions_dir() / f"{ENTRY_PREFIX}{key[:16]}", "hf-model", "gguf",
+                 {"gguf": str(file.resolve()), "spec": spec, "gguf_sha256": sha}, {},
+                 key=key, shared=True)
+    if (out.existing() or {}).get("key") == key:
+        os.utime(out.path)  # last use, for `phitune cache clean --older-than`
+        return out.path
     info = inspect(file, spec)
+    _make_cache(out.path.parent)
+    # a full disk mid-conversion keeps the line it had before conversions were Outputs
+    with out.staging(name_output=False) as work:
+        ui.info(f"converting {spec} ({info['architecture']}, {file.stat().st_size / 2**20:.0f} MB "
+                f"GGUF) into a Hugging Face checkpoint in {out.path} (once)")
+        start = time.perf_counter()
+        dtype = _convert(file, work, info)
+        out.publish(work, {"architecture": info["architecture"], "dtype": dtype,
+                           "params_m": round(info["params"] / 1e6, 2),
+                           "gguf_mb": round(file.stat().st_size / 2**20, 1),
+                           "seconds": round(time.perf_counter() - start, 1)})
+    return out.path
+
+
+def _make_cache(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create the GGUF conversion cache {root} ({exc.strerror})",
                          "-m", "set PHITUNE_CACHE to a writable directory") from None
-    hidden.recover(entry)  # what a killed conversion of the same file left
-    work = hidden.staging(entry)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
-        ui.info(f"converting {spec} ({info['architecture']}, {file.stat().st_size / 2**20:.0f} MB "
-                f"GGUF) into a Hugging Face checkpoint in {entry} (once)")
-        start = time.perf_counter()
-        dtype = _convert(file, work, info)
-        metrics = {"architecture": info["architecture"], "dtype": dtype,
-                   "params_m": round(info["params"] / 1e6, 2),
-                   "gguf_mb": round(file.stat().st_size / 2**20, 1),
-                   "seconds": round(time.perf_counter() - start, 1)}
-        _write_manifest(work, spec, file, sha, key, metrics)
-        try:
-            os.rename(work, entry)
-        except OSError:  # another process published the same conversion first: use it
-            if not (read_manifest(entry) or {}).get("key") == key:
-                shutil.rmtree(entry, ignore_errors=True)  # an old format's dir: replace it
-                os.rename(work, entry)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return entry
 
 
 def _check_magic(file: Path, spec: str) -> None:
@@ -208,16 +196,3 @@ def _template_into_tokenizer_config(work: Path) -> None:
     config.setdefault("chat_template", jinja.read_text())
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     jinja.unlink()
-
-
-def _write_manifest(work: Path, spec: str, file: Path, sha: str, key: str, metrics: dict) -> None:
-    manifest = {
-        "artifact": "hf-model",
-        "created_by": f"phitune gguf {__version__}",
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "inputs": {"gguf": str(file.resolve()), "spec": spec, "gguf_sha256": sha},
-        "params": {},
-        "key": key,
-        "metrics": metrics,
-    }
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
