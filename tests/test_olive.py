@@ -292,7 +292,7 @@ GPTQ_BUILDER = {
     "input_model": {"type": "HfModel", "model_path": "tiny-phi3"},
     "passes": {
         "gptq": {"type": "GptqQuantizer", "bits": 4, "group_size": 64, "sym": False,
-                 "desc_act": True, "damp_percent": 0.01, "true_sequential": True,
+                 "desc_act": False, "damp_percent": 0.01, "true_sequential": True,
                  "data_config": "wikitext"},
         "builder": {"type": "ModelBuilder", "precision": "int4"},
     },
@@ -308,6 +308,9 @@ def test_gptq_quantizer_translates_to_quantize_gptq(tmp_path):
     assert builder["model"] == "@gptq"
     text = "\n".join(notes)
     assert "desc_act" in text and "data_config" in text  # not applied, and said so
+    acting = copy.deepcopy(GPTQ_BUILDER)
+    acting["passes"]["gptq"]["desc_act"] = True
+    assert "desc_act" not in "\n".join(translated(tmp_path / "act", acting)[1])  # what it does
     assert "damp_percent" not in text and "true_sequential" not in text  # what phitune does
 
 

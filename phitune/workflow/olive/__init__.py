@@ -10,8 +10,8 @@ the previous one's output:
                  corpus_strategy}  (and the older params_config.component_kwargs shape)
     passes       AutoAWQQuantizer → quantize --algorithm awq (bits, group_size, zero_point)
                  GptqQuantizer    → quantize --algorithm gptq (bits, group_size, sym → no
-                                    zero point); desc_act (act-order) is noted, not applied:
-                                    phitune's GPTQ rounds columns in order
+                                    zero point); desc_act false is noted, not applied:
+                                    phitune's GPTQ always rounds in act-order
                  LoRA / QLoRA     → finetune --method lora|qlora (lora_r, lora_alpha,
                                     lora_dropout, target_modules, eval_dataset_size, the data
                                     config, training_args that finetune has as options)

@@ -172,8 +172,8 @@ def _gptq(t: Translation, name: str, fields: dict, current: str) -> None:
         elif GPTQ_AS_PHITUNE.get(key, object()) == value:
             continue
         elif key == "desc_act":
-            t.note(kpath, "phitune's GPTQ rounds columns in order (no act-order: static "
-                   "groups every reader handles); not applied")
+            t.note(kpath, "phitune's GPTQ always rounds columns in act-order (static groups "
+                   "every reader handles); not applied")
         elif key == "data_config":
             t.note(kpath, CALIBRATION_NOT_APPLIED)
         else:

@@ -31,8 +31,8 @@ AWQ_OPTIONS = {"bits": "bits", "w_bit": "bits", "group_size": "group_size",
 BUILDER_OPTIONS = {"int4_block_size": "block_size", "int4_accuracy_level": "accuracy_level"}
 PRECISIONS = ("int4", "fp16", "fp32")
 # GptqQuantizer settings that are what phitune's GPTQ does anyway (not noted as dropped)
-GPTQ_AS_PHITUNE = {"damp_percent": 0.01, "true_sequential": True, "static_groups": False,
-                   "desc_act": False, "lm_head": False}
+GPTQ_AS_PHITUNE = {"damp_percent": 0.01, "true_sequential": True, "static_groups": True,
+                   "desc_act": True, "lm_head": False}
 # QLoRA settings that are what phitune's qlora does
 QLORA_AS_PHITUNE = (("quant_type", "nf4"), ("double_quant", True))
 
