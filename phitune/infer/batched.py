@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from phitune import genai_config
-from phitune.errors import InputError
+from phitune.errors import InputError, first_line
 
 LORA_SUFFIXES = (".lora_A", ".lora_B")
 ROWS_DIM = "lora_rows"
@@ -124,8 +124,7 @@ class BatchModel:
         options.log_severity_level = 3
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.model_dir.resolve()))
-        graph = per_row_graph(self.model_dir / genai_config.decoder_file(self.model_dir))
-        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.session = _load(self.model_dir, options)
         self.types = {i.name: (_NP.get(i.type), i.shape) for i in self.session.get_inputs()}
         self._check_inputs()
         self.kv_dtype = self.types[self.past[0][0]][0]
@@ -201,6 +200,31 @@ class BatchModel:
         return logits[0, -1] if row.prefilled else None
 
 
+    def prefill_together(self, rows: Sequence[Row]) -> list[np.ndarray]:
+        """Fresh rows' whole prompts in one run, each with its adapter, right-padded to the
+        longest: a prompt's causal attention never reaches the padding after it, and each
+        row keeps its own cache (its real positions only). Each row's last prompt token's
+        logits. Several prompts in one run cost less than one after another (the weights
+        are unpacked once per matmul), and none of them waits for the others' first token."""
+        if len(rows) == 1:
+            return [self.prefill(rows[0])]
+        width = max(len(row.prompt) for row in rows)
+        ids = np.zeros((len(rows), width), np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, row in enumerate(rows):
+            ids[i, :len(row.prompt)], mask[i, :len(row.prompt)] = row.prompt, 1
+        positions = np.broadcast_to(np.arange(width), (len(rows), width))
+        logits, present = self._run(ids, mask, positions, self.empty_past(len(rows)),
+                                    tuple(row.adapter for row in rows))
+        out = []
+        for i, row in enumerate(rows):
+            row.fed = len(row.prompt)
+            row.kv = {name: np.ascontiguousarray(value[i:i + 1, :, :row.fed])
+                      for name, value in present.items()}
+            out.append(logits[i, row.fed - 1])
+        return out
+
+
 class Batch:
     """The rows decoding together and their KV cache, [rows, heads, longest, head_size]."""
 
@@ -241,6 +265,20 @@ class Batch:
         logits, self.past = self.model._run(ids, mask, np.array(lengths)[:, None], self.past,
                                             tuple(row.adapter for row in self.rows))
         return logits[:, -1]
+
+
+def _load(model_dir: Path, options):
+    """The per-row graph's onnxruntime session; a file that does not load is one InputError."""
+    import onnxruntime as ort
+    from google.protobuf.message import DecodeError
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    try:
+        graph = per_row_graph(model_dir / genai_config.decoder_file(model_dir))
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    except (DecodeError, OSError, state.Fail, state.InvalidProtobuf, state.InvalidGraph,
+            state.NoSuchFile, state.RuntimeException) as exc:
+        raise InputError(f"onnxruntime cannot load the decoder graph ({first_line(exc)})",
+                         str(model_dir), "re-export it with phitune auto-opt") from None
 
 
 def _pad(value: np.ndarray, width: int) -> np.ndarray:

@@ -180,7 +180,8 @@ def bench_serve(args: argparse.Namespace) -> None:
         print(f"server RSS {rss_start:.0f} → {rss_load:.0f} MB over the load runs")
         four = next((r for r in rows if r["clients"] == 4), None)
         if four:
-            print(f"goal: 4 clients ≥ 1.8× one client's tok/s → {four['tok_per_s'] / rows[0]['tok_per_s']:.2f}×")
+            print(f"goal: 4 clients ≥ 1.8× one client's tok/s → {four['tok_per_s'] / rows[0]['tok_per_s']:.2f}×; "
+                  f"TTFT p95 ≤ 2× one client's → {four['ttft_p95'] / rows[0]['ttft_p95']:.2f}×")
 
         if args.soak:
             rss_soak = _serve_rss_mb(proc.pid)
