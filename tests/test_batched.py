@@ -169,6 +169,9 @@ def test_a_graph_without_per_row_inputs_gets_them_in_memory(multi_lora):
     assert dims[name] == ["lora_rows", 256, "lora_r_0_attn_qkv_proj"]
     assert [len(v.type.tensor_type.shape.dim) for v in on_disk.graph.input if v.name == name] == [2]
     assert [list(i.dims) for i in batched.graph.initializer if i.name == name] == [[1, 256, 0]]
+    # the LM head runs on one picked position per row (every test here compares its logits)
+    from phitune.infer.batched import PICK
+    assert PICK in dims and PICK not in {v.name for v in on_disk.graph.input}
 
 
 # ---------------------------------------------------------------- the scheduler
