@@ -170,6 +170,7 @@ class Scheduler:
     # ------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        deferred = False  # the last turn left out the step
         while True:
             with self._lock:
                 while not self._active and not self._waiting and not self._closing:
@@ -189,11 +190,22 @@ class Scheduler:
             if self.model is None:
                 self._end([job for job in turn if job not in gone and alone.advance(self, job)])
                 continue
-            ended = self._prefill([job for job in turn if job not in gone])
-            time.sleep(0)
-            ended += self._step([job for job in turn if job not in gone and job not in ended])
+            live = [job for job in turn if job not in gone]
+            ended = self._prefill(live)
             self._end(ended)
+            # a request that came in meanwhile prefills before the step (its first token
+            # waits for no step), once in a row: the batch steps at least every other turn
+            deferred = not deferred and self._arrived()
+            if deferred:
+                continue
+            time.sleep(0)
+            self._end(self._step([job for job in live if job not in ended]))
             time.sleep(0)  # hand the GIL to the event loop between steps
+
+    def _arrived(self) -> bool:
+        """Whether a waiting request can be admitted now."""
+        with self._lock:
+            return bool(self._waiting) and len(self._active) < self.parallel and not self._closing
 
     def _end(self, jobs: list[Job]) -> None:
         """Take ended jobs out of the batch (their KV rows freed) and off the active list."""
