@@ -115,6 +115,45 @@ def test_a_mixed_batch_answers_each_row_as_alone(session):
     assert len({tuple(tokens) for tokens, _ in refs[:1] + refs[2:]}) == 3
 
 
+def test_prompts_prefilled_together_answer_as_alone(session):
+    """Four prompts of different lengths and adapters (the base among them) prefilled in one
+    run, right-padded, then decoded as one batch: each row as alone."""
+    from phitune.infer.batched import Batch, BatchModel, Row
+    model = BatchModel(session.model_dir, session.adapter_files)
+    specs = list(zip([None, "r8", "r2", "r4"], PROMPTS))
+    refs = [alone(session, session.encode(p), adapter, 6) for adapter, p in specs]
+    rows = [Row(session.encode(p), adapter) for adapter, p in specs]
+    assert len({len(row.prompt) for row in rows}) == 4
+    firsts = model.prefill_together(rows)
+    batch, logits = Batch(model), [[first] for first in firsts]
+    for row, first in zip(rows, firsts):
+        assert row.prefilled and row.kv[model.past[0][0]].shape[2] == len(row.prompt)
+        row.new.append(int(np.argmax(first)))
+        batch.join(row)
+    while len(rows[0].new) < 6:
+        for row, row_logits in zip(rows, batch.step()):
+            logits[rows.index(row)].append(row_logits)
+            row.new.append(int(np.argmax(row_logits)))
+    for row, (tokens, ref_logits), got in zip(rows, refs, logits):
+        assert row.new == tokens
+        assert max(float(np.abs(a - b).max()) for a, b in zip(got, ref_logits)) < LOGIT_TOL
+
+
+def test_short_prompts_share_a_prefill_run_up_to_the_chunk():
+    from phitune.infer.batched import Row
+    from phitune.serve import scheduler
+
+    class Fresh:
+        def __init__(self, n):
+            self.row = Row([1] * n, None)
+    jobs = [Fresh(n) for n in (10, 20, 30, 40, 100, 200)]
+    runs = scheduler._runs(jobs)
+    assert [[len(j.row.prompt) for j in run] for run in runs] == [[10, 20, 30, 40], [100],
+                                                                 [200]]
+    assert all(len(run) * max(len(j.row.prompt) for j in run) <= scheduler.PREFILL_CHUNK
+               for run in runs)
+
+
 def test_a_graph_without_per_row_inputs_gets_them_in_memory(multi_lora):
     """The exported graph keeps [in, r] LoRA inputs (og and .onnx_adapter files use them);
     the batched session sees [rows, in, r] with [1, in, 0] defaults."""
@@ -130,6 +169,9 @@ def test_a_graph_without_per_row_inputs_gets_them_in_memory(multi_lora):
     assert dims[name] == ["lora_rows", 256, "lora_r_0_attn_qkv_proj"]
     assert [len(v.type.tensor_type.shape.dim) for v in on_disk.graph.input if v.name == name] == [2]
     assert [list(i.dims) for i in batched.graph.initializer if i.name == name] == [[1, 256, 0]]
+    # the LM head runs on one picked position per row (every test here compares its logits)
+    from phitune.infer.batched import PICK
+    assert PICK in dims and PICK not in {v.name for v in on_disk.graph.input}
 
 
 # ---------------------------------------------------------------- the scheduler
@@ -248,3 +290,31 @@ def test_a_stop_string_ends_one_row(session, serving):
     texts = [loop.collect(job) for job in jobs]
     assert texts[0] == full[:full.index(stop)] and jobs[0].finish_reason == "stop"
     assert texts[1] == text_alone(session, PROMPTS[0], "r2", 16)
+
+
+def test_serve_holds_the_weights_once(multi_lora, session):
+    """serve's session loads og's tokenizer and chat template without og's model (the batched
+    session holds the weights): same ids, template and end tokens as the full session's."""
+    from phitune.infer.adapters import Adapter
+    from phitune.infer.session import Session
+    from phitune.serve.scheduler import Scheduler
+    model, files = multi_lora
+    light = Session(model, [Adapter(path, name) for name, path in files.items()], weights=False)
+    scheduler = Scheduler(light)
+    assert light.model is None and scheduler.model is not None
+    messages = [{"role": "user", "content": p} for p in PROMPTS]
+    assert light.chat_prompt(messages) == session.chat_prompt(messages)
+    for text in PROMPTS + [session.chat_prompt(messages), "Ünïcode ✓ 日本語 🙂"]:
+        assert light.prompt_ids(text) == session.prompt_ids(text)
+    assert light.eos_ids == session.eos_ids
+
+
+def test_a_decoder_graph_that_does_not_load_is_one_error(multi_lora, tmp_path):
+    from phitune.errors import InputError
+    from phitune.infer.batched import BatchModel
+    model, _ = multi_lora
+    broken = tmp_path / "model"
+    shutil.copytree(model, broken)
+    (broken / "model.onnx").write_bytes(b"\x08garbage" * 50)
+    with pytest.raises(InputError, match="cannot load the decoder graph"):
+        BatchModel(broken, {})

@@ -184,6 +184,10 @@ def test_concurrent_requests_with_different_adapters_answer_as_alone(server):
     assert [r.choices[0].message.content for r in together] == alone
     log = server.text()
     assert "POST /v1/chat/completions model=travel status=200 tokens=" in log
+    # each answered request logs its time to first token, at most its whole time
+    line = [ln for ln in log.splitlines() if "model=travel status=200" in ln][-1]
+    ttft, whole = (int(line.split(f"{key}=")[1].split()[0]) for key in ("ttft_ms", "ms"))
+    assert 0 < ttft <= whole, line
 
 
 def test_a_client_that_disconnects_stops_its_generation(server):

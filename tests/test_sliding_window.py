@@ -110,3 +110,39 @@ def test_eval_scorer_and_latency_take_short_sequences(windowed):
     assert torch.allclose(torch.tensor(scores), want, atol=1e-4)
     figures = onnx_latency(onnx, prefill=2, decode=2, repeats=1)
     assert figures  # timed without "KV cache capacity ... must be at least local_window_size"
+
+
+def test_serve_loads_ogs_weights_only_for_a_graph_it_cannot_batch(windowed):
+    """serve opens the session with its tokenizer alone; a windowed graph's rolling KV cache
+    cannot batch, so the scheduler loads og's model then and answers through it."""
+    import asyncio
+    import threading
+
+    from phitune.infer.session import Sampling, Session
+    from phitune.serve.scheduler import Job, Scheduler
+    hf, onnx = windowed
+    session = Session(onnx, weights=False)
+    assert session.model is None
+    scheduler = Scheduler(session)
+    assert scheduler.model is None and session.model is not None
+    ids = session.prompt_ids("hi")
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    job = Job(ids, Sampling(max_new_tokens=4), None, [], loop)
+    scheduler.start()
+    scheduler.submit(job)
+
+    async def drain():
+        text = []
+        while True:
+            kind, payload = await job.events.get()
+            if kind != "text":
+                return "".join(text)
+            text.append(payload)
+    got = asyncio.run_coroutine_threadsafe(drain(), loop).result(60)
+    scheduler.close(10)
+    loop.call_soon_threadsafe(loop.stop)
+    stream = session.tokenizer.create_stream()
+    want = "".join(stream.decode(t) for t in _greedy(hf, ids, 4) if t not in session.eos_ids)
+    assert got == want and job.finish_reason in ("length", "stop")
+

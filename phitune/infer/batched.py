@@ -27,10 +27,11 @@ from typing import Sequence
 import numpy as np
 
 from phitune import genai_config
-from phitune.errors import InputError
+from phitune.errors import InputError, first_line
 
 LORA_SUFFIXES = (".lora_A", ".lora_B")
 ROWS_DIM = "lora_rows"
+PICK = "phitune_logits_positions"  # the positions (flattened) whose logits a run returns
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32}
 
@@ -63,7 +64,41 @@ def per_row_graph(model_file: Path) -> bytes:
     for init in model.graph.initializer:
         if init.name.endswith(LORA_SUFFIXES) and len(init.dims) == 2:
             init.dims.insert(0, 1)
+    _head_at_picked_positions(model)
     return model.SerializeToString()
+
+
+def _head_at_picked_positions(model) -> None:
+    """The LM head on one position per row (input PICK: indices into the flattened
+    [rows x positions] hidden states), not on every position: a prefill needs its last
+    token's logits only, and the head is a fifth of a small model's work per token (a
+    Phi-3-mini-shaped 4-layer model, SmolLM2). A graph whose logits do not come straight
+    from a MatMul keeps its head on every position (no PICK input)."""
+    from onnx import TensorProto, helper
+    graph = model.graph
+    logits = graph.output[0].name
+    head = next((n for n in graph.node if logits in n.output), None)
+    if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
+        return
+    hidden = head.input[0]
+    flat, picked = f"{hidden}/flat_for_pick", f"{hidden}/picked"
+    axes = "/pick/axes"
+    at = list(graph.node).index(head)
+    graph.node.insert(at, helper.make_node("Unsqueeze", [f"{picked}/rows", axes], [picked],
+                                           name="/pick/Unsqueeze"))
+    graph.node.insert(at, helper.make_node("Gather", [flat, PICK], [f"{picked}/rows"], axis=0,
+                                           name="/pick/Gather"))
+    graph.node.insert(at, helper.make_node("Flatten", [hidden], [flat], axis=2,
+                                           name="/pick/Flatten"))
+    graph.node.insert(at, helper.make_node("Constant", [], [axes], name="/pick/axes",
+                                           value=helper.make_tensor(axes, TensorProto.INT64,
+                                                                    [1], [1])))
+    head.input[0] = picked
+    graph.input.append(helper.make_tensor_value_info(PICK, TensorProto.INT64, [ROWS_DIM]))
+    dims = graph.output[0].type.tensor_type.shape.dim
+    if len(dims) == 3:  # one position per row now, whatever the input's length
+        dims[1].Clear()
+        dims[1].dim_value = 1
 
 
 def read_adapter(path: Path) -> dict[str, np.ndarray]:
@@ -124,8 +159,7 @@ class BatchModel:
         options.log_severity_level = 3
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.model_dir.resolve()))
-        graph = per_row_graph(self.model_dir / genai_config.decoder_file(self.model_dir))
-        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.session = _load(self.model_dir, options)
         self.types = {i.name: (_NP.get(i.type), i.shape) for i in self.session.get_inputs()}
         self._check_inputs()
         self.kv_dtype = self.types[self.past[0][0]][0]
@@ -136,7 +170,8 @@ class BatchModel:
         self._lora_cache: dict[tuple, dict] = {}
 
     def _check_inputs(self) -> None:
-        known = {self.input_ids, self.mask, "position_ids", *(n for p in self.past for n in p)}
+        known = {self.input_ids, self.mask, "position_ids", PICK,
+                 *(n for p in self.past for n in p)}
         unknown = sorted(set(self.types) - known)
         if unknown:
             raise InputError(f"the decoder graph takes inputs batched serving does not feed "
@@ -171,17 +206,22 @@ class BatchModel:
         return feed
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray | None,
-             past: dict, adapters: tuple) -> tuple[np.ndarray, dict]:
+             past: dict, adapters: tuple, last: Sequence[int]) -> tuple[np.ndarray, dict]:
+        """Logits [rows, vocab] at each row's position `last[row]` of `ids`, and the cache."""
         feed = {self.input_ids: ids.astype(self.types[self.input_ids][0]),
                 self.mask: mask.astype(self.types[self.mask][0]), **past,
                 **self.lora_feed(adapters)}
         if "position_ids" in self.types:
             feed["position_ids"] = positions.astype(self.types["position_ids"][0])
+        rows, width = ids.shape
+        if PICK in self.types:
+            feed[PICK] = np.arange(rows, dtype=np.int64) * width + np.asarray(last, np.int64)
         out = self.session.run(self.outputs, feed)
         present = {}
         for (key, value), k, v in zip(self.past, out[1::2], out[2::2]):
             present[key], present[value] = k, v
-        return out[0], present
+        logits = out[0][:, 0] if PICK in self.types else out[0][np.arange(rows), last]
+        return logits, present
 
     def empty_past(self, rows: int) -> dict:
         shape = (rows, self.kv_heads, 0, self.head_size)
@@ -196,9 +236,36 @@ class BatchModel:
         ids = np.array([row.prompt[row.fed:end]])
         past = row.kv if row.kv is not None else self.empty_past(1)
         logits, row.kv = self._run(ids, np.ones((1, end), np.int64),
-                                   np.arange(row.fed, end)[None], past, (row.adapter,))
+                                   np.arange(row.fed, end)[None], past, (row.adapter,),
+                                   [end - row.fed - 1])
         row.fed = end
-        return logits[0, -1] if row.prefilled else None
+        return logits[0] if row.prefilled else None
+
+
+    def prefill_together(self, rows: Sequence[Row]) -> list[np.ndarray]:
+        """Fresh rows' whole prompts in one run, each with its adapter, right-padded to the
+        longest: a prompt's causal attention never reaches the padding after it, and each
+        row keeps its own cache (its real positions only). Each row's last prompt token's
+        logits. Several prompts in one run cost less than one after another (the weights
+        are unpacked once per matmul), and none of them waits for the others' first token."""
+        if len(rows) == 1:
+            return [self.prefill(rows[0])]
+        width = max(len(row.prompt) for row in rows)
+        ids = np.zeros((len(rows), width), np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, row in enumerate(rows):
+            ids[i, :len(row.prompt)], mask[i, :len(row.prompt)] = row.prompt, 1
+        positions = np.broadcast_to(np.arange(width), (len(rows), width))
+        logits, present = self._run(ids, mask, positions, self.empty_past(len(rows)),
+                                    tuple(row.adapter for row in rows),
+                                    [len(row.prompt) - 1 for row in rows])
+        out = []
+        for i, row in enumerate(rows):
+            row.fed = len(row.prompt)
+            row.kv = {name: np.ascontiguousarray(value[i:i + 1, :, :row.fed])
+                      for name, value in present.items()}
+            out.append(logits[i])
+        return out
 
 
 class Batch:
@@ -239,8 +306,23 @@ class Batch:
             mask[i, :length + 1] = 1
         ids = np.array([[row.new[-1]] for row in self.rows])
         logits, self.past = self.model._run(ids, mask, np.array(lengths)[:, None], self.past,
-                                            tuple(row.adapter for row in self.rows))
-        return logits[:, -1]
+                                            tuple(row.adapter for row in self.rows),
+                                            [0] * len(self.rows))
+        return logits
+
+
+def _load(model_dir: Path, options):
+    """The per-row graph's onnxruntime session; a file that does not load is one InputError."""
+    import onnxruntime as ort
+    from google.protobuf.message import DecodeError
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    try:
+        graph = per_row_graph(model_dir / genai_config.decoder_file(model_dir))
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    except (DecodeError, OSError, state.Fail, state.InvalidProtobuf, state.InvalidGraph,
+            state.NoSuchFile, state.RuntimeException) as exc:
+        raise InputError(f"onnxruntime cannot load the decoder graph ({first_line(exc)})",
+                         str(model_dir), "re-export it with phitune auto-opt") from None
 
 
 def _pad(value: np.ndarray, width: int) -> np.ndarray:

@@ -76,37 +76,52 @@ class Session:
     """The model, tokenizer and loaded adapters, and which adapter is active (None: base)."""
 
     def __init__(self, model_dir: Path, adapters: Sequence[Adapter] = (),
-                 active: str | None = None):
+                 active: str | None = None, weights: bool = True):
+        """With `weights` False only the tokenizer and chat template load (og reads them from
+        the config, not the model): `phitune serve` runs the graph on its own session and
+        loads og's copy of the weights (`load_weights`) only for a graph it cannot batch."""
         import onnxruntime_genai as og
         self._og = og
         self.model_dir = Path(model_dir)
         self.context_length = genai_config.context_length(self.model_dir)
         for adapter in adapters:  # before the (slower) model load, and before any token
             check_fits(self.model_dir, adapter.path)
-        start = time.perf_counter()
         try:
-            self.model = og.Model(_config(og, self.model_dir))
-            self.tokenizer = og.Tokenizer(self.model)
+            self.tokenizer = og.Tokenizer(og.Config(str(self.model_dir)))
         except RuntimeError as exc:
-            raise InputError(f"onnxruntime-genai cannot load the model ({first_line(exc)})",
-                             str(self.model_dir), "re-export it with phitune auto-opt") from None
+            raise _cannot_load(exc, self.model_dir) from None
         self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
         # og's tokenizer adds no start token: every prompt gets the model's own (a BOS for
         # Gemma, nothing for tiny-phi3 or SmolLM2), read from the dir's tokenizer files
         self.sequence_start = sequence_start.of_model_dir(self.model_dir)
-        self.adapters = og.Adapters(self.model) if adapters else None
+        self.model = self.adapters = None
+        self._adapter_list = list(adapters)
         self.adapter_names = [a.name for a in adapters]
         self.adapter_files = {a.name: a.path for a in adapters}
-        for adapter in adapters:
+        self.active: str | None = None
+        self._kept: _KeptGenerator | None = None
+        self.activate(active)
+        if weights:
+            self.load_weights()
+
+    def load_weights(self) -> None:
+        """og's model and the adapters on it (once): what generation through og needs."""
+        if self.model is not None:
+            return
+        start = time.perf_counter()
+        try:
+            self.model = self._og.Model(_config(self._og, self.model_dir))
+        except RuntimeError as exc:
+            raise _cannot_load(exc, self.model_dir) from None
+        adapters = self._og.Adapters(self.model) if self._adapter_list else None
+        for adapter in self._adapter_list:
             try:
-                self.adapters.load(str(adapter.path), adapter.name)
+                adapters.load(str(adapter.path), adapter.name)
             except RuntimeError as exc:
                 raise InputError(f"onnxruntime-genai cannot load the adapter "
                                  f"({first_line(exc)})", str(adapter.path),
                                  "use an adapter exported for this model") from None
-        self.active: str | None = None
-        self._kept: _KeptGenerator | None = None
-        self.activate(active)
+        self.adapters = adapters
         ui.debug(f"loaded {self.model_dir} in {time.perf_counter() - start:.2f} s "
                  f"(adapters: {', '.join(self.adapter_names) or 'none'}; "
                  f"{hugepages.describe()})")
@@ -227,6 +242,7 @@ class Session:
                  f"{time.perf_counter() - start:.2f} s")
 
     def _new_generator(self, max_length: int, search: dict, active: str | None):
+        self.load_weights()
         params = self._og.GeneratorParams(self.model)
         # a sliding-window graph needs a cache of at least its window, however short the answer
         max_length = genai_config.kv_tokens(self.model_dir, max_length)
@@ -323,6 +339,11 @@ class Decoding:
         rate = (len(new) - 1) / (end - first) if len(new) > 1 and end > first else None
         return Answer("".join(self.pieces), list(new), self.tokens, first - self.start, rate,
                       interrupted, len(self.prompt), self.cached)
+
+
+def _cannot_load(exc: Exception, model_dir: Path) -> InputError:
+    return InputError(f"onnxruntime-genai cannot load the model ({first_line(exc)})",
+                      str(model_dir), "re-export it with phitune auto-opt")
 
 
 def _config(og, model_dir: Path):

@@ -364,8 +364,12 @@ class Gate:
         tokens = f"{len(job.ids)}+{job.completion_tokens}" if job is not None else "-"
         if job is not None and job.cancelled.is_set():
             tokens += " cancelled"
+        # ttft_ms: submitted to the first token chosen (streamed text may come later: a token
+        # can be part of a character)
+        ttft = f" ttft_ms={job.ttft_s * 1e3:.0f}" if job is not None and job.ttft_s else ""
         line = (f"{scope['method']} {scope['path']} model={state.get('model', '-')} "
-                f"status={status or '-'} tokens={tokens} ms={(time.perf_counter() - start) * 1e3:.0f}")
+                f"status={status or '-'} tokens={tokens} ms={(time.perf_counter() - start) * 1e3:.0f}"
+                f"{ttft}")
         print(line, file=sys.stderr, flush=True)
 
 

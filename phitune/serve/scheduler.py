@@ -1,9 +1,9 @@
 """One thread that owns every generation: the requests decoding at once form one batch, each
 row with its own adapter or none, and every decode step computes a token for all of them.
 
-The batch is continuous: a request admitted while others decode prefills alone (a chunk of its
-prompt per turn, so a long prompt cannot stall the others for long), then joins the batch at
-the next step; a row that ends (end of sequence, max_tokens, a stop string, a client gone)
+The batch is continuous: a request admitted while others decode prefills apart from the batch
+(short prompts that arrive together in one run, a long one a chunk per turn, so it cannot
+stall the others for long), then joins the batch at the next step; a row that ends (end of sequence, max_tokens, a stop string, a client gone)
 leaves at once. So a request that arrives mid-batch waits at most one decode step plus its own
 prefill, whatever the others' lengths. `infer/batched.py` runs the graph with a LoRA adapter per
 row; greedy tokens are the ones each request gets alone (tests/test_batched.py).
@@ -38,7 +38,8 @@ class ShuttingDown(Exception):
     """The server is stopping and takes no new request."""
 
 
-# A prompt is fed this many tokens per turn: long prompts interleave with other answers.
+# A prefill run computes at most this many positions, padding included: a long prompt is fed
+# this many tokens per turn (it interleaves with other answers), short ones share a run.
 PREFILL_CHUNK = 256
 
 
@@ -106,14 +107,15 @@ class Scheduler:
 
     def __init__(self, session: Session, parallel: int = 4, max_queue: int = 16):
         self.session = session
-        # the graph again, with a LoRA input per row (weights loaded a second time: og's
-        # model above still serves the tokenizer and chat template)
+        # the graph with a LoRA input per row; og's copy of the weights loads only for a graph
+        # that cannot batch (server.py opens the session with its tokenizer alone)
         try:
             self.model = BatchModel(session.model_dir, session.adapter_files)
             self.batch = Batch(self.model)
         except Unbatchable as exc:  # a generator per request, a token each in turn (alone.py)
             ui.debug(f"no batching for {session.model_dir}: {exc}")
             self.model = self.batch = None
+            session.load_weights()
         self.parallel = parallel
         self.max_queue = max_queue
         self._waiting: deque[Job] = deque()
@@ -168,6 +170,7 @@ class Scheduler:
     # ------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        deferred = False  # the last turn left out the step
         while True:
             with self._lock:
                 while not self._active and not self._waiting and not self._closing:
@@ -187,11 +190,22 @@ class Scheduler:
             if self.model is None:
                 self._end([job for job in turn if job not in gone and alone.advance(self, job)])
                 continue
-            ended = [job for job in turn if job not in gone and self._prefill(job)]
-            time.sleep(0)
-            ended += self._step([job for job in turn if job not in gone and job not in ended])
+            live = [job for job in turn if job not in gone]
+            ended = self._prefill(live)
             self._end(ended)
+            # a request that came in meanwhile prefills before the step (its first token
+            # waits for no step), once in a row: the batch steps at least every other turn
+            deferred = not deferred and self._arrived()
+            if deferred:
+                continue
+            time.sleep(0)
+            self._end(self._step([job for job in live if job not in ended]))
             time.sleep(0)  # hand the GIL to the event loop between steps
+
+    def _arrived(self) -> bool:
+        """Whether a waiting request can be admitted now."""
+        with self._lock:
+            return bool(self._waiting) and len(self._active) < self.parallel and not self._closing
 
     def _end(self, jobs: list[Job]) -> None:
         """Take ended jobs out of the batch (their KV rows freed) and off the active list."""
@@ -204,20 +218,43 @@ class Scheduler:
                 job.row = None
                 self._active.remove(job)
 
-    def _prefill(self, job: Job) -> bool:
-        """A prompt chunk of a job not in the batch yet; with the prompt in, its first token
-        and its place in the batch. True when it has ended."""
-        if job.row is not None and job.row.prefilled:
-            return False
-        try:
+    def _prefill(self, jobs: list[Job]) -> list[Job]:
+        """One turn's prompt work for the jobs not in the batch yet; the jobs that ended.
+
+        Fresh prompts of up to PREFILL_CHUNK tokens run together, shortest first, as many
+        to a run as fit PREFILL_CHUNK positions with the padding (requests that arrive at
+        once then share one run instead of each waiting for the ones before it: the TTFT
+        at several clients); a longer prompt feeds one chunk alone. A job whose prompt is in
+        gets its first token and joins the batch."""
+        waiting = [job for job in jobs if job.row is None or not job.row.prefilled]
+        for job in waiting:
             if job.row is None:
                 job.row = Row(list(job.ids), job.adapter)
                 job.stream = self.session.tokenizer.create_stream()
                 job.rng = np.random.default_rng(job.sampling.seed if job.sampling.seed
                                                 is not None else random.getrandbits(64))
-            logits = self.model.prefill(job.row, PREFILL_CHUNK)
-            if logits is None:
-                return False
+        fresh = sorted((job for job in waiting if job.row.fed == 0
+                        and len(job.row.prompt) <= PREFILL_CHUNK), key=lambda j: len(j.row.prompt))
+        runs = _runs(fresh) + [[job] for job in waiting if job not in fresh]
+        ended = []
+        for run in runs:
+            try:
+                if len(run) > 1:
+                    firsts = self.model.prefill_together([job.row for job in run])
+                else:
+                    firsts = [self.model.prefill(run[0].row, PREFILL_CHUNK)]
+            except Exception as exc:  # noqa: BLE001 — these requests fail, the server lives on
+                self._fail(run, exc)
+                ended += run
+                continue
+            ended += [job for job, logits in zip(run, firsts)
+                      if logits is not None and self._first(job, logits)]
+            time.sleep(0)
+        return ended
+
+    def _first(self, job: Job, logits) -> bool:
+        """A prefilled job's first token, then its place in the batch; True when it ended."""
+        try:
             if self._token(job, logits):
                 return True
             self.batch.join(job.row)
@@ -267,3 +304,14 @@ class Scheduler:
             job._finish("error", f"generation failed: {type(exc).__name__}: "
                                  f"{first_line(exc, 200, '')}")
         return True
+
+
+def _runs(fresh: list[Job]) -> list[list[Job]]:
+    """Prompts sorted by length, cut into runs of at most PREFILL_CHUNK padded positions."""
+    runs: list[list[Job]] = []
+    for job in fresh:
+        if runs and (len(runs[-1]) + 1) * len(job.row.prompt) <= PREFILL_CHUNK:
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs

@@ -40,7 +40,9 @@ def run(options: ServeOptions) -> None:
     if options.host not in LOOPBACK:
         ui.info(f"[yellow]warning:[/yellow] listening on {options.host}: other machines can reach "
                 "this server" + ("" if options.api_key else " and no --api_key is set"))
-    session = Session(model_dir, adapters, None)
+    # the tokenizer only: the scheduler loads the weights once, in its batched session or
+    # (a graph it cannot batch) og's
+    session = Session(model_dir, adapters, None, weights=False)
     scheduler = Scheduler(session, options.parallel, options.max_queue)
     config = ServeConfig(base, [a.name for a in adapters], options.api_key,
                          options.max_body_kb * 1024, options.max_tokens)
