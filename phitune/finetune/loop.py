@@ -245,7 +245,8 @@ def train(model, rows: Sequence[dict], collate: Callable, cfg: TrainConfig, devi
 def _optimizer(params: list, cfg: TrainConfig, steps: int):
     """AdamW and its schedule: linear warmup over `warmup_steps`, then linear decay to 0."""
     if cfg.optim_state_dtype == torch.float32:
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                      fused=fusable(params))
     else:
         from phitune.finetune.optim import AdamW
         optimizer = AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -256,6 +257,14 @@ def _optimizer(params: list, cfg: TrainConfig, steps: int):
             return (step + 1) / cfg.warmup_steps
         return max(0.0, (steps - step) / max(1, steps - cfg.warmup_steps))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def fusable(params: list) -> bool:
+    """Whether AdamW can run fused: one kernel per parameter instead of a dozen elementwise ops
+    (torch's default on CPU is a Python loop over them), the same update up to float rounding.
+    A small model's step is overhead-bound, and the optimizer is a visible share of it."""
+    return bool(params) and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                                and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def _restore(state: dict, model, optimizer, scheduler, result: TrainResult) -> None:
