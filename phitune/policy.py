@@ -28,6 +28,11 @@ SPEED_FROM_PARAMS = 64_000_000
 # own dtype, the search computes in a half type and compiles its kernels (below, compiling costs
 # what it saves: SmolLM2-135M).
 QUANTIZE_LEAN_FROM_PARAMS = 1_000_000_000
+# finetune on an AWQ base: up to this many MB of float base weights (in the compute dtype) the
+# base is dequantized once at load (--base_weights auto). A small model's passes are
+# overhead-bound and its float base is small (SmolLM2-135M: 0.5 GB in fp32), where
+# dequantizing each weight per matmul, forward and backward, costs time for little memory.
+FLOAT_BASE_MAX_MB = 1024
 
 
 @dataclass
@@ -112,3 +117,14 @@ def calibration_dtype(choice: str, n_params: int, device: str, model_dtype):
     if device == "cuda":
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
     return torch.bfloat16
+
+
+def base_weights(choice: str, n_params: int, dtype) -> Choice:
+    """How finetune holds an AWQ base: the user's int4/float, else float when its float weights
+    take at most FLOAT_BASE_MAX_MB in `dtype`, int4 (kept packed) above."""
+    if choice != "auto":
+        return Choice(choice == "int4", "as asked")
+    mb = n_params * dtype.itemsize / 2**20
+    if mb <= FLOAT_BASE_MAX_MB:
+        return Choice(False, f"its float weights take {mb:.0f} MB")
+    return Choice(True, f"its float weights would take {mb / 1024:.1f} GB")

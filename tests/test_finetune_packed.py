@@ -176,14 +176,28 @@ def test_finetune_cli_int4_and_float_bases_train_the_same_adapter(tiny_awq, cli,
 
     from safetensors.torch import load_file
     from test_finetune import lab
-    for weights in ("int4", "float"):
+    for weights in ("int4", "float", "auto"):  # auto: tiny-phi3's float base is small: float
         result = cli(*lab(tiny_awq, tmp_path / weights, "--max_steps", "4", "--merge",
                           "--base_weights", weights))
         assert result.code == 0, result.err
         params = json.loads((tmp_path / weights / "phitune.json").read_text())["params"]
-        assert params.get("base_weights", "int4") == weights  # the default is left out of the key
+        assert params.get("base_weights", "auto") == weights  # the default is left out of the key
     for part in ("adapter/adapter_model.safetensors", "merged/model.safetensors"):
-        a, b = (load_file(str(tmp_path / w / part)) for w in ("int4", "float"))
+        a, b, auto = (load_file(str(tmp_path / w / part)) for w in ("int4", "float", "auto"))
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+            assert torch.equal(auto[key], b[key]), key
+
+
+def test_auto_base_weights_dequantize_small_bases_once_and_keep_large_ones_packed():
+    from phitune.policy import FLOAT_BASE_MAX_MB, base_weights
+    smollm2 = 134_515_008  # SmolLM2-135M: 513 MB in fp32
+    assert not base_weights("auto", smollm2, torch.float32).on
+    phi3_mini = 3_821_079_552
+    assert base_weights("auto", phi3_mini, torch.bfloat16).on
+    edge = FLOAT_BASE_MAX_MB * 2**20 // 4
+    assert not base_weights("auto", edge, torch.float32).on
+    assert base_weights("auto", edge + 1, torch.float32).on
+    assert base_weights("int4", smollm2, torch.float32).on  # asked: as asked
+    assert not base_weights("float", phi3_mini, torch.bfloat16).on

@@ -59,9 +59,11 @@ class FinetuneOptions(RecordOptions):
     compile: bool | None = O.compile("the decoder layers: fused elementwise kernels, a slower "
                                      "first step", "64M")
     base_weights: str = O.option(
-        "int4", "How an AWQ base is held: int4 (packed, as on disk; each weight dequantized "
+        "auto", "How an AWQ base is held: int4 (packed, as on disk; each weight dequantized "
         "while its matmul runs: ~4x less memory) or float (dequantized once at load: faster "
-        "passes, 4x the memory).", choices=("int4", "float"))
+        "passes, 4x the memory); auto: float when that base takes at most 1 GB (a small model "
+        "is overhead-bound, not memory-bound), else int4. The same function either way.",
+        choices=("auto", "int4", "float"))
     optim_state_dtype: str = O.option(
         "float32", "AdamW's moment estimates: bfloat16 halves the optimizer's memory; the update "
         "is still computed in fp32.",

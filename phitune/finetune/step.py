@@ -154,7 +154,8 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
     from phitune.finetune.base import load_base
     from phitune.models import quiet_gptqmodel
 
-    base = load_base(model_ref, opts.method, device, dtype, opts.base_weights)
+    base = load_base(model_ref, opts.method, device, dtype,
+                     _base_weights(opts.base_weights, model_ref, dtype, say and large))
     passes = memory.rows_per_pass(device, opts.max_seq_len)
     pass_rows = min(passes or opts.per_device_train_batch_size, opts.per_device_train_batch_size)
     choice = memory.choose_checkpointing(opts.gradient_checkpointing, large, base.config,
@@ -171,6 +172,17 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
     compiled = _compile(model, opts.compile, large, device, say)
     _fuse_dequantize(model, large, device, say)
     return model, passes, choice.on, compiled
+
+
+def _base_weights(choice: str, model_ref, dtype, say: bool) -> str:
+    """int4 or float: how an AWQ base is held (policy.base_weights), said for large models."""
+    if model_ref.kind != "awq-model":
+        return choice
+    packed = policy.base_weights(choice, policy.parameter_count(model_ref.path), dtype)
+    if say and choice == "auto":
+        ui.info(f"int4 base {'kept packed' if packed.on else 'dequantized once at load'} "
+                f"({packed.reason})")
+    return "int4" if packed.on else "float"
 
 
 def _train_config(opts, autocast_dtype, passes: int):
