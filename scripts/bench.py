@@ -5,6 +5,7 @@
     python scripts/bench.py quantize --phi3-mini-layers 32  # + a Phi-3-mini-shaped model (random weights)
     python scripts/bench.py finetune                      # phitune vs HF Trainer + PEFT (padding, no packing)
     python scripts/bench.py finetune --int4-base          # LoRA on int4 bases: kept packed vs dequantized at load
+    python scripts/bench.py finetune --trl                # SmolLM2: phitune (float, int4 base) vs TRL's SFTTrainer
     python scripts/bench.py chain --layers 32             # quantize → finetune → auto-opt → infer: time, peak memory
     python scripts/bench.py auto-opt --layers 2 4         # int4 export peak memory, Phi-3-mini-shaped
     python scripts/bench.py infer                         # decode tok/s, TTFT: int4 (block 32 / 128) vs PyTorch, vs bandwidth

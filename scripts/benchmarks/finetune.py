@@ -67,6 +67,9 @@ def bench_finetune(args: argparse.Namespace) -> None:
     if args.int4_base:
         from benchmarks.finetune_int4 import bench_int4_base
         return bench_int4_base(args)
+    if args.trl:  # phitune vs TRL's SFTTrainer on SmolLM2 (finetune_trl.py)
+        from benchmarks.finetune_trl import bench_trl
+        return bench_trl(args)
     models = {"tiny-phi3": "tiny-phi3"}
     if args.phi3_shaped_layers:
         models[f"phi3-mini-shaped-{args.phi3_shaped_layers}l"] = str(build_phi3_mini_shaped(
@@ -120,6 +123,8 @@ def register(sub) -> None:
     register_options(f)
     from benchmarks.finetune_int4 import register_arguments
     register_arguments(f)
+    from benchmarks import finetune_trl
+    finetune_trl.register(sub, f)
     f.set_defaults(func=bench_finetune)
     b = sub.add_parser("_baseline_finetune")
     for name in ("--model", "--data_files", "--target_modules"):

