@@ -39,13 +39,15 @@ def test_awq_closes_more_of_the_gap_than_rtn(outputs):
 
 
 def test_gptq_and_awq_gptq_close_more_of_the_gap_than_rtn(outputs):
-    """tiny-phi3 has real activation outliers (facts.md). Measured gap / RTN gap: GPTQ 0.33,
-    AWQ+GPTQ 0.15, AWQ 0.20."""
+    """tiny-phi3 has real activation outliers (facts.md). Each lands nearer the float
+    perplexity than RTN by the bound's factor, on either side: on held-out text a quantized
+    model can come out a little below float (GPTQ with act-order and searched ranges did here,
+    -0.43x RTN's gap; AWQ+GPTQ 0.15x and AWQ 0.20x measured before act-order)."""
     rtn = _manifest(outputs / "rtn")["metrics"]
     for algorithm, bound in (("gptq", 0.5), ("awq_gptq", 0.3)):
         m = _manifest(outputs / algorithm)["metrics"]
         assert m["ppl_before"] == pytest.approx(rtn["ppl_before"])
-        assert 0 <= m["ppl_gap"] <= bound * rtn["ppl_gap"], (algorithm, m["ppl_gap"])
+        assert abs(m["ppl_gap"]) <= bound * rtn["ppl_gap"], (algorithm, m["ppl_gap"])
         config = json.loads((outputs / algorithm / "config.json").read_text())
         assert config["quantization_config"]["meta"]["algorithm"] == algorithm
 
