@@ -126,8 +126,10 @@ def random_lora(model_dir: Path, path: Path, rank: int) -> Path:
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    # every projection: Phi-3's fused names, or PEFT's "all-linear" (all but the LM head) elsewhere
+    targets = LORA_TARGETS if model.config.model_type == "phi3" else "all-linear"
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
-                                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+                                             target_modules=targets, task_type="CAUSAL_LM"))
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
