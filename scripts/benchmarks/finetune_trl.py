@@ -3,7 +3,8 @@
 0.05, lr 2e-4, batch 4 × 512 tokens, the same number of steps; each tool at its best: packed
 rows and loss on the completion only for both, fp32 (bf16 where the CPU has native bf16 matmul:
 TRL's own default), TRL without gradient checkpointing (its default is on: slower here, and the
-model fits). phitune runs on the float checkpoint and on its RTN int4 base (kept packed). Every
+model fits). phitune runs on the float checkpoint and on its RTN int4 base (`--base_weights`
+auto, which dequantizes a base this small once, and int4, kept packed). Every
 run is its own subprocess, so peak RSS is its own.
 
 TRL is an optional bench requirement (`pip install --no-deps trl==1.16.0`: its dependencies are
@@ -83,11 +84,14 @@ def bench_trl(args: argparse.Namespace) -> None:
               "--per_device_train_batch_size", str(args.batch_size),
               "--max_seq_len", str(args.max_seq_len), "--force"]
     runs = {"TRL SFTTrainer (float)": _trl_run(args, float_dir, data)}
-    for label, model in (("phitune (float)", float_dir), ("phitune (int4 base)", int4_dir)):
-        runs[label] = phitune_json(*common, "-m", model, "-o", tempfile.mkdtemp() + "/ft")
+    for label, model, extra in (("phitune (float)", float_dir, ()),
+                                ("phitune (int4 base, auto)", int4_dir, ()),
+                                ("phitune (int4 base, packed)", int4_dir,
+                                 ("--base_weights", "int4"))):
+        runs[label] = phitune_json(*common, *extra, "-m", model, "-o", tempfile.mkdtemp() + "/ft")
     ref = runs["TRL SFTTrainer (float)"]
     for label, run in runs.items():
-        print(f"{label:24} {run['tokens_per_s']:8.1f} tok/s  peak RSS {run['peak_rss_mb']:7.0f} MB"
+        print(f"{label:28} {run['tokens_per_s']:8.1f} tok/s  peak RSS {run['peak_rss_mb']:7.0f} MB"
               f"  ({run['dtype']}{', compiled' if run.get('compiled') else ''}, "
               f"{run['train_seconds']:.0f} s training)  → {run['tokens_per_s'] / ref['tokens_per_s']:.2f}"
               f"× tok/s (goal ≥ 2), {run['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× memory "

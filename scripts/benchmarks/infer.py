@@ -190,9 +190,10 @@ def bench_infer(args: argparse.Namespace) -> None:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     h, layers = INFER_SHAPE["hidden_size"], args.layers
-    models = [("tiny-phi3", REPO / "data" / "tiny-phi3"),
-              (f"phi3-shaped-{h}h-{layers}l", build_phi3_shaped(cache / f"infer-phi3-{h}h-{layers}l",
-                                                                 layers, INFER_SHAPE))]
+    models = [("tiny-phi3", REPO / "data" / "tiny-phi3")]
+    if layers:
+        models.append((f"phi3-shaped-{h}h-{layers}l", build_phi3_shaped(
+            cache / f"infer-phi3-{h}h-{layers}l", layers, INFER_SHAPE)))
     if args.phi3_mini_layers:
         n = args.phi3_mini_layers
         models.append((f"phi3-mini-shaped-{n}l",
@@ -223,7 +224,10 @@ def bench_infer(args: argparse.Namespace) -> None:
         n = args.new_tokens
         configs = {"PyTorch fp32 generate": (torch_generator, str(float_dir), ids, n, threads)}
         exports = {}
-        for block in (32, 128):  # 32: auto-opt's default for a float input; 128: AWQ's layout
+        hidden = json.loads((Path(float_dir) / "config.json").read_text())["hidden_size"]
+        # 32: auto-opt's default for a float input; 128: AWQ's layout (64 where 128 does not
+        # divide the hidden size: SmolLM2's 576)
+        for block in (32, 128 if hidden % 128 == 0 else 64):
             suffix = "" if block == 32 else f"-b{block}"
             onnx_dir = cache / f"infer-{name}-int4{suffix}"
             built = phitune_json("auto-opt", "-m", spec, "--block_size", str(block), "-o", str(onnx_dir))
@@ -294,7 +298,7 @@ def register(sub) -> None:
     i = sub.add_parser("infer", help="decode tok/s and TTFT: int4 vs PyTorch fp32 generate and vs "
                                      "the memory-bandwidth limit, with and without an adapter")
     i.add_argument("--layers", type=int, default=12,
-                   help="layers of the Phi-3-shaped bench model (hidden 1024, random weights)")
+                   help="layers of the Phi-3-shaped bench model (hidden 1024, random weights; 0 = skip)")
     i.add_argument("--phi3-mini-layers", type=int, default=4,
                    help="also a Phi-3-mini-shaped model with this many layers (real matrix sizes, "
                         "the representative case; 32 = full size, 0 = skip)")
