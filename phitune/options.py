@@ -261,10 +261,10 @@ def dtype(help: str) -> Any:
     return option("auto", help, choices=DTYPES)
 
 
-def compile(what: str, from_params: str) -> Any:  # noqa: A001 - the option's name
+def compile(what: str, from_params: str, unless: str = "") -> Any:  # noqa: A001 - option name
     """--compile/--no-compile; unset, the step decides (compiling.choose_compile)."""
     return option(None, f"torch.compile {what} (default: on for {from_params}+ parameter models "
-                  "on CPU with a C++ compiler).", negatable=True, dashed=False)
+                  f"on CPU with a C++ compiler{unless}).", negatable=True, dashed=False)
 
 
 class OptionsCommand(click.Command):

@@ -18,6 +18,15 @@ def test_compile_is_off_for_small_models_and_unmeasured_devices():
     assert not compiling.choose_compile(False, True, "cpu").on
 
 
+def test_a_base_kept_4bit_trains_eager_unless_asked(monkeypatch):
+    """Memory first: a large model's compiled layers took GBs more than its int4 base saved."""
+    monkeypatch.setattr(compiling, "_toolchain_problem", lambda device: None)
+    choice = compiling.choose_compile(None, True, "cpu", memory_first=True)
+    assert not choice.on and "4-bit" in choice.reason
+    assert compiling.choose_compile(True, True, "cpu", memory_first=True).on
+    assert compiling.choose_compile(None, True, "cpu", memory_first=False).on
+
+
 def test_a_missing_compiler_keeps_training_eager_and_says_why(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     choice = compiling.choose_compile(True, False, "cpu")

@@ -57,7 +57,8 @@ class FinetuneOptions(RecordOptions):
         "pass's activations would take over half the free memory; never below 64M parameters).",
         negatable=True)
     compile: bool | None = O.compile("the decoder layers: fused elementwise kernels, a slower "
-                                     "first step", "64M")
+                                     "first step, more memory", "64M",
+                                     ", unless the base is kept 4-bit")
     base_weights: str = O.option(
         "auto", "How an AWQ base is held: int4 (packed, as on disk; each weight dequantized "
         "while its matmul runs: ~4x less memory) or float (dequantized once at load: faster "

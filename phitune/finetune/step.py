@@ -154,8 +154,9 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
     from phitune.finetune.base import load_base
     from phitune.models import quiet_gptqmodel
 
-    base = load_base(model_ref, opts.method, device, dtype,
-                     _base_weights(opts.base_weights, model_ref, dtype, say and large))
+    weights = _base_weights(opts.base_weights, model_ref, dtype, say and large)
+    base = load_base(model_ref, opts.method, device, dtype, weights)
+    four_bit = opts.method == "qlora" or (model_ref.kind == "awq-model" and weights == "int4")
     passes = memory.rows_per_pass(device, opts.max_seq_len)
     pass_rows = min(passes or opts.per_device_train_batch_size, opts.per_device_train_batch_size)
     choice = memory.choose_checkpointing(opts.gradient_checkpointing, large, base.config,
@@ -169,7 +170,7 @@ def _lora_model(opts, model_ref, device: str, dtype, large: bool, say: bool):
     quiet_gptqmodel()  # peft imports it when installed: no banner, no environment edits
     model = lora.wrap(base, opts.lora_r, opts.lora_alpha, opts.lora_dropout, targets)
     model.train()  # before any forward: some quantized kernels latch inference-only paths
-    compiled = _compile(model, opts.compile, large, device, say)
+    compiled = _compile(model, opts.compile, large, device, say, memory_first=four_bit)
     _fuse_dequantize(model, large, device, say)
     return model, passes, choice.on, compiled
 
@@ -261,11 +262,12 @@ def _train(model, rows, collate, cfg, device: str, world, checkpoint, resume: bo
                               "run the same command with --resume to continue from it") from None
 
 
-def _compile(model, requested: bool | None, large: bool, device: str, say: bool) -> bool:
+def _compile(model, requested: bool | None, large: bool, device: str, say: bool,
+             memory_first: bool) -> bool:
     from phitune.compiling import choose_compile
     from phitune.finetune import layer_compile
     from phitune.policy import Choice
-    choice = choose_compile(requested, large, device)
+    choice = choose_compile(requested, large, device, memory_first)
     if choice.on and not layer_compile.compile_layers(model):
         choice = Choice(False, "no decoder layer list found")
     if say and (large or requested):
