@@ -17,15 +17,16 @@ def choose_compile(requested: bool | None, large: bool, device: str,
                    memory_first: bool = False) -> Choice:
     """The user's choice; else on for large models on CPU when inductor can build a kernel
     here, unless the caller saves memory first (`memory_first`: finetune on a base kept 4-bit,
-    where inductor's compiled layers would add more memory than the base saved). CUDA stays
+    where a first, cold compile raises the peak by GBs: inductor builds its kernels in the
+    process). CUDA stays
     eager unless asked: not measured there yet."""
     if requested is False:
         return Choice(False, "as asked")
     if requested is None and not large:
         return Choice(False, "small model")
     if requested is None and memory_first:
-        return Choice(False, "the base is kept 4-bit to save memory, and compiled layers take "
-                             "GBs more; --compile to trade memory for speed")
+        return Choice(False, "the base is kept 4-bit to save memory, and compiling takes GBs "
+                             "more at first; --compile to trade memory for speed")
     if requested is None and device != "cpu":
         return Choice(False, "not measured on this device; --compile to try")
     problem = _toolchain_problem(device)
