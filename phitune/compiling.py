@@ -18,8 +18,7 @@ def choose_compile(requested: bool | None, large: bool, device: str,
     """The user's choice; else on for large models on CPU when inductor can build a kernel
     here, unless the caller saves memory first (`memory_first`: finetune on a base kept 4-bit,
     where a first, cold compile raises the peak by GBs: inductor builds its kernels in the
-    process). CUDA stays
-    eager unless asked: not measured there yet."""
+    process). CUDA stays eager unless asked: not measured there yet."""
     if requested is False:
         return Choice(False, "as asked")
     if requested is None and not large:

@@ -241,7 +241,6 @@ class BatchModel:
         row.fed = end
         return logits[0] if row.prefilled else None
 
-
     def prefill_together(self, rows: Sequence[Row]) -> list[np.ndarray]:
         """Fresh rows' whole prompts in one run, each with its adapter, right-padded to the
         longest: a prompt's causal attention never reaches the padding after it, and each

@@ -3,10 +3,11 @@ row with its own adapter or none, and every decode step computes a token for all
 
 The batch is continuous: a request admitted while others decode prefills apart from the batch
 (short prompts that arrive together in one run, a long one a chunk per turn, so it cannot
-stall the others for long), then joins the batch at the next step; a row that ends (end of sequence, max_tokens, a stop string, a client gone)
-leaves at once. So a request that arrives mid-batch waits at most one decode step plus its own
-prefill, whatever the others' lengths. `infer/batched.py` runs the graph with a LoRA adapter per
-row; greedy tokens are the ones each request gets alone (tests/test_batched.py).
+stall the others for long), then joins the batch at the next step; a row that ends (end of
+sequence, max_tokens, a stop string, a client gone) leaves at once. So a request that
+arrives mid-batch waits at most one decode step plus its own prefill, whatever the others'
+lengths. `infer/batched.py` runs the graph with a LoRA adapter per row; greedy tokens are the
+ones each request gets alone (tests/test_batched.py).
 
 onnxruntime releases the GIL while it computes; between steps the thread still yields
 (time.sleep(0)) so the HTTP event loop can accept, stream and notice disconnects.

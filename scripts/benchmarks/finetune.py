@@ -126,9 +126,15 @@ def register(sub) -> None:
     from benchmarks import finetune_trl
     finetune_trl.register(sub, f)
     f.set_defaults(func=bench_finetune)
-    b = sub.add_parser("_baseline_finetune")
-    for name in ("--model", "--data_files", "--target_modules"):
-        b.add_argument(name)
-    for name in ("--steps", "--lora_r", "--batch_size", "--max_seq_len"):
-        b.add_argument(name, type=int)
-    b.set_defaults(func=baseline_finetune)
+    add_child_run(sub, "_baseline_finetune", baseline_finetune)
+
+
+def add_child_run(sub, name: str, func) -> None:
+    """The hidden subcommand a yardstick's run is started with, in its own process (its own
+    peak RSS): the model, data and settings every finetune comparison passes it."""
+    b = sub.add_parser(name)
+    for arg in ("--model", "--data_files", "--target_modules"):
+        b.add_argument(arg)
+    for arg in ("--steps", "--lora_r", "--batch_size", "--max_seq_len"):
+        b.add_argument(arg, type=int)
+    b.set_defaults(func=func)

@@ -113,9 +113,5 @@ def _trl_run(args: argparse.Namespace, model: str, data: str) -> dict:
 def register(sub, f) -> None:
     f.add_argument("--trl", action="store_true",
                    help="instead: phitune (float and int4 base) vs TRL's SFTTrainer on SmolLM2")
-    b = sub.add_parser("_trl_finetune")
-    for name in ("--model", "--data_files", "--target_modules"):
-        b.add_argument(name)
-    for name in ("--steps", "--lora_r", "--batch_size", "--max_seq_len"):
-        b.add_argument(name, type=int)
-    b.set_defaults(func=trl_finetune)
+    from benchmarks.finetune import add_child_run
+    add_child_run(sub, "_trl_finetune", trl_finetune)
