@@ -10,7 +10,7 @@
     python scripts/bench.py auto-opt --layers 2 4         # int4 export peak memory, Phi-3-mini-shaped
     python scripts/bench.py infer                         # decode tok/s, TTFT: int4 (block 32 / 128) vs PyTorch, vs bandwidth
     python scripts/bench.py chat                          # TTFT per chat turn: kept KV cache vs a fresh prefill per turn
-    python scripts/bench.py serve                         # phitune serve: 1-8 clients, two adapters + base; soak
+    python scripts/bench.py serve                         # phitune serve: 1-8 clients at once and staggered, two adapters + base; soak
     python scripts/bench.py sequence-start                # a BOS-trained Gemma-shaped model's ppl with / without <bos>
     python scripts/bench.py eval                          # perplexity on a 262k-vocabulary model: chunked NLL vs whole-window logits
 

@@ -1,5 +1,6 @@
-"""`bench.py serve`: phitune serve on loopback at 1-8 clients mixing adapters and the base,
-og.Engine's batching for reference, and a soak with bad payloads and dropped streams."""
+"""`bench.py serve`: phitune serve on loopback at 1-8 clients mixing adapters and the base, the
+clients arriving at once (lockstep) and spread out (staggered), og.Engine's batching for
+reference, and a soak with bad payloads and dropped streams."""
 
 from __future__ import annotations
 
@@ -76,10 +77,28 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
+ARRIVALS = ("lockstep", "staggered")
+
+
+def client_starts(clients: int, arrivals: str, solo_s: float) -> list[float]:
+    """When each client sends its first request, in seconds after the run starts. lockstep:
+    all at once (answers of the same length keep them in phase: every prompt then arrives
+    with the others'); staggered: client i at i/clients of one request's solo latency, so
+    their requests are spread evenly over a request's time (a request arriving mid-batch
+    joins at the next step, so the continuous batch keeps them out of phase)."""
+    if arrivals == "lockstep":
+        return [0.0] * clients
+    return [i * solo_s / clients for i in range(clients)]
+
+
 def serve_load(port: int, models: list[str], clients: int, requests: int, new_tokens: int,
-               deadline: float) -> dict:
-    """`requests` streamed chat requests from `clients` threads, rotating over `models`."""
-    from concurrent.futures import ThreadPoolExecutor
+               deadline: float, starts: list[float] | None = None) -> dict:
+    """`requests` streamed chat requests from `clients` clients, rotating over `models`: each
+    client a thread of its own, sending its share one after another (the next as soon as its
+    answer ends), the first `starts[i]` s after the run starts (all at once by default)."""
+    import threading
+    starts = starts or [0.0] * clients
+    results: list[list[dict]] = [[] for _ in range(clients)]
 
     def one(i: int) -> dict:
         if time.monotonic() > deadline:
@@ -88,10 +107,20 @@ def serve_load(port: int, models: list[str], clients: int, requests: int, new_to
             "model": models[i % len(models)], "temperature": 0, "max_tokens": new_tokens,
             "stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)]}]})
+
+    def client(c: int) -> None:
+        time.sleep(max(0.0, start + starts[c] - time.perf_counter()))
+        for i in range(c, requests, clients):  # round k sends requests k*clients .. +clients-1
+            results[c].append(one(i))
+    threads = [threading.Thread(target=client, args=(c,), name=f"client-{c}")
+               for c in range(clients)]
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one, range(requests)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     wall = time.perf_counter() - start
+    results = [r for mine in results for r in mine]
     done = [r for r in results if r["status"] == 200]
     tokens = sum(r["tokens"] for r in done)
     return {"clients": clients, "requests": len(done), "failed": len(results) - len(done),
@@ -138,8 +167,9 @@ def serve_soak(port: int, models: list[str], total: int, clients: int, new_token
 
 def bench_serve(args: argparse.Namespace) -> None:
     """phitune serve on loopback: throughput and latency at 1, 2, 4, 8 concurrent clients over
-    a mix of the base and two adapters, og's own batching (og.Engine, base only) for
-    reference, and a soak with disconnects and bad payloads."""
+    a mix of the base and two adapters, the clients starting at once and staggered (a row
+    each), og's own batching (og.Engine, base only) for reference, and a soak with
+    disconnects and bad payloads."""
     import signal
     import socket
     cache = Path(args.cache)
@@ -174,33 +204,52 @@ def bench_serve(args: argparse.Namespace) -> None:
         print(f"== serve: Phi-3-mini-shaped {n} layers, int4 block 128, random weights; adapters "
               f"r16 + r8 on every projection; requests rotate base/alpha/beta; greedy, "
               f"{args.new_tokens} new tokens, streamed; server RSS {rss_start:.0f} MB after warm-up")
+        modes = list(ARRIVALS) if args.arrivals == "both" else [args.arrivals]
         print("TTFT: to the first streamed text, at the client; server TTFT: to the first "
               "token, from the server's log")
-        print(f"{'clients':>7} {'requests':>8} {'tok/s':>7} {'× 1 client':>10} {'req/s':>6} "
-              f"{'TTFT p50':>9} {'p95':>6} {'server TTFT p50':>16} {'p95':>6} "
+        print("each client sends its requests one after another; arrivals: lockstep = the "
+              "clients start at once (same-length answers keep their prompts arriving "
+              "together), staggered = client i starts i/N of one request's solo latency later "
+              "(the 1-client row's latency p50; staggered tok/s include that ramp)")
+        print(f"{'clients':>7} {'arrivals':>9} {'requests':>8} {'tok/s':>7} {'× 1 client':>10} "
+              f"{'req/s':>6} {'TTFT p50':>9} {'p95':>6} {'server TTFT p50':>16} {'p95':>6} "
               f"{'latency p50':>12} {'p95':>6}")
         rows = []
+        solo_s = None  # one request's latency alone: the stagger's period
         for clients in args.clients:
-            skip = len(log.read_text().splitlines())
-            row = serve_load(port, models, clients, args.requests_per_client * clients,
-                             args.new_tokens, deadline)
-            time.sleep(0.5)  # the last request's log line
-            server = server_ttfts(log, skip)
-            row["server_ttft_p50"], row["server_ttft_p95"] = _pct(server, 0.5), _pct(server, 0.95)
-            rows.append(row)
-            print(f"{clients:7} {row['requests']:8} {row['tok_per_s']:7.1f} "
-                  f"{row['tok_per_s'] / rows[0]['tok_per_s']:9.2f}× {row['req_per_s']:6.2f} "
-                  f"{row['ttft_p50']:8.2f}s {row['ttft_p95']:5.2f}s "
-                  f"{row['server_ttft_p50']:15.2f}s {row['server_ttft_p95']:5.2f}s "
-                  f"{row['lat_p50']:11.2f}s "
-                  f"{row['lat_p95']:5.2f}s" + (f"  ({row['failed']} failed)" if row["failed"] else ""))
+            for arrivals in (["either"] if clients == 1 else modes):
+                if arrivals == "staggered" and solo_s is None:
+                    solo_s = serve_load(port, models, 1, 1, args.new_tokens, deadline)["lat_p50"]
+                    print(f"(no 1-client row before: one request alone took {solo_s:.2f} s)")
+                skip = len(log.read_text().splitlines())
+                row = serve_load(port, models, clients, args.requests_per_client * clients,
+                                 args.new_tokens, deadline,
+                                 client_starts(clients, arrivals, solo_s or 0.0))
+                time.sleep(0.5)  # the last request's log line
+                server = server_ttfts(log, skip)
+                row["server_ttft_p50"], row["server_ttft_p95"] = _pct(server, 0.5), _pct(server, 0.95)
+                row["arrivals"] = arrivals
+                if clients == 1:
+                    solo_s = row["lat_p50"]
+                rows.append(row)
+                base = next((r for r in rows if r["clients"] == 1), rows[0])
+                print(f"{clients:7} {arrivals:>9} {row['requests']:8} {row['tok_per_s']:7.1f} "
+                      f"{row['tok_per_s'] / base['tok_per_s']:9.2f}× {row['req_per_s']:6.2f} "
+                      f"{row['ttft_p50']:8.2f}s {row['ttft_p95']:5.2f}s "
+                      f"{row['server_ttft_p50']:15.2f}s {row['server_ttft_p95']:5.2f}s "
+                      f"{row['lat_p50']:11.2f}s "
+                      f"{row['lat_p95']:5.2f}s" + (f"  ({row['failed']} failed)" if row["failed"] else ""))
         rss_load = _serve_rss_mb(proc.pid)
         print(f"server RSS {rss_start:.0f} → {rss_load:.0f} MB over the load runs")
-        four = next((r for r in rows if r["clients"] == 4), None)
-        if four:
-            print(f"goal: 4 clients ≥ 1.8× one client's tok/s → {four['tok_per_s'] / rows[0]['tok_per_s']:.2f}×; "
-                  f"TTFT p95 ≤ 2× one client's → {four['ttft_p95'] / rows[0]['ttft_p95']:.2f}× "
-                  f"(server TTFT {four['server_ttft_p95'] / rows[0]['server_ttft_p95']:.2f}×)")
+        base = next((r for r in rows if r["clients"] == 1), rows[0])
+        for arrivals in modes:
+            four = next((r for r in rows if r["clients"] == 4 and r["arrivals"] == arrivals), None)
+            if four:
+                print(f"goal ({arrivals}): 4 clients ≥ 1.8× one client's tok/s → "
+                      f"{four['tok_per_s'] / base['tok_per_s']:.2f}×; "
+                      f"TTFT p95 ≤ 2× one client's → {four['ttft_p95'] / base['ttft_p95']:.2f}× "
+                      f"(server TTFT {four['server_ttft_p95'] / base['server_ttft_p95']:.2f}×)"
+                      + (f"; clients {solo_s / 4:.2f} s apart" if arrivals == "staggered" else ""))
 
         if args.soak:
             rss_soak = _serve_rss_mb(proc.pid)
@@ -278,6 +327,9 @@ def register(sub) -> None:
                    help="layers of the Phi-3-mini-shaped model (32 = full size)")
     s.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     s.add_argument("--requests_per_client", type=int, default=3)
+    s.add_argument("--arrivals", choices=[*ARRIVALS, "both"], default="both",
+                   help="clients start at once (lockstep), or client i of N i/N of one "
+                        "request's solo latency later (staggered); both: a row of each")
     s.add_argument("--new_tokens", type=int, default=64)
     s.add_argument("--soak", type=int, default=1000, help="soak requests (0 = skip)")
     s.add_argument("--soak_tokens", type=int, default=4)
