@@ -17,10 +17,12 @@
 Each benchmark is a module of scripts/benchmarks/ (one per step, one shared harness).
 Every run is a fresh `phitune --json quantize` subprocess, so peak RSS is that run's own.
 
-`quantize` also runs llm-compressor's AWQ on the same model dir, calibration blocks, held-out ids
-and group size (scripts/llmcompressor_awq.py) when its separate environment exists: $LLMC_VENV,
-else .venv-llmcompressor in the repo, made by `bash scripts/llmcompressor_env.sh` (it pins
-transformers <= 5.17, so it cannot share phitune's venv); otherwise one line says how to make it.
+`quantize` also runs llm-compressor's counterpart of each algorithm compared (AWQModifier for awq,
+GPTQModifier for gptq, both stacked for awq_gptq) on the same model dir, calibration blocks,
+held-out ids and group size (scripts/llmcompressor_quantize.py) when its separate environment
+exists: $LLMC_VENV, else .venv-llmcompressor in the repo, made by `bash scripts/llmcompressor_env.sh`
+(it pins transformers <= 5.17, so it cannot share phitune's venv); otherwise one line says how to
+make it. --no-llmcompressor skips them; --algorithms picks which run.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A separate virtualenv for llm-compressor, the peer AWQ that `scripts/bench.py quantize` compares
-# phitune against. Separate because llmcompressor 0.14.0.1 pins transformers <= 5.17 (and
-# compressed-tensors == 0.19.0), while phitune's own venv runs a newer transformers.
+# A separate virtualenv for llm-compressor, the peer AWQ and GPTQ that `scripts/bench.py quantize`
+# compares phitune's against (scripts/llmcompressor_quantize.py). Separate because llmcompressor
+# 0.14.0.1 pins transformers <= 5.17 (and compressed-tensors == 0.19.0), while phitune's own venv
+# runs a newer transformers.
 #
 # torch is installed first and then held by a constraint, on purpose: an unpinned torch pulls
 # several GB of CUDA packages. llmcompressor 0.14.0.1 allows torch 2.10-2.14.0, so phitune's

@@ -69,4 +69,43 @@ def test_runner_figures_print_side_by_side(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "gap +2.9790" in out and "= 39.91x forward" in out and "24.5 s/layer" in out
     assert "peak RSS 1657 MB" in out and "pin_memory made a no-op" in out and "float 20.920" in out
-    assert "LLMC gap / RTN gap          0.495" in out
+    assert "LLMC-AWQ gap / RTN gap      0.495" in out and "AWQModifier" in out
+
+
+def test_gptq_peer_runs_with_its_algorithm_and_compares_with_phitune(tmp_path, monkeypatch, capsys):
+    """phitune's GPTQ gets llm-compressor's GPTQModifier: the runner is asked for --algorithm gptq,
+    and the comparison line gives phitune's speedup over it and whose gap is smaller."""
+    measured = {"algorithm": "gptq", "seconds": 100.0, "load_s": 1.0, "save_s": 9.0, "total_s": 110.0,
+                "peak_rss_mb": 1500.0, "layers": 30, "pin_memory_patched": True, "size_mb": 166.0,
+                "versions": {"llmcompressor": "0.14.0.1", "transformers": "5.17.0"},
+                "ppl_before": 20.92, "ppl_after": 22.12, "ppl_gap": 1.2}
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'argv'}\necho '{json.dumps(measured)}'\n")
+    python.chmod(0o755)
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"model_dir": str(tmp_path), "calib": [[1, 2]], "eval_ids": [1, 2, 3]}))
+    monkeypatch.setenv("LLMC_VENV", str(tmp_path / "venv"))
+    bench = _bench()
+    assert bench.compare_llmcompressor(tokens, 64, 20.0, 6.0, tmp_path / "out", "gptq",
+                                       {"seconds": 22.0, "gap": 0.9}) == measured
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[0].endswith("llmcompressor_quantize.py") and argv[argv.index("--algorithm") + 1] == "gptq"
+    out = capsys.readouterr().out
+    assert "LLMC-GPTQ perplexity 22.120  gap +1.2000" in out and "GPTQModifier" in out
+    assert "LLMC-GPTQ gap / RTN gap     0.200" in out
+    assert "GPTQ vs LLMC-GPTQ           phitune 5.00x faster (22.0 s vs 110.0 s)" in out
+    assert "gap +0.9000 vs +1.2000 (0.150x vs 0.200x RTN's): smaller" in out
+    bench.compare_llmcompressor(tokens, 64, 20.0, 6.0, tmp_path / "out", "gptq",
+                                {"seconds": 220.0, "gap": 1.5})
+    out = capsys.readouterr().out
+    assert "phitune 2.00x slower (220.0 s vs 110.0 s); gap +1.5000 vs +1.2000" in out and ": larger" in out
+
+
+def test_every_peer_has_a_runner_recipe():
+    """The bench's peers are exactly the algorithms the runner accepts."""
+    import ast
+    tree = ast.parse((REPO / "scripts" / "llmcompressor_quantize.py").read_text())
+    runner = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and getattr(node.targets[0], "id", None) == "ALGORITHMS")
+    assert set(_bench().LLMC_PEERS) == set(runner)

@@ -1,5 +1,5 @@
 """`bench.py quantize`: AWQ, GPTQ and AWQ+GPTQ vs RTN quality, time and memory, against one plain forward and
-llm-compressor's AWQ in its own environment."""
+llm-compressor's counterpart of each (scripts/llmcompressor_quantize.py) in its own environment."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def plain_forward(args: argparse.Namespace) -> None:
         for chunk in samples.split(max(1, 8192 // args.calib_seq_len)):
             model(chunk, use_cache=False)
     seconds = time.perf_counter() - start
-    if args.dump:  # the same tokens for a peer quantizer (scripts/llmcompressor_awq.py)
+    if args.dump:  # the same tokens for a peer quantizer (scripts/llmcompressor_quantize.py)
         from phitune.artifacts import heldout_text
         from phitune.evaluate import token_ids
         from phitune.sequence_start import of_tokenizer
@@ -54,38 +54,64 @@ def llmcompressor_python() -> Path:
     return (venv if venv.is_absolute() else REPO / venv) / "bin" / "python"
 
 
+# phitune's algorithms that llm-compressor has a counterpart for: its recipe, and what differs
+LLMC_PEERS = {
+    "awq": ("AWQModifier", "no clip search"),
+    "gptq": ("GPTQModifier", "actorder weight = static groups, min/max group ranges"),
+    "awq_gptq": ("AWQModifier + GPTQModifier", "no clip search; one calibration pass each"),
+}
+
+
 def compare_llmcompressor(tokens: Path, group_size: int, fwd: float, rtn_gap: float | None,
-                          output: Path) -> dict | None:
-    """llm-compressor's AWQ (scripts/llmcompressor_awq.py, in its own environment: it pins
-    transformers <= 5.17) on the same model dir, calibration blocks, held-out ids and group size
-    as phitune's runs above; one line of figures, or one line saying why not."""
+                          output: Path, algorithm: str = "awq",
+                          phitune: dict | None = None) -> dict | None:
+    """llm-compressor's counterpart of phitune's `algorithm` (scripts/llmcompressor_quantize.py, in
+    its own environment: it pins transformers <= 5.17) on the same model dir, calibration blocks,
+    held-out ids and group size as phitune's runs above. Prints its LLMC-<ALGORITHM> lines, and
+    with `phitune` ({"seconds", "gap"} of phitune's own run) how the two compare; or one line
+    saying why not."""
+    label = f"LLMC-{algorithm.upper()}"
+    modifiers, differs = LLMC_PEERS[algorithm]
     python = llmcompressor_python()
     if not python.is_file():
-        print(f"llm-compressor AWQ          not installed ({python.parent.parent} absent): "
+        print(f"{label:27} not installed ({python.parent.parent} absent): "
               "create it with `bash scripts/llmcompressor_env.sh` (LLMC_VENV=DIR places it elsewhere)")
         return None
     model_dir = json.loads(tokens.read_text())["model_dir"]
-    proc = subprocess.run([str(python), str(REPO / "scripts" / "llmcompressor_awq.py"), "--model", model_dir,
-                           "--tokens", str(tokens), "--group_size", str(group_size), "--output", str(output)],
+    proc = subprocess.run([str(python), str(REPO / "scripts" / "llmcompressor_quantize.py"),
+                           "--algorithm", algorithm, "--model", model_dir, "--tokens", str(tokens),
+                           "--group_size", str(group_size), "--output", str(output)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n    ".join(proc.stderr.strip().splitlines()[-15:])
-        print(f"llm-compressor AWQ          failed (exit {proc.returncode}):\n    {tail}")
+        print(f"{label:27} failed (exit {proc.returncode}):\n    {tail}")
         return None
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     v = r["versions"]
-    quality = (f"perplexity {r['ppl_after']:.3f}  gap {r['ppl_gap']:+.4f}  " if "ppl_gap" in r
+    scored = "ppl_gap" in r
+    quality = (f"perplexity {r['ppl_after']:.3f}  gap {r['ppl_gap']:+.4f}  " if scored
                else "no perplexity  ")
-    print(f"LLMC {quality}time {r['total_s']:.1f} s = {r['total_s'] / fwd:.2f}x forward "
+    print(f"{label} {quality}time {r['total_s']:.1f} s = {r['total_s'] / fwd:.2f}x forward "
           f"(oneshot {r['seconds']:.1f} s = {r['seconds'] / r['layers']:.1f} s/layer, "
           f"load+save {r['load_s'] + r['save_s']:.1f} s)  "
           f"peak RSS {r['peak_rss_mb']:.0f} MB  size {r['size_mb']:.1f} MB (float tensors fp32)")
-    print(f"     = llm-compressor {v['llmcompressor']} AWQ in its own env (transformers {v['transformers']}"
-          f"{', pin_memory made a no-op' if r['pin_memory_patched'] else ''}; no clip search), "
+    print(f"     = llm-compressor {v['llmcompressor']} {modifiers} in its own env (transformers "
+          f"{v['transformers']}{', pin_memory made a no-op' if r['pin_memory_patched'] else ''}; "
+          f"{differs}), "
           + (f"its saved checkpoint decompressed and scored by phitune's perplexity; float "
-             f"{r['ppl_before']:.3f} there" if "ppl_gap" in r else "not scored"))
-    if "ppl_gap" in r and rtn_gap:
-        print(f"LLMC gap / RTN gap          {r['ppl_gap'] / rtn_gap:.3f}")
+             f"{r['ppl_before']:.3f} there" if scored else "not scored"))
+    if scored and rtn_gap:
+        print(f"{label} gap / RTN gap".ljust(28) + f"{r['ppl_gap'] / rtn_gap:.3f}")
+    if phitune:
+        speed = r["total_s"] / phitune["seconds"]
+        line = (f"phitune {speed:.2f}x faster" if speed >= 1 else f"phitune {1 / speed:.2f}x slower") \
+            + f" ({phitune['seconds']:.1f} s vs {r['total_s']:.1f} s)"
+        if scored:
+            mine, theirs = phitune["gap"], r["ppl_gap"]
+            verdict = "smaller" if mine < theirs else "larger" if mine > theirs else "the same"
+            ratios = (f" ({mine / rtn_gap:.3f}x vs {theirs / rtn_gap:.3f}x RTN's)" if rtn_gap else "")
+            line += f"; gap {mine:+.4f} vs {theirs:+.4f}{ratios}: {verdict}"
+        print(f"{algorithm.upper()} vs {label}".ljust(28) + line)
     return r
 
 
@@ -131,8 +157,12 @@ def bench_quantize(args: argparse.Namespace) -> None:
     if "awq" in seconds and "awq_gptq" in seconds:
         print(f"AWQ_GPTQ time / AWQ time    {seconds['awq_gptq'] / seconds['awq']:.2f}")
     if args.llmcompressor:
-        compare_llmcompressor(tokens, runs[algs[0], True]["group_size"], fwd, gap.get("rtn"),
-                              work / "llmc")
+        group_size = runs[algs[0], True]["group_size"]
+        for alg in (a for a in algs if a in LLMC_PEERS):
+            peer = compare_llmcompressor(tokens, group_size, fwd, gap.get("rtn"), work / f"llmc-{alg}",
+                                         alg, {"seconds": seconds[alg], "gap": gap[alg]})
+            if peer is None and not llmcompressor_python().is_file():
+                break  # one line said how to make its environment
 
     if args.phi3_mini_layers:
         layers = args.phi3_mini_layers
@@ -167,7 +197,8 @@ def register(sub) -> None:
     q.add_argument("--device", default="auto")
     q.add_argument("--big_dtype", default="auto", help="calibration dtype for the big model")
     q.add_argument("--llmcompressor", action=argparse.BooleanOptionalAction, default=True,
-                   help="also llm-compressor's AWQ on the same tokens, where its env exists "
+                   help="also llm-compressor's counterpart of each algorithm that has one (awq, "
+                        "gptq, awq_gptq) on the same tokens, where its env exists "
                         "(bash scripts/llmcompressor_env.sh)")
     q.add_argument("--cache", default=str(CACHE))
     q.set_defaults(func=bench_quantize)
