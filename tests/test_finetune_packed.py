@@ -91,20 +91,30 @@ def _step(model, dtype, seed=1):
 
 
 # Tolerance: fp32 sums the input gradient in another order than nn.Linear (measured ≤ 2e-6
-# relative); bf16 computes the very same ops (measured: equal).
+# relative). bf16 on a CPU with native bf16 matmul computes the very same ops (measured:
+# equal); on one without (no avx512_bf16) oneDNN emulates it and the two paths' products
+# accumulate differently (measured: loss 6e-5, gradients ≤ 7.5e-3 relative in norm, about two
+# of bf16's epsilon 2^-8): bf16 is then held to five epsilons. Gradients compare in norm, as
+# elementwise tolerances fail on the near-zero entries of any two bf16 summation orders.
+TOLERANCE = {torch.float32: dict(loss=1e-7, grad=1e-4),
+             torch.bfloat16: dict(loss=1e-3, grad=2e-2)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("base", ["tiny_awq", "phi3_rtn"])
 def test_loss_and_lora_gradients_equal_the_dequantized_base(base, dtype, request, dequantizer):
     path = request.getfixturevalue(base)
+    tol = TOLERANCE[dtype]
     float_loss, float_grads = _step(_lora(path, False, dtype), dtype)
     packed = _lora(path, True, dtype)
     assert has_packed(packed)
     packed_loss, packed_grads = _step(packed, dtype)
-    assert packed_loss == pytest.approx(float_loss, abs=1e-6)
+    assert packed_loss == pytest.approx(float_loss, rel=tol["loss"])
     assert packed_grads.keys() == float_grads.keys() and len(packed_grads) > 0
     for name, grad in float_grads.items():
         assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        rel = ((packed_grads[name] - grad).norm() / grad.norm()).item()
+        assert rel <= tol["grad"], f"{name}: relative error {rel:.1e}"
     assert all(b.grad is None for m in packed.modules() if isinstance(m, PackedAwqLinear)
                for b in m.buffers())
 
