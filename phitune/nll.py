@@ -18,10 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# One chunk's fp32 logits: 64 MB is 64 positions at 262k, 520 at Phi-3's 32k vocabulary. On
-# 2 cores at 262k, 32-position chunks ran the LM head + loss ~15% slower than 64-128 (smaller
-# matmuls), and 256 or more slower again (the [chunk, vocab] temporaries leave the cache).
-CHUNK_LOGITS_MB = 64.0
+# One chunk's fp32 logits: 256 positions at a 262k vocabulary, 2048 at Phi-3's 32k. The LM
+# head re-reads its whole weight for every chunk, so small chunks make it a bandwidth-bound
+# matmul: a sweep on 2 cores at 262k (`bench.py eval` and a head-only micro-benchmark) had 64
+# positions well above the 1.5x-a-forward budget and 256-512 within it; the logits, their
+# log-softmax and the decoder's activations stay far below a whole window's (BENCHMARKS.md).
+CHUNK_LOGITS_MB = 256.0
 
 
 def chunk_positions(vocab_size: int, budget_mb: float | None = None) -> int:
