@@ -158,7 +158,7 @@ def bench_quantize(args: argparse.Namespace) -> None:
         print(f"AWQ_GPTQ time / AWQ time    {seconds['awq_gptq'] / seconds['awq']:.2f}")
     if args.llmcompressor:
         group_size = runs[algs[0], True]["group_size"]
-        for alg in (a for a in algs if a in LLMC_PEERS):
+        for alg in (a for a in algs if a in LLMC_PEERS and a in (args.llmcompressor_algorithms or algs)):
             peer = compare_llmcompressor(tokens, group_size, fwd, gap.get("rtn"), work / f"llmc-{alg}",
                                          alg, {"seconds": seconds[alg], "gap": gap[alg]})
             if peer is None and not llmcompressor_python().is_file():
@@ -169,12 +169,14 @@ def bench_quantize(args: argparse.Namespace) -> None:
         model_dir = build_phi3_mini_shaped(Path(args.cache) / f"phi3-mini-shaped-{layers}l", layers)
         print(f"\n== quantize: Phi-3-mini-shaped ({layers} layers, random bf16 weights), "
               f"{args.big_calib_samples}x{args.calib_seq_len} calibration tokens, CPU, all layers in one run")
-        r = phitune_json("quantize", "-m", str(model_dir), "-o", str(work / "big"), "--force",
-                         "--no-eval", "--device", args.device, "--dtype", args.big_dtype, "--calib_samples",
-                         str(args.big_calib_samples), "--calib_seq_len", str(args.calib_seq_len))
-        print(f"time {r['seconds']:.0f} s ({r['seconds'] / 60:.1f} min, {r['seconds'] / layers:.1f} s/layer)  "
-              f"peak RSS {r['peak_rss_mb'] / 1024:.2f} GB  "
-              f"size {r['size_before_mb']:.0f} → {r['size_mb']:.0f} MB  dtype {r['compute_dtype']}")
+        for alg in args.big_algorithms:
+            r = phitune_json("quantize", "-m", str(model_dir), "-o", str(work / f"big-{alg}"), "--force",
+                             "--no-eval", "--algorithm", alg, "--device", args.device, "--dtype", args.big_dtype,
+                             "--calib_samples", str(args.big_calib_samples), "--calib_seq_len",
+                             str(args.calib_seq_len))
+            print(f"{alg.upper():8} time {r['seconds']:.0f} s ({r['seconds'] / 60:.1f} min, "
+                  f"{r['seconds'] / layers:.1f} s/layer)  peak RSS {r['peak_rss_mb'] / 1024:.2f} GB  "
+                  f"size {r['size_before_mb']:.0f} → {r['size_mb']:.0f} MB  dtype {r['compute_dtype']}")
     print(f"\noutputs under {work}")
 
 
@@ -194,8 +196,13 @@ def register(sub) -> None:
                    help="time each algorithm in its own --no-eval run (else: the evaluated run's "
                         "seconds less its perplexity passes, half the runs)")
     q.add_argument("--big_calib_samples", type=int, default=64)
+    q.add_argument("--big_algorithms", nargs="+", default=["awq"],
+                   help="algorithms timed on the Phi-3-mini-shaped model, one whole run each")
     q.add_argument("--device", default="auto")
     q.add_argument("--big_dtype", default="auto", help="calibration dtype for the big model")
+    q.add_argument("--llmcompressor-algorithms", nargs="+", default=None,
+                   help="only these of --algorithms get their llm-compressor counterpart "
+                        "(default: every one that has one)")
     q.add_argument("--llmcompressor", action=argparse.BooleanOptionalAction, default=True,
                    help="also llm-compressor's counterpart of each algorithm that has one (awq, "
                         "gptq, awq_gptq) on the same tokens, where its env exists "
