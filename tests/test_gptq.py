@@ -101,6 +101,17 @@ def test_searched_ranges_never_round_worse_than_min_max():
     assert (searched <= plain + 1e-6).all() and (searched < plain - 1e-6).any()
 
 
+def test_gram_from_the_upper_blocks_is_the_whole_product():
+    """H is multiplied only on and above its diagonal blocks and mirrored: the same XᵀX, exactly
+    symmetric, over widths that are and are not multiples of the block and several chunks."""
+    torch.manual_seed(4)
+    for width in (64, gptq.GRAM_BLOCK + 40, 2 * gptq.GRAM_BLOCK):
+        x = _correlated_inputs(300, width, seed=width).float()
+        h = gptq.gram(x, chunk_tokens=128)
+        assert torch.equal(h, h.t())
+        torch.testing.assert_close(h, x.t() @ x, rtol=1e-5, atol=1e-3)
+
+
 def test_gptq_output_error_is_below_rtns():
     torch.manual_seed(1)
     w = torch.randn(64, 256)

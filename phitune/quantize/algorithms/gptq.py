@@ -190,6 +190,24 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                            zeros.t().contiguous().to(torch.uint8), group_size)
 
 
+GRAM_BLOCK = 256  # rows of H per product in `gram`
+
+
+def gram(tokens: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """H = XᵀX [in, in] in fp32 over `tokens` [T, in], `chunk_tokens` rows at a time (fp32
+    temporaries bounded). H is symmetric, so only its upper block triangle is multiplied — each
+    block of GRAM_BLOCK rows against the columns from its diagonal on — and the lower triangle
+    is copied from it: ~60% of the full product's work on a 1536-wide input, as much as the
+    layer's own forward otherwise."""
+    n = tokens.shape[1]
+    h = torch.zeros(n, n, device=tokens.device)
+    for start in range(0, tokens.shape[0], chunk_tokens):
+        part = tokens[start:start + chunk_tokens].float()
+        for r0 in range(0, n, GRAM_BLOCK):
+            h[r0:r0 + GRAM_BLOCK, r0:].addmm_(part[:, r0:r0 + GRAM_BLOCK].t(), part[:, r0:])
+    return torch.triu(h).add_(torch.triu(h, diagonal=1).t())
+
+
 class RoundInForward:
     """Pre-hooks that GPTQ-round each of `linears` the first time the forward reaches it, from
     the input it is given; `packed` collects them by name. Linears fed the same input (a scale
@@ -216,11 +234,7 @@ class RoundInForward:
     def hessian(self, x: torch.Tensor) -> torch.Tensor:
         if self._last is not None and self._last[0] is x:
             return self._last[1]
-        tokens = x.reshape(-1, x.shape[-1])
-        h = torch.zeros(tokens.shape[1], tokens.shape[1], device=x.device)
-        for start in range(0, tokens.shape[0], self.cfg.chunk_tokens):  # fp32 temporaries bounded
-            part = tokens[start:start + self.cfg.chunk_tokens].float()
-            h.addmm_(part.t(), part)
+        h = gram(x.reshape(-1, x.shape[-1]), self.cfg.chunk_tokens)
         self._last = (x, h)
         return h
 
