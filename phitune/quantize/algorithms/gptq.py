@@ -102,18 +102,19 @@ def _search_rows(w: torch.Tensor, importance: torch.Tensor, bits: int,
 
     best_k = torch.zeros_like(hi)
     best_err = error(best_k)
-    for k in range(4, SHRINKS, 4):
-        candidate = torch.full_like(hi, float(k))
+
+    def keep_better(candidate: torch.Tensor) -> None:
+        nonlocal best_k, best_err
         err = error(candidate)
-        better = err < best_err
-        best_k, best_err = torch.where(better, candidate, best_k), torch.minimum(err, best_err)
+        best_k = torch.where(err < best_err, candidate, best_k)
+        best_err = torch.minimum(err, best_err)
+
+    for k in range(4, SHRINKS, 4):
+        keep_better(torch.full_like(hi, float(k)))
     for stride in (2, 1):
         centre = best_k.clone()
         for delta in (-stride, stride):
-            candidate = (centre + delta).clamp_(0, SHRINKS - 1)
-            err = error(candidate)
-            better = err < best_err
-            best_k, best_err = torch.where(better, candidate, best_k), torch.minimum(err, best_err)
+            keep_better((centre + delta).clamp_(0, SHRINKS - 1))
     return params(best_k)
 
 
