@@ -18,6 +18,20 @@ def _bench():
     return importlib.import_module("benchmarks.quantize")
 
 
+def _fake_runner(tmp_path: Path, monkeypatch, script: str, eval_ids=(1, 2, 3)) -> Path:
+    """An llm-compressor env whose python is the shell `script`, found through $LLMC_VENV, and
+    the tokens file the bench hands it; returns the tokens file's path."""
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!/bin/sh\n{script}")
+    python.chmod(0o755)
+    monkeypatch.setenv("LLMC_VENV", str(tmp_path / "venv"))
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"model_dir": str(tmp_path), "calib": [[1, 2]],
+                                  "eval_ids": list(eval_ids) if eval_ids else None}))
+    return tokens
+
+
 def test_absent_env_is_one_line_saying_how_to_make_it(tmp_path, monkeypatch, capsys):
     bench = _bench()
     monkeypatch.setenv("LLMC_VENV", str(tmp_path / "no-such-venv"))
@@ -39,13 +53,9 @@ def test_relative_env_path_is_the_repos(monkeypatch):
 
 def test_broken_env_reports_its_error_and_returns(tmp_path, monkeypatch, capsys):
     bench = _bench()
-    python = tmp_path / "venv" / "bin" / "python"
-    python.parent.mkdir(parents=True)
-    python.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named llmcompressor' >&2\nexit 3\n")
-    python.chmod(0o755)
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({"model_dir": str(tmp_path), "calib": [[1, 2]], "eval_ids": None}))
-    monkeypatch.setenv("LLMC_VENV", str(tmp_path / "venv"))
+    tokens = _fake_runner(tmp_path, monkeypatch,
+                          "echo 'ModuleNotFoundError: No module named llmcompressor' >&2\nexit 3\n",
+                          eval_ids=None)
     assert bench.compare_llmcompressor(tokens, 64, 1.0, 0.5, tmp_path / "out") is None
     out = capsys.readouterr().out
     assert "failed (exit 3)" in out and "No module named llmcompressor" in out
@@ -58,13 +68,7 @@ def test_runner_figures_print_side_by_side(tmp_path, monkeypatch, capsys):
                 "peak_rss_mb": 1656.7, "layers": 30, "pin_memory_patched": True, "size_mb": 166.0,
                 "versions": {"llmcompressor": "0.14.0.1", "transformers": "5.17.0"},
                 "ppl_before": 20.9204, "ppl_after": 23.8994, "ppl_gap": 2.979}
-    python = tmp_path / "venv" / "bin" / "python"
-    python.parent.mkdir(parents=True)
-    python.write_text(f"#!/bin/sh\necho 'a log line'\necho '{json.dumps(measured)}'\n")
-    python.chmod(0o755)
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({"model_dir": str(tmp_path), "calib": [[1, 2]], "eval_ids": [1, 2, 3]}))
-    monkeypatch.setenv("LLMC_VENV", str(tmp_path / "venv"))
+    tokens = _fake_runner(tmp_path, monkeypatch, f"echo 'a log line'\necho '{json.dumps(measured)}'\n")
     assert _bench().compare_llmcompressor(tokens, 64, 19.1, 6.0138, tmp_path / "out") == measured
     out = capsys.readouterr().out
     assert "gap +2.9790" in out and "= 39.91x forward" in out and "24.5 s/layer" in out
@@ -79,13 +83,8 @@ def test_gptq_peer_runs_with_its_algorithm_and_compares_with_phitune(tmp_path, m
                 "peak_rss_mb": 1500.0, "layers": 30, "pin_memory_patched": True, "size_mb": 166.0,
                 "versions": {"llmcompressor": "0.14.0.1", "transformers": "5.17.0"},
                 "ppl_before": 20.92, "ppl_after": 22.12, "ppl_gap": 1.2}
-    python = tmp_path / "venv" / "bin" / "python"
-    python.parent.mkdir(parents=True)
-    python.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'argv'}\necho '{json.dumps(measured)}'\n")
-    python.chmod(0o755)
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({"model_dir": str(tmp_path), "calib": [[1, 2]], "eval_ids": [1, 2, 3]}))
-    monkeypatch.setenv("LLMC_VENV", str(tmp_path / "venv"))
+    tokens = _fake_runner(tmp_path, monkeypatch,
+                          f"echo \"$@\" > {tmp_path / 'argv'}\necho '{json.dumps(measured)}'\n")
     bench = _bench()
     assert bench.compare_llmcompressor(tokens, 64, 20.0, 6.0, tmp_path / "out", "gptq",
                                        {"seconds": 22.0, "gap": 0.9}) == measured
