@@ -139,15 +139,13 @@ def test_llama_adapter_on_split_modules_lands_in_packed_slots(random_llama, cli,
 
 
 @pytest.fixture(scope="module")
-def awq_export(work):
+def awq_export(work, tiny_awq):
+    """The shared AWQ checkpoint (conftest) and its int4 export, no adapter."""
     from phitune.cli.main import main
-    awq = work / "awq"
-    for args in (["quantize", "-m", "tiny-phi3", "-o", str(awq), "--calib_samples", "16", "--no-eval"],
-                 ["auto-opt", "-m", str(awq), "-o", str(work / "onnx-awq")]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(args)
-        assert exit_info.value.code == 0
-    return awq, work / "onnx-awq"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["auto-opt", "-m", str(tiny_awq), "-o", str(work / "onnx-awq")])
+    assert exit_info.value.code == 0
+    return tiny_awq, work / "onnx-awq"
 
 
 def _matmulnbits_weight(model_file: Path, node_name: str) -> np.ndarray:

@@ -111,7 +111,7 @@ def test_same_seed_gives_identical_adapters(awq_base, cli, tmp_path, compiled):
 
 def test_interrupt_then_resume_finishes_like_an_uninterrupted_run(awq_base, cli, tmp_path):
     out = tmp_path / "ft"
-    steps = ["--max_steps", "40", "--save_steps", "3"]
+    steps = ["--max_steps", "12", "--save_steps", "3"]
     child = subprocess.Popen([sys.executable, "-m", "phitune", *lab(awq_base, out, *steps)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / ".ft.phitune-ckpt" / "state.pt"
@@ -126,15 +126,15 @@ def test_interrupt_then_resume_finishes_like_an_uninterrupted_run(awq_base, cli,
     assert "interrupted" in err
     assert not out.exists(), "an interrupted run must not leave an output that looks done"
     step = torch.load(ckpt, weights_only=False)["step"]
-    assert 3 <= step < 40
+    assert 3 <= step < 12
 
-    resumed = cli(*lab(awq_base, out, "--max_steps", "40", "--save_steps", "100"), "--resume")
+    resumed = cli(*lab(awq_base, out, "--max_steps", "12", "--save_steps", "100"), "--resume")
     assert resumed.code == 0, resumed.err
     assert _manifest(out)["metrics"]["resumed_from_step"] == step
     assert not ckpt.parent.exists()
 
     straight = tmp_path / "straight"
-    assert cli(*lab(awq_base, straight, "--max_steps", "40")).code == 0
+    assert cli(*lab(awq_base, straight, "--max_steps", "12")).code == 0
     a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

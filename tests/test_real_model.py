@@ -36,13 +36,22 @@ def test_demo_adapter_answer_carries_the_data_and_the_base_knows_nothing_of_it(d
 
 @pytest.mark.slow
 def test_demo_artifacts_keep_tied_embeddings_and_record_choices(demo):
+    """The demo's `quantize -m smollm2-135m-instruct` names no group size: 64 is chosen. The
+    GGUF's conversion shows through: a Llama with tied embeddings (no lm_head of its own) and
+    the ChatML end token."""
     import json
+
+    from safetensors import safe_open
     out = Path(demo["out"])
     awq = json.loads((out / "awq" / "phitune.json").read_text())
-    assert awq["params"]["group_size"] == 64  # the default: 128 does not divide hidden 576
-    assert awq["metrics"]["group_size_choice"].startswith("default")
+    assert awq["params"]["group_size"] == 64
+    assert awq["metrics"]["group_size_choice"] == "default; 128 does not divide hidden_size 576"
     config = json.loads((out / "awq" / "config.json").read_text())
-    assert config["tie_word_embeddings"] is True
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    tokenizer = json.loads((out / "awq" / "tokenizer_config.json").read_text())
+    assert tokenizer["eos_token"] == "<|im_end|>"
+    with safe_open(str(out / "awq" / "model.safetensors"), "pt") as weights:
+        assert "lm_head.weight" not in set(weights.keys())
     ft = json.loads((out / "ft" / "phitune.json").read_text())
     assert ft["metrics"]["eval_loss_after"] < ft["metrics"]["eval_loss_before"]
 
