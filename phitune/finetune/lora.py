@@ -31,10 +31,14 @@ def wrap(model, r: int, alpha: float, dropout: float, targets):
         raise OptionError(f"--lora_r must be ≥ 1 (got {r})", "--lora_r", "use e.g. 16 or 64")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
+    from phitune.finetune.dropout import use_lora_dropout
     from phitune.finetune.packed_awq import has_packed, register_with_peft
     if not has_packed(model):
-        return get_peft_model(model, config)
-    register_with_peft(config)  # not saved in adapter_config.json: the adapter is plain LoRA
-    with warnings.catch_warnings():  # PEFT warns about any layer type it does not ship
-        warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    else:
+        register_with_peft(config)  # not saved in adapter_config.json: the adapter is plain LoRA
+        with warnings.catch_warnings():  # PEFT warns about any layer type it does not ship
+            warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
+            model = get_peft_model(model, config)
+    use_lora_dropout(model)
+    return model
