@@ -13,18 +13,6 @@ TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
-def tiny_awq(tmp_path_factory):
-    from phitune.cli.main import main
-    out = tmp_path_factory.mktemp("packed") / "awq"
-    try:
-        main(["quantize", "-m", "tiny-phi3", "-o", str(out), "--calib_samples", "8",
-              "--calib_seq_len", "128", "--no-eval"])
-    except SystemExit as exc:
-        assert exc.code == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def phi3_rtn(random_phi3, tmp_path_factory):
     from phitune.cli.main import main
     out = tmp_path_factory.mktemp("packed") / "rtn"
