@@ -91,6 +91,17 @@ def test_wrap_swaps_every_lora_dropout(random_phi3):
         assert not any(isinstance(m, LoraDropout) for m in plain.modules())
 
 
+def test_layers_off_the_cpu_keep_peft_dropout(random_phi3):
+    """On a GPU dropout is one fused kernel; the gap draw would wait on the device (the meta
+    device stands in for one here)."""
+    from peft import LoraConfig, get_peft_model
+    from phitune.models import load_causal_lm
+    model = get_peft_model(load_causal_lm(random_phi3, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                      target_modules=["o_proj"])).to("meta")
+    assert dropout_module.use_lora_dropout(model) == 0
+
+
 def _lora_grads(path, checkpointing: bool) -> dict:
     from phitune.finetune import lora
     from phitune.models import load_causal_lm

@@ -9,9 +9,10 @@ geometric, each one a uniform draw through the inverse CDF, so a mask costs ~p r
 per element instead of one. The same distribution, p exact; kept values are scaled by 1/(1-p)
 as `nn.Dropout` does. Above `MAX_P` drawing gaps stops paying and PEFT's dropout stays.
 
-The draw is a custom op: compiled layers call it as it is (no graph break, no inductor RNG), so
-compiled and eager runs take their masks from torch's generator alike and follow
-`torch.manual_seed`, the checkpointed RNG state and resume. It is tagged as seeded-random so the
+Only on CPU: a GPU's dropout is one fused kernel already. The draw is a custom op: compiled
+layers call it as it is (no graph break, no inductor RNG), so compiled and eager runs take their
+masks from torch's generator alike and follow `torch.manual_seed`, the checkpointed RNG state
+and resume. It is tagged as seeded-random so the
 compiler's partitioner saves its mask for backward instead of drawing a new one; its `site`
 argument tells apart the projections that read one input (q, k, v), which graph-level
 common-subexpression elimination would otherwise give one shared mask.
@@ -74,14 +75,17 @@ class LoraDropout(nn.Module):
 
 
 def use_lora_dropout(model) -> int:
-    """Swap the LoRA layers' `nn.Dropout`s (PEFT's) of 0 < p ≤ MAX_P for `LoraDropout`; the
-    number swapped. Sites number the projection names, so every decoder layer's graph is the
-    same."""
+    """Swap the CPU LoRA layers' `nn.Dropout`s (PEFT's) of 0 < p ≤ MAX_P for `LoraDropout`;
+    the number swapped. On a GPU dropout is one fused kernel already, and the gap draw's
+    data-dependent sizes would wait on the device at every call. Sites number the projection
+    names, so every decoder layer's graph is the same."""
     swapped = 0
     sites: dict[str, int] = {}
     for name, module in model.named_modules():
         dropouts = getattr(module, "lora_dropout", None)
         if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        if any(p.device.type != "cpu" for p in module.parameters()):
             continue
         site = sites.setdefault(name.rsplit(".", 1)[-1], len(sites))
         for adapter, dropout in dropouts.items():
