@@ -23,9 +23,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_FILE = "test_real_model.py"
-# `make demo`'s quantize without its perplexity pass (test_real_model measures its own); the
-# same calibration since AWQ calibrates in bf16 (it had 16 blocks, not 64, before).
-QUANTIZE_ARGS = "--no-eval"
+# `make demo`'s quantize without its perplexity pass (test_real_model measures its own) and
+# with 16 calibration blocks, not 64: on CPUs without native bf16 AWQ searches in fp32, and the
+# demo is the suite's longest path. The adapter's answer and the ONNX-vs-PyTorch perplexity
+# hold with 16 (BENCHMARKS.md, the fourth session of 2026-12-07).
+QUANTIZE_ARGS = "--calib_samples 16 --no-eval"
 TIMEOUT_S = 2400
 
 _run: DemoRun | None = None
