@@ -12,10 +12,10 @@ as `nn.Dropout` does. Above `MAX_P` drawing gaps stops paying and PEFT's dropout
 Only on CPU: a GPU's dropout is one fused kernel already. The draw is a custom op: compiled
 layers call it as it is (no graph break, no inductor RNG), so compiled and eager runs take their
 masks from torch's generator alike and follow `torch.manual_seed`, the checkpointed RNG state
-and resume. It is tagged as seeded-random so the
-compiler's partitioner saves its mask for backward instead of drawing a new one; its `site`
-argument tells apart the projections that read one input (q, k, v), which graph-level
-common-subexpression elimination would otherwise give one shared mask.
+and resume. It is tagged as seeded-random so the compiler's partitioner saves its mask for
+backward instead of drawing a new one; its `site` argument tells apart the projections that
+read one input (q, k, v), which graph-level common-subexpression elimination would otherwise
+give one shared mask.
 """
 
 from __future__ import annotations
